@@ -1,0 +1,203 @@
+"""The typed shape of a cluster config: the `args` of the Serve application.
+
+Strict (`extra="forbid"`) so that a typo in a YAML key fails at deploy time with the field's path
+instead of being silently ignored. No I/O here: a config is validated on whichever node builds the
+application, so it must mean the same thing everywhere.
+"""
+
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+MODEL_ID = r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$"
+ENV_VAR = r"^[A-Za-z_][A-Za-z0-9_]*$"
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class HubSource(StrictModel):
+    """A Hugging Face model id, loaded by vLLM as usual (from its cache when offline)."""
+
+    hf: str = Field(min_length=1)
+
+
+class PathSource(StrictModel):
+    """A checkpoint folder on every node that may run a replica."""
+
+    path: str = Field(min_length=1)
+
+
+class PackageGGUFSource(StrictModel):
+    """A GGUF file carried as package data by an installed Python package.
+
+    Converted once into an ordinary checkpoint in a cache folder, then loaded by vLLM.
+    """
+
+    package: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_.]*$")
+    file: str = Field(pattern=r"^[^/]+\.gguf$")
+
+
+ModelSource = HubSource | PathSource | PackageGGUFSource
+
+
+class EngineSettings(StrictModel):
+    """vLLM engine settings. The common ones are typed; `extra_args` passes any other vLLM engine
+    or OpenAI front-end argument through by its Python name (checked against vLLM when the
+    application is built)."""
+
+    dtype: Literal["auto", "float32", "float16", "bfloat16", "half", "float"] = "auto"
+    max_model_len: Annotated[int, Field(gt=0)] | None = None
+    max_num_seqs: Annotated[int, Field(gt=0)] | None = None
+    tensor_parallel_size: Annotated[int, Field(ge=1)] = 1
+    pipeline_parallel_size: Annotated[int, Field(ge=1)] = 1
+    gpu_memory_utilization: Annotated[float, Field(gt=0, le=1)] | None = None
+    enable_prefix_caching: bool | None = None
+    enforce_eager: bool = False
+    trust_remote_code: bool = False
+    seed: int | None = None
+    extra_args: dict[str, Any] = Field(default_factory=dict)
+
+    @property
+    def world_size(self) -> int:
+        return self.tensor_parallel_size * self.pipeline_parallel_size
+
+    def to_vllm_args(self) -> dict[str, Any]:
+        """Only what the config sets, so that vLLM's own defaults apply to the rest."""
+        args = self.model_dump(exclude={"extra_args"}, exclude_none=True, exclude_defaults=True)
+        return args | self.extra_args
+
+
+class Autoscaling(StrictModel):
+    """Ray Serve autoscaling for one model; defaults suit engines that batch many sequences."""
+
+    min_replicas: Annotated[int, Field(ge=0)] = 1
+    max_replicas: Annotated[int, Field(ge=1)] = 1
+    target_ongoing_requests: Annotated[float, Field(gt=0)] = 16
+    upscale_delay_s: Annotated[float, Field(ge=0)] = 10
+    downscale_delay_s: Annotated[float, Field(ge=0)] = 300
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "Autoscaling":
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(
+                f"min_replicas ({self.min_replicas}) is above max_replicas ({self.max_replicas})"
+            )
+        return self
+
+
+class DeploymentSettings(StrictModel):
+    """How Ray Serve runs a model's replicas: count or autoscaling, resources, queue bounds."""
+
+    num_replicas: Annotated[int, Field(ge=1)] | None = None
+    autoscaling: Autoscaling | None = None
+    max_ongoing_requests: Annotated[int, Field(ge=1)] = 64
+    max_queued_requests: Annotated[int, Field(ge=-1)] = -1
+    num_cpus: Annotated[float, Field(ge=0)] = 1
+    num_gpus: Annotated[float, Field(ge=0)] = 0
+    accelerator_type: str | None = None
+    env: dict[Annotated[str, Field(pattern=ENV_VAR)], str] = Field(default_factory=dict)
+    health_check_period_s: Annotated[float, Field(gt=0)] = 10
+    health_check_timeout_s: Annotated[float, Field(gt=0)] = 30
+
+    @model_validator(mode="after")
+    def _one_scaling_mode(self) -> "DeploymentSettings":
+        if self.num_replicas is not None and self.autoscaling is not None:
+            raise ValueError("set either num_replicas or autoscaling, not both")
+        return self
+
+
+class ModelConfig(StrictModel):
+    id: str = Field(pattern=MODEL_ID, description="the public model name clients send")
+    aliases: list[Annotated[str, Field(pattern=MODEL_ID)]] = Field(default_factory=list)
+    source: ModelSource
+    engine: EngineSettings = Field(default_factory=EngineSettings)
+    deployment: DeploymentSettings = Field(default_factory=DeploymentSettings)
+
+    @model_validator(mode="after")
+    def _gpus_cover_parallelism(self) -> "ModelConfig":
+        world = self.engine.world_size
+        if world > 1 and self.deployment.num_gpus not in (0, 1):
+            raise ValueError(
+                f"with tensor/pipeline parallelism ({world} workers) num_gpus is per worker: "
+                f"use 1, not {self.deployment.num_gpus}"
+            )
+        return self
+
+
+class ApiKey(StrictModel):
+    """A bearer token, never in plain text: its sha256 hex digest, or the name of an environment
+    variable that holds it on the nodes running the ingress."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    sha256: str | None = Field(default=None, pattern=r"^[0-9a-fA-F]{64}$")
+    env: str | None = Field(default=None, pattern=ENV_VAR)
+
+    @model_validator(mode="after")
+    def _one_secret(self) -> "ApiKey":
+        if (self.sha256 is None) == (self.env is None):
+            raise ValueError(f"key {self.name!r}: give exactly one of sha256 or env")
+        return self
+
+
+class AuthConfig(StrictModel):
+    """No keys means no auth: every route is open."""
+
+    keys: list[ApiKey] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> "AuthConfig":
+        _reject_duplicates("key name", [key.name for key in self.keys])
+        return self
+
+
+class IngressSettings(StrictModel):
+    """The HTTP front deployment. It does no heavy work, so it asks for a sliver of a CPU and
+    never blocks a model replica from being scheduled."""
+
+    num_replicas: Annotated[int, Field(ge=1)] = 1
+    num_cpus: Annotated[float, Field(ge=0)] = 0.1
+    max_ongoing_requests: Annotated[int, Field(ge=1)] = 1024
+    max_tokens_limit: Annotated[int, Field(ge=1)] | None = Field(
+        default=None, description="reject requests asking for more output tokens than this"
+    )
+
+
+class ClusterConfig(StrictModel):
+    models: list[ModelConfig] = Field(min_length=1)
+    default_model: str | None = Field(
+        default=None, description="served when a request names no model; the first model if unset"
+    )
+    auth: AuthConfig = Field(default_factory=AuthConfig)
+    ingress: IngressSettings = Field(default_factory=IngressSettings)
+
+    @model_validator(mode="after")
+    def _names_resolve(self) -> "ClusterConfig":
+        names = [name for model in self.models for name in (model.id, *model.aliases)]
+        _reject_duplicates("model id or alias", names)
+        if self.default_model is not None and self.default_model not in names:
+            raise ValueError(
+                f"default_model {self.default_model!r} is not a model id or alias "
+                f"(models: {', '.join(names)})"
+            )
+        return self
+
+    @property
+    def default_model_id(self) -> str:
+        wanted = self.default_model or self.models[0].id
+        return next(m.id for m in self.models if wanted in (m.id, *m.aliases))
+
+
+def _reject_duplicates(what: str, names: list[str]) -> None:
+    seen: set[str] = set()
+    for name in names:
+        if name in seen:
+            raise ValueError(f"duplicate {what} {name!r}")
+        seen.add(name)
+
+
+def deployment_name(model_id: str) -> str:
+    """Serve deployment names may not hold every character a model id may."""
+    return "model-" + re.sub(r"[^A-Za-z0-9_-]", "-", model_id)

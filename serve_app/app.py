@@ -1,0 +1,36 @@
+"""The Serve application builder named by every config's `import_path`.
+
+Keep `from __future__ import annotations` out of this module: Ray validates a config's `args`
+against the `ClusterConfig` annotation only when it is a real class.
+"""
+
+from ray.serve import Application
+
+from cluster.schema import ClusterConfig
+from serve_app.ingress import Ingress
+from serve_app.model_server import EngineFactory, ModelServer, deployment_options, vllm_engine
+
+
+def build_app(args: ClusterConfig) -> Application:
+    from serve_app.engine import vllm_namespace
+
+    for model in args.models:
+        # Fails the deploy now, naming the argument, rather than each replica at start-up.
+        vllm_namespace(model.id, model.id, model.engine.to_vllm_args())
+    return build_graph(args, vllm_engine)
+
+
+def build_graph(config: ClusterConfig, engine_factory: EngineFactory) -> Application:
+    """One deployment per model, and the ingress holding a handle to each."""
+    from ray import serve
+
+    models = {
+        model.id: serve.deployment(ModelServer, **deployment_options(model)).bind(model, engine_factory)
+        for model in config.models
+    }
+    ingress = config.ingress
+    return Ingress.options(
+        num_replicas=ingress.num_replicas,
+        max_ongoing_requests=ingress.max_ongoing_requests,
+        ray_actor_options={"num_cpus": ingress.num_cpus},
+    ).bind(config, models)

@@ -1,0 +1,95 @@
+"""The narrow engine interface a model replica needs, and its vLLM implementation.
+
+The replica talks to an engine only through `ChatEngine`, so plumbing tests can run a fake engine
+without vLLM. The vLLM implementation reuses vLLM's own OpenAI serving layer (chat template,
+sampling parameters, tools, logprobs, usage) instead of re-implementing any of it.
+"""
+
+from collections.abc import AsyncGenerator
+from typing import Any, Protocol
+
+from vllm.entrypoints.openai.chat_completion.protocol import (
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+)
+from vllm.entrypoints.serve.engine.protocol import ErrorResponse
+
+ChatResult = AsyncGenerator[str, None] | ChatCompletionResponse | ErrorResponse
+"""What vLLM's serving layer returns: SSE lines when streaming, else one response or an error."""
+
+
+class ChatEngine(Protocol):
+    async def start(self) -> None: ...
+
+    async def chat(self, request: ChatCompletionRequest) -> ChatResult: ...
+
+    async def check_health(self) -> None:
+        """Raise if the engine cannot serve."""
+
+    def num_unfinished_requests(self) -> int: ...
+
+    def shutdown(self) -> None: ...
+
+
+class VLLMEngine:
+    """One vLLM `AsyncLLM` with vLLM's chat serving layer on top."""
+
+    def __init__(self, model_id: str, model: str, vllm_args: dict[str, Any]) -> None:
+        self._model_id = model_id
+        self._model = model
+        self._vllm_args = vllm_args
+        self._client: Any = None
+        self._serving_chat: Any = None
+
+    async def start(self) -> None:
+        from starlette.datastructures import State
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.entrypoints.launchers.api_server.app_state import init_app_state
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        args = vllm_namespace(self._model_id, self._model, self._vllm_args)
+        self._client = AsyncLLM.from_engine_args(AsyncEngineArgs.from_cli_args(args))
+        state = State()
+        await init_app_state(
+            self._client, state, args, supported_tasks=await self._client.get_supported_tasks()
+        )
+        self._serving_chat = state.openai_serving_chat
+
+    async def chat(self, request: ChatCompletionRequest) -> ChatResult:
+        """Client mistakes found while rendering the prompt (too long for the context, a bad
+        template argument) are raised, not returned; they become vLLM's own 4xx ErrorResponse."""
+        from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
+        from vllm.exceptions import VLLMClientError
+
+        try:
+            return await self._serving_chat.create_chat_completion(request)
+        except (ValueError, TypeError, VLLMClientError) as error:
+            return create_error_response(error)
+
+    async def check_health(self) -> None:
+        await self._client.check_health()
+
+    def num_unfinished_requests(self) -> int:
+        return self._client.output_processor.get_num_unfinished_requests()
+
+    def shutdown(self) -> None:
+        if self._client is not None:
+            self._client.shutdown()
+
+
+def vllm_namespace(model_id: str, model: str, vllm_args: dict[str, Any]):
+    """The flat argument namespace `vllm serve` would build, so engine and front-end defaults are
+    vLLM's own; raises ValueError naming any argument vLLM does not know."""
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    args = make_arg_parser(FlexibleArgumentParser()).parse_args([model])
+    unknown = sorted(name for name in vllm_args if not hasattr(args, name))
+    if unknown:
+        raise ValueError(f"unknown vLLM argument(s) for model {model_id!r}: {', '.join(unknown)}")
+    args.model = model
+    args.served_model_name = [model_id]
+    args.disable_uvicorn_access_log = True
+    for name, value in vllm_args.items():
+        setattr(args, name, value)
+    return args

@@ -1,0 +1,89 @@
+"""The per-model Serve deployment: each replica owns one engine and streams its output.
+
+The replica yields, per request, either one `ChatCompletionResponse` or `ErrorResponse`, or a
+stream of chunk JSON payloads; the ingress decides from the first item whether the client gets a
+JSON body, an error status or an SSE stream.
+"""
+
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from cluster.schema import ModelConfig, deployment_name
+from serve_app.engine import ChatEngine, VLLMEngine
+from serve_app.protocol import ChatCompletionRequest, ChatCompletionResponse, ErrorResponse
+
+EngineFactory = Callable[[ModelConfig], ChatEngine]
+ModelOutput = ChatCompletionResponse | ErrorResponse | str
+
+
+def vllm_engine(model: ModelConfig) -> ChatEngine:
+    from serve_app import model_source
+
+    vllm_args = model.engine.to_vllm_args()
+    if model.engine.world_size > 1:
+        # Workers beyond the first GPU run as Ray actors in this replica's placement group.
+        vllm_args.setdefault("distributed_executor_backend", "ray")
+    return VLLMEngine(model.id, model_source.resolve(model.source), vllm_args)
+
+
+class ModelServer:
+    async def __init__(self, model: ModelConfig, engine_factory: EngineFactory = vllm_engine) -> None:
+        self._engine = engine_factory(model)
+        await self._engine.start()
+
+    async def chat(self, request: ChatCompletionRequest) -> AsyncIterator[ModelOutput]:
+        result = await self._engine.chat(request)
+        if isinstance(result, (ChatCompletionResponse, ErrorResponse)):
+            yield result
+            return
+        async for line in result:
+            payload = line.removeprefix("data: ").rstrip()
+            if payload != "[DONE]":
+                yield payload
+
+    async def check_health(self) -> None:
+        """Serve calls this periodically; a failing engine gets the replica replaced."""
+        await self._engine.check_health()
+
+    def num_unfinished_requests(self) -> int:
+        return self._engine.num_unfinished_requests()
+
+    def __del__(self) -> None:
+        engine = getattr(self, "_engine", None)
+        if engine is not None:
+            engine.shutdown()
+
+
+def deployment_options(model: ModelConfig) -> dict[str, Any]:
+    """Serve options for one model's deployment, all derived from its config."""
+    settings = model.deployment
+    options: dict[str, Any] = {
+        "name": deployment_name(model.id),
+        "max_ongoing_requests": settings.max_ongoing_requests,
+        "max_queued_requests": settings.max_queued_requests,
+        "health_check_period_s": settings.health_check_period_s,
+        "health_check_timeout_s": settings.health_check_timeout_s,
+    }
+    if settings.autoscaling is not None:
+        options["autoscaling_config"] = settings.autoscaling.model_dump()
+    else:
+        options["num_replicas"] = settings.num_replicas or 1
+    actor: dict[str, Any] = {"num_cpus": settings.num_cpus}
+    if settings.env:
+        actor["runtime_env"] = {"env_vars": dict(settings.env)}
+    world = model.engine.world_size
+    if world > 1:
+        gpu_bundle: dict[str, float] = {"GPU": 1}
+        if settings.accelerator_type:
+            gpu_bundle[f"accelerator_type:{settings.accelerator_type}"] = 0.001
+        options["placement_group_bundles"] = [{"CPU": settings.num_cpus}] + [gpu_bundle] * world
+        # A tensor-parallel group needs one node's fast interconnect; pipeline stages may span nodes.
+        options["placement_group_strategy"] = (
+            "STRICT_PACK" if model.engine.pipeline_parallel_size == 1 else "PACK"
+        )
+    else:
+        actor["num_gpus"] = settings.num_gpus
+        if settings.accelerator_type:
+            actor["accelerator_type"] = settings.accelerator_type
+    options["ray_actor_options"] = actor
+    return options

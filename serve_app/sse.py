@@ -1,0 +1,83 @@
+"""The only writer of Server-Sent Events: `data: …` lines and the closing `[DONE]`, for both APIs.
+
+Each stream owns its failure mode: once the 200 has gone out, an error can only be told inside
+the stream, so each generator catches it, ends the stream well-formed, and always closes its
+upstream so a departed client stops the engine's work on the request.
+"""
+
+import json
+import logging
+from collections.abc import AsyncIterator
+
+from ray.serve.handle import DeploymentResponseGenerator
+
+from serve_app import livepeer
+from serve_app.request_log import RequestRecord
+
+logger = logging.getLogger("ray.serve")
+
+DONE = "data: [DONE]\n\n"
+HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def event(payload: str) -> str:
+    return f"data: {payload}\n\n"
+
+
+async def livepeer_events(
+    first: str, rest: DeploymentResponseGenerator, record: RequestRecord
+) -> AsyncIterator[str]:
+    state = livepeer.StreamState()
+    try:
+        async for payload in _chain(first, rest):
+            for chunk in livepeer.stream_chunks(json.loads(payload), state):
+                record.token_seen()
+                yield event(json.dumps(chunk))
+        if state.finish_reason is None:
+            yield event(json.dumps(livepeer.failure_chunk(state, "the model stopped without finishing")))
+    except Exception:
+        logger.exception("stream failed (request id %s)", record.request_id)
+        message = f"the model engine failed mid-stream (request id {record.request_id})"
+        yield event(json.dumps(livepeer.failure_chunk(state, message)))
+    finally:
+        rest.cancel()
+        record.set_usage(state.usage)
+        record.finish_reason = state.finish_reason
+        record.log()
+    yield DONE
+
+
+async def openai_events(
+    first: str, rest: DeploymentResponseGenerator, record: RequestRecord, client_wants_usage: bool
+) -> AsyncIterator[str]:
+    """Passes vLLM's chunks through unchanged, except the usage-only chunk, which we always ask
+    vLLM for (the request log needs token counts) and forward only to clients who asked."""
+    try:
+        async for payload in _chain(first, rest):
+            chunk = json.loads(payload)
+            choices = chunk.get("choices")
+            if choices:
+                record.token_seen()
+                record.finish_reason = choices[0].get("finish_reason") or record.finish_reason
+            elif "error" in chunk:
+                record.status = chunk["error"].get("code") or 500
+            elif chunk.get("usage"):
+                record.set_usage(chunk["usage"])
+                if not client_wants_usage:
+                    continue
+            yield event(payload)
+    except Exception:
+        logger.exception("stream failed (request id %s)", record.request_id)
+        record.status = 500
+        message = f"the model engine failed mid-stream (request id {record.request_id})"
+        yield event(json.dumps({"error": {"message": message, "type": "internal_error", "code": 500}}))
+    finally:
+        rest.cancel()
+        record.log()
+    yield DONE
+
+
+async def _chain(first: str, rest: DeploymentResponseGenerator) -> AsyncIterator[str]:
+    yield first
+    async for item in rest:
+        yield item
