@@ -97,5 +97,4 @@ def error_response(api: Api, error: APIError, request_id: str) -> JSONResponse:
             },
             "request_id": request_id,
         }
-    headers = {"x-request-id": request_id, **error.headers}
-    return JSONResponse(body, status_code=error.status, headers=headers)
+    return JSONResponse(body, status_code=error.status, headers=error.headers)

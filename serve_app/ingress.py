@@ -58,101 +58,15 @@ async def _api_error(request: Request, error: APIError) -> JSONResponse:
     return error_response(api, error, request_id)
 
 
-@serve.deployment(name="ingress")
-@serve.ingress(app)
-class Ingress:
-    def __init__(self, config: ClusterConfig, handles: dict[str, DeploymentHandle]) -> None:
-        self._config = config
-        self._keys = KeyRing(config.auth)
-        self._router = Router(config, handles)
-
-    @app.post("/llm", response_model=LLMResponse)
-    @app.post("/llm/", include_in_schema=False)
-    async def llm(self, request: Request):
-        record = self._admit(request, "/llm")
-        body = _parse(LLMRequest, await request.body())
-        model_id, handle = self._router.resolve(body.model)
-        record.model = model_id
-        chat = self._capped(body.to_chat_request(model_id))
-        first, rest = await _first_output(handle, chat, record)
-        if body.stream:
-            return _stream(sse.livepeer_events(first, rest, record), record)
-        result = livepeer.full_response(first)
-        record.set_usage(result["usage"])
-        record.finish_reason = result["choices"][0]["finish_reason"]
-        record.token_seen()
-        record.log()
-        return JSONResponse(result, headers={"x-request-id": record.request_id})
-
-    @app.post("/v1/chat/completions")
-    async def chat_completions(self, request: Request):
-        record = self._admit(request, "/v1/chat/completions")
-        chat = _parse(ChatCompletionRequest, await request.body())
-        _check_messages(chat)
-        model_id, handle = self._router.resolve(chat.model)
-        record.model = model_id
-        wants_usage = bool(chat.stream_options and chat.stream_options.include_usage)
-        update: dict = {"model": model_id}
-        if chat.stream:
-            update["stream_options"] = (chat.stream_options or StreamOptions()).model_copy(
-                update={"include_usage": True}
-            )
-        chat = self._capped(chat.model_copy(update=update))
-        first, rest = await _first_output(handle, chat, record)
-        if chat.stream:
-            return _stream(sse.openai_events(first, rest, record, wants_usage), record)
-        record.set_usage(first.usage.model_dump())
-        record.finish_reason = first.choices[0].finish_reason if first.choices else None
-        record.token_seen()
-        record.log()
-        return JSONResponse(first.model_dump(), headers={"x-request-id": record.request_id})
-
-    @app.get("/v1/models")
-    async def models(self, request: Request):
-        self._admit(request, "/v1/models")
-        created = int(time.time())
-        data = [
-            {"id": model_id, "object": "model", "created": created, "owned_by": "livepeer-llm-serve"}
-            for model_id in self._router.model_ids
-        ]
-        return {"object": "list", "data": data}
-
-    @app.get("/health")
-    async def health(self):
-        return {"status": await livepeer_health(self._config.default_model_id)}
-
-    @app.get("/version")
-    async def version(self, request: Request):
-        self._admit(request, "/version")
-        return {
-            "pipeline": "llm",
-            "model_id": self._config.default_model_id,
-            "version": app.version,
-        }
-
-    def _admit(self, request: Request, endpoint: str) -> RequestRecord:
-        """Named and authenticated before anything else is done for the request."""
-        record = RequestRecord(request_id=_request_id(request), endpoint=endpoint)
-        request.state.record = record
-        record.key_name = self._keys.authenticate(request.headers.get("authorization")).key_name
-        return record
-
-    def _capped(self, chat: ChatCompletionRequest) -> ChatCompletionRequest:
-        """An honest max_tokens cap matters to operators: Livepeer prices by max_tokens."""
-        limit = self._config.ingress.max_tokens_limit
-        if limit is None:
-            return chat
-        asked = chat.max_completion_tokens or chat.max_tokens
-        if asked is not None and asked > limit:
-            raise BadRequest(f"max_tokens is {asked}, above this server's limit of {limit}")
-        return chat if asked is not None else chat.model_copy(update={"max_tokens": limit})
-
-
+# Helpers sit above the class: serve.ingress pickles the app, and with it the routes' globals,
+# at decoration time.
 _KNOWN_ROLES = {"system", "developer", "user", "assistant", "tool", "function"}
 
 
 def _request_id(request: Request) -> str:
-    return request.headers.get("x-request-id") or f"req-{uuid.uuid4().hex}"
+    """Serve's proxy keeps a client's x-request-id (or makes one), puts it in the request's
+    headers and returns it on the response."""
+    return request.headers.get("x-request-id") or uuid.uuid4().hex
 
 
 def _parse(model, body: bytes):
@@ -197,6 +111,95 @@ async def _first_output(
     return first, outputs
 
 
-def _stream(events, record: RequestRecord) -> StreamingResponse:
-    headers = {**sse.HEADERS, "x-request-id": record.request_id}
-    return StreamingResponse(events, media_type="text/event-stream", headers=headers)
+def _stream(events) -> StreamingResponse:
+    return StreamingResponse(events, media_type="text/event-stream", headers=sse.HEADERS)
+
+
+@serve.deployment(name="ingress")
+@serve.ingress(app)
+class Ingress:
+    def __init__(self, config: ClusterConfig, handles: dict[str, DeploymentHandle]) -> None:
+        self._config = config
+        self._keys = KeyRing(config.auth)
+        self._router = Router(config, handles)
+
+    @app.post("/llm", response_model=LLMResponse)
+    @app.post("/llm/", include_in_schema=False)
+    async def llm(self, request: Request):
+        record = self._admit(request, "/llm")
+        body = _parse(LLMRequest, await request.body())
+        model_id, handle = self._router.resolve(body.model)
+        record.model = model_id
+        chat = self._capped(body.to_chat_request(model_id))
+        first, rest = await _first_output(handle, chat, record)
+        if body.stream:
+            return _stream(sse.livepeer_events(first, rest, record))
+        result = livepeer.full_response(first)
+        record.set_usage(result["usage"])
+        record.finish_reason = result["choices"][0]["finish_reason"]
+        record.token_seen()
+        record.log()
+        return JSONResponse(result)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request):
+        record = self._admit(request, "/v1/chat/completions")
+        chat = _parse(ChatCompletionRequest, await request.body())
+        _check_messages(chat)
+        model_id, handle = self._router.resolve(chat.model)
+        record.model = model_id
+        wants_usage = bool(chat.stream_options and chat.stream_options.include_usage)
+        update: dict = {"model": model_id}
+        if chat.stream:
+            update["stream_options"] = (chat.stream_options or StreamOptions()).model_copy(
+                update={"include_usage": True}
+            )
+        chat = self._capped(chat.model_copy(update=update))
+        first, rest = await _first_output(handle, chat, record)
+        if chat.stream:
+            return _stream(sse.openai_events(first, rest, record, wants_usage))
+        record.set_usage(first.usage.model_dump())
+        record.finish_reason = first.choices[0].finish_reason if first.choices else None
+        record.token_seen()
+        record.log()
+        return JSONResponse(first.model_dump())
+
+    @app.get("/v1/models")
+    async def models(self, request: Request):
+        self._admit(request, "/v1/models")
+        created = int(time.time())
+        data = [
+            {"id": model_id, "object": "model", "created": created, "owned_by": "livepeer-llm-serve"}
+            for model_id in self._router.model_ids
+        ]
+        return {"object": "list", "data": data}
+
+    @app.get("/health")
+    async def health(self):
+        return {"status": await livepeer_health(self._config.default_model_id)}
+
+    @app.get("/version")
+    async def version(self, request: Request):
+        self._admit(request, "/version")
+        return {
+            "pipeline": "llm",
+            "model_id": self._config.default_model_id,
+            "version": app.version,
+        }
+
+    def _admit(self, request: Request, endpoint: str) -> RequestRecord:
+        """Named and authenticated before anything else is done for the request."""
+        record = RequestRecord(request_id=_request_id(request), endpoint=endpoint)
+        request.state.record = record
+        record.key_name = self._keys.authenticate(request.headers.get("authorization")).key_name
+        return record
+
+    def _capped(self, chat: ChatCompletionRequest) -> ChatCompletionRequest:
+        """An honest max_tokens cap matters to operators: Livepeer prices by max_tokens."""
+        limit = self._config.ingress.max_tokens_limit
+        if limit is None:
+            return chat
+        asked = chat.max_completion_tokens or chat.max_tokens
+        if asked is not None and asked > limit:
+            raise BadRequest(f"max_tokens is {asked}, above this server's limit of {limit}")
+        return chat if asked is not None else chat.model_copy(update={"max_tokens": limit})
