@@ -54,7 +54,8 @@ async def _api_error(request: Request, error: APIError) -> JSONResponse:
     if record is not None:
         record.status = error.status
         record.log()
-    api = "openai" if request.url.path.startswith("/v1/") else "livepeer"
+    path = request.url.path.removeprefix(request.scope.get("root_path", ""))
+    api = "openai" if path.startswith("/v1/") else "livepeer"
     return error_response(api, error, request_id)
 
 
@@ -113,6 +114,14 @@ async def _first_output(
 
 def _stream(events) -> StreamingResponse:
     return StreamingResponse(events, media_type="text/event-stream", headers=sse.HEADERS)
+
+
+@app.exception_handler(Exception)
+async def _unexpected(request: Request, error: Exception) -> JSONResponse:
+    """A bug of ours must still answer in the endpoint's shape, and never with a traceback."""
+    logger.error("unhandled error on %s", request.url.path, exc_info=error)
+    request_id = _request_id(request)
+    return await _api_error(request, APIError(f"internal error (request id {request_id})"))
 
 
 @serve.deployment(name="ingress")

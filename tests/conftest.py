@@ -1,0 +1,92 @@
+"""One Ray cluster and one Serve instance per test session, shared by every end-to-end test:
+the real application from configs/local.yaml (real vLLM, real model) at `/`, and the same
+application on a test engine at `/fake` for plumbing tests that need failures on demand."""
+
+import hashlib
+import os
+import secrets
+import socket
+from pathlib import Path
+
+import cloudpickle
+import httpx
+import pytest
+
+from cluster.load import load
+from cluster.schema import ClusterConfig
+
+ROOT = Path(__file__).resolve().parent.parent
+API_KEY = "sk-test-" + secrets.token_hex(8)
+FAKE_KEY = "sk-fake-" + secrets.token_hex(8)
+
+
+@pytest.fixture(scope="session")
+def serve_url():
+    import ray
+    from ray import serve
+
+    os.environ["LLM_API_KEY"] = API_KEY
+    # Extra logical CPUs: the model replica takes one, light deployments take slivers.
+    ray.init(num_cpus=8, include_dashboard=False, runtime_env={"env_vars": {"LLM_API_KEY": API_KEY}})
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    yield f"http://127.0.0.1:{port}"
+    serve.shutdown()
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def llm_url(serve_url):
+    """The shipped local config, deployed as `serve run configs/local.yaml` would."""
+    from ray import serve
+
+    from serve_app.app import build_app
+
+    config = load(ROOT / "configs" / "local.yaml").apps["llm"]
+    serve.run(build_app(config), name="llm", route_prefix="/")
+    return serve_url
+
+
+@pytest.fixture(scope="session")
+def fake_url(serve_url):
+    from ray import serve
+
+    import tests.fake_engine
+    from serve_app.app import build_graph
+
+    cloudpickle.register_pickle_by_value(tests.fake_engine)
+    serve.run(build_graph(fake_config(), tests.fake_engine.fake_engine), name="fake", route_prefix="/fake")
+    return serve_url + "/fake"
+
+
+def fake_config() -> ClusterConfig:
+    deployment = {"num_cpus": 0.1, "num_replicas": 1}
+    return ClusterConfig.model_validate(
+        {
+            "default_model": "fake-b",
+            "auth": {"keys": [{"name": "fake", "sha256": hashlib.sha256(FAKE_KEY.encode()).hexdigest()}]},
+            "ingress": {"max_tokens_limit": 64},
+            "models": [
+                {"id": "fake-a", "aliases": ["a"], "source": {"path": "/nonexistent"}, "deployment": deployment},
+                {"id": "fake-b", "source": {"path": "/nonexistent"}, "deployment": deployment},
+            ],
+        }
+    )
+
+
+@pytest.fixture
+def client(llm_url):
+    with httpx.Client(base_url=llm_url, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=120) as c:
+        yield c
+
+
+@pytest.fixture
+def fake_client(fake_url):
+    with httpx.Client(base_url=fake_url, headers={"Authorization": f"Bearer {FAKE_KEY}"}, timeout=30) as c:
+        yield c
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -1,0 +1,88 @@
+"""A test engine for plumbing tests: no model, replies with the words of the prompt's last
+message echoed back, in vLLM's own response and chunk shapes. Never used outside `tests/`.
+
+Prompts steer it: "FAIL MIDSTREAM" raises after two chunks, "FAIL AT START" raises before any.
+"""
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncGenerator
+
+from vllm.entrypoints.openai.chat_completion.protocol import (
+    ChatCompletionResponse,
+    ChatCompletionResponseChoice,
+    ChatMessage,
+)
+from vllm.entrypoints.serve.engine.protocol import UsageInfo
+
+from cluster.schema import ModelConfig
+from serve_app.protocol import ChatCompletionRequest
+
+
+class FakeEngine:
+    def __init__(self, model: ModelConfig) -> None:
+        self._model_id = model.id
+        self._unfinished = 0
+
+    async def start(self) -> None:
+        return None
+
+    async def chat(self, request: ChatCompletionRequest):
+        words = _last_message(request).split()
+        if "FAIL AT START" in _last_message(request):
+            raise RuntimeError("fake engine failed before generating")
+        reply = words[: request.max_tokens or len(words)]
+        if request.stream:
+            return self._stream(request, reply)
+        return ChatCompletionResponse(
+            model=self._model_id,
+            choices=[
+                ChatCompletionResponseChoice(
+                    index=0,
+                    message=ChatMessage(role="assistant", content=" ".join(reply)),
+                    finish_reason="length" if len(reply) < len(words) else "stop",
+                )
+            ],
+            usage=UsageInfo(prompt_tokens=len(words), completion_tokens=len(reply), total_tokens=len(words) + len(reply)),
+        )
+
+    async def _stream(self, request: ChatCompletionRequest, reply: list[str]) -> AsyncGenerator[str, None]:
+        self._unfinished += 1
+        base = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion.chunk",
+                "created": int(time.time()), "model": self._model_id}
+        prompt_tokens = len(_last_message(request).split())
+        try:
+            for index, word in enumerate(reply):
+                if index == 2 and "FAIL MIDSTREAM" in _last_message(request):
+                    raise RuntimeError("fake engine crashed mid-stream")
+                usage = {"prompt_tokens": prompt_tokens, "completion_tokens": index + 1,
+                         "total_tokens": prompt_tokens + index + 1}
+                finish = "stop" if index == len(reply) - 1 else None
+                chunk = base | {"choices": [{"index": 0, "delta": {"content": word + " "}, "finish_reason": finish}],
+                                "usage": usage}
+                yield f"data: {json.dumps(chunk)}\n\n"
+                await asyncio.sleep(0)
+            yield f"data: {json.dumps(base | {'choices': [], 'usage': usage})}\n\n"
+            yield "data: [DONE]\n\n"
+        finally:
+            self._unfinished -= 1
+
+    async def check_health(self) -> None:
+        return None
+
+    def num_unfinished_requests(self) -> int:
+        return self._unfinished
+
+    def shutdown(self) -> None:
+        return None
+
+
+def fake_engine(model: ModelConfig) -> FakeEngine:
+    return FakeEngine(model)
+
+
+def _last_message(request: ChatCompletionRequest) -> str:
+    content = request.messages[-1]["content"]
+    return content if isinstance(content, str) else " ".join(part["text"] for part in content)

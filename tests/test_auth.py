@@ -1,0 +1,38 @@
+import hashlib
+
+import pytest
+
+from cluster.schema import AuthConfig
+from serve_app.auth import KeyRing
+from serve_app.errors import Unauthorized
+
+
+def _ring(monkeypatch) -> KeyRing:
+    monkeypatch.setenv("TEST_TOKEN", "from-env")
+    return KeyRing(AuthConfig.model_validate({"keys": [
+        {"name": "hashed", "sha256": hashlib.sha256(b"from-hash").hexdigest()},
+        {"name": "env", "env": "TEST_TOKEN"},
+    ]}))
+
+
+def test_tokens_by_hash_or_environment(monkeypatch):
+    ring = _ring(monkeypatch)
+    assert ring.authenticate("Bearer from-hash").key_name == "hashed"
+    assert ring.authenticate("bearer from-env").key_name == "env"
+
+
+@pytest.mark.parametrize("header", [None, "", "Bearer", "Bearer ", "Basic from-env", "Bearer from-hashX", "from-env"])
+def test_bad_headers_are_refused(monkeypatch, header):
+    with pytest.raises(Unauthorized) as raised:
+        _ring(monkeypatch).authenticate(header)
+    assert raised.value.headers == {"WWW-Authenticate": "Bearer"}
+
+
+def test_no_keys_means_open():
+    assert KeyRing(AuthConfig()).authenticate(None).key_name is None
+
+
+def test_unset_environment_variable_stops_start_up(monkeypatch):
+    monkeypatch.delenv("MISSING_TOKEN", raising=False)
+    with pytest.raises(RuntimeError, match="MISSING_TOKEN"):
+        KeyRing(AuthConfig.model_validate({"keys": [{"name": "k", "env": "MISSING_TOKEN"}]}))

