@@ -139,7 +139,7 @@ class Ingress:
         body = _parse(LLMRequest, await request.body())
         model_id, handle = self._router.resolve(body.model)
         record.model = model_id
-        chat = self._capped(body.to_chat_request(model_id))
+        chat = self._capped(body.to_chat_request(model_id, self._config.ingress.max_tokens_limit))
         first, rest = await _first_output(handle, chat, record)
         if body.stream:
             return _stream(sse.livepeer_events(first, rest, record))

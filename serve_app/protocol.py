@@ -79,14 +79,18 @@ class LLMRequest(BaseModel):
             raise ValueError("top_k must be -1 (off) or at least 1")
         return value
 
-    def to_chat_request(self, model_id: str) -> ChatCompletionRequest:
-        """Streams ask vLLM for usage on every chunk: the gateway takes usage from the last one
-        and the contract allows it so far on each."""
+    def to_chat_request(self, model_id: str, max_tokens_limit: int | None) -> ChatCompletionRequest:
+        """The `/llm` default max_tokens is ours, so it bows to the server's limit; a max_tokens
+        the client chose is passed on for the ingress to check. Streams ask vLLM for usage on
+        every chunk: the gateway takes usage from the last one."""
+        max_tokens = self.max_tokens
+        if max_tokens_limit is not None and "max_tokens" not in self.model_fields_set:
+            max_tokens = min(max_tokens, max_tokens_limit)
         return ChatCompletionRequest(
             model=model_id,
             messages=[{"role": m.role, "content": m.text()} for m in self.messages],
             temperature=self.temperature,
-            max_tokens=self.max_tokens,
+            max_tokens=max_tokens,
             top_p=self.top_p,
             top_k=self.top_k,
             stream=self.stream,

@@ -17,14 +17,19 @@ def test_defaults_apply_when_absent_or_null():
 
 
 def test_conversion_to_a_vllm_request():
-    chat = LLMRequest.model_validate({"messages": USER, "top_k": 5, "stream": True}).to_chat_request("m")
+    chat = LLMRequest.model_validate({"messages": USER, "top_k": 5, "stream": True}).to_chat_request("m", None)
     assert (chat.model, chat.top_k, chat.max_tokens, chat.temperature) == ("m", 5, 256, 0.7)
     assert chat.stream_options.include_usage and chat.stream_options.continuous_usage_stats
 
 
+def test_default_max_tokens_bows_to_the_limit_but_an_explicit_one_is_kept():
+    assert LLMRequest.model_validate({"messages": USER}).to_chat_request("m", 64).max_tokens == 64
+    assert LLMRequest.model_validate({"messages": USER, "max_tokens": 100}).to_chat_request("m", 64).max_tokens == 100
+
+
 def test_text_parts_are_joined():
     request = LLMRequest.model_validate({"messages": [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]})
-    assert request.to_chat_request("m").messages[0]["content"] == "ab"
+    assert request.to_chat_request("m", None).messages[0]["content"] == "ab"
 
 
 @pytest.mark.parametrize("field, value", [("temperature", 2.5), ("temperature", -0.1), ("top_p", 0), ("top_p", 1.5), ("max_tokens", 0), ("top_k", 0), ("top_k", -2)])
