@@ -30,7 +30,7 @@ serve: $(STAMP) $(TOKEN_FILE)
 	@export LLM_API_KEY="$${LLM_API_KEY:-$$(cat $(TOKEN_FILE))}"; \
 	echo "API key: $$LLM_API_KEY  (from \$$LLM_API_KEY, else $(TOKEN_FILE))"; \
 	echo "try:  curl -H \"Authorization: Bearer $$LLM_API_KEY\" http://127.0.0.1:8000/llm -d '{\"messages\":[{\"role\":\"user\",\"content\":\"What is the capital of France?\"}]}'"; \
-	$(VENV)/bin/serve run $(CONFIG)
+	$(PY) -m cluster validate $(CONFIG) && $(VENV)/bin/serve run $(CONFIG)
 
 test: $(STAMP)
 	$(PY) -m pytest -v

@@ -1,0 +1,49 @@
+"""One INFO line per request in the ingress replica's log, with id, key, model, status, token
+counts and timings."""
+
+import re
+import secrets
+import time
+from pathlib import Path
+
+import pytest
+import ray
+
+pytestmark = pytest.mark.e2e
+
+FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+def _log_line(request_id: str, timeout_s: float = 15) -> str:
+    logs = Path(ray._private.worker.global_worker.node.get_logs_dir_path()) / "serve"
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for path in logs.glob("replica_llm_ingress_*.log"):
+            for line in path.read_text().splitlines():
+                if f"request id={request_id} " in line:
+                    return line
+        time.sleep(0.1)
+    raise AssertionError(f"no log line for request {request_id}")
+
+
+def _fields(line: str) -> dict[str, str]:
+    return dict(re.findall(r"(\w+)=(\S+)", line.split(" -- ", 1)[1]))
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_answered_request_is_logged_with_tokens_and_timings(client, stream):
+    request_id = "log-" + secrets.token_hex(6)
+    response = client.post("/llm", json={"messages": FRANCE, "temperature": 0, "stream": stream}, headers={"x-request-id": request_id})
+    assert response.status_code == 200
+    fields = _fields(_log_line(request_id))
+    assert fields["endpoint"] == "/llm" and fields["key"] == "local" and fields["status"] == "200"
+    assert fields["model"] == "smollm2-135m-instruct" and fields["finish"] == "stop"
+    assert int(fields["prompt_tokens"]) > 0 and int(fields["completion_tokens"]) > 0
+    assert float(fields["ttft"].removesuffix("ms")) <= float(fields["total"].removesuffix("ms"))
+
+
+def test_refused_request_is_logged_with_its_status(client):
+    request_id = "log-" + secrets.token_hex(6)
+    client.post("/v1/chat/completions", json={"model": "nope", "messages": FRANCE}, headers={"x-request-id": request_id})
+    fields = _fields(_log_line(request_id))
+    assert fields["status"] == "404" and fields["endpoint"] == "/v1/chat/completions"
