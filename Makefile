@@ -35,8 +35,14 @@ serve: $(STAMP) $(TOKEN_FILE)
 test: $(STAMP)
 	$(PY) -m pytest -v
 
-bench: $(STAMP)
-	$(PY) -m bench
+BENCH_STAMP := $(VENV)/.installed-bench
+
+$(BENCH_STAMP): $(STAMP)
+	$(VENV)/bin/pip install -q -e ".[bench]"
+	touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP)
+	$(PY) -m bench $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) $(TOKEN_FILE)

@@ -1,0 +1,86 @@
+"""Writing a run's figures: raw JSON, a Markdown table with ours/bare ratios, and a plot."""
+
+import json
+from pathlib import Path
+
+from bench.load import LoadResult
+
+BASELINE = "bare vLLM"
+
+
+def write(results: list[LoadResult], overhead: list[LoadResult], meta: dict, out: Path) -> str:
+    out.mkdir(parents=True, exist_ok=True)
+    raw = {"meta": meta, "results": [r.as_dict() for r in results], "overhead": [r.as_dict() for r in overhead]}
+    (out / "latest.json").write_text(json.dumps(raw, indent=2))
+    table = markdown(results, overhead, meta)
+    (out / "latest.md").write_text(table)
+    plot(results, out / "latest.png")
+    return table
+
+
+def markdown(results: list[LoadResult], overhead: list[LoadResult], meta: dict) -> str:
+    lines = [
+        f"Model `{meta['model']}`, {meta['input_len']}-token prompts, {meta['output_len']} output tokens, "
+        f"greedy; {meta['machine']}. Start-up to first answer: "
+        + ", ".join(f"{name} {seconds:.0f} s" for name, seconds in meta["started_in_s"].items()) + ".",
+        "",
+        "| load | system | conc. | output tok/s | TTFT p50 / p99 ms | ITL p50 / p99 ms | errors | tok/s vs bare | TTFT p50 vs bare |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        base = _baseline(results, r)
+        ratio = f"{r.output_tokens_per_s / base.output_tokens_per_s:.3f}×" if base else ""
+        delta = f"{r.ttft_p50_ms - base.ttft_p50_ms:+.1f} ms" if base else ""
+        lines.append(
+            f"| {r.api} | {r.system} | {r.concurrency} | {r.output_tokens_per_s:.1f} | "
+            f"{r.ttft_p50_ms:.1f} / {r.ttft_p99_ms:.1f} | {r.itl_p50_ms:.1f} / {r.itl_p99_ms:.1f} | "
+            f"{r.errors} | {ratio} | {delta} |"
+        )
+    if overhead:
+        lines += [
+            "",
+            "Ingress overhead alone (our stack over a zero-cost test engine streaming "
+            f"{meta['overhead_tokens']} tokens per request):",
+            "",
+            "| route | conc. | requests/s | time to first chunk p50 / p99 ms | per chunk p50 / p99 ms | errors |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
+        for r in overhead:
+            lines.append(
+                f"| {r.api} | {r.concurrency} | {r.requests_per_s:.1f} | {r.ttft_p50_ms:.2f} / {r.ttft_p99_ms:.2f} | "
+                f"{r.itl_p50_ms:.3f} / {r.itl_p99_ms:.3f} | {r.errors} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def _baseline(results: list[LoadResult], r: LoadResult) -> LoadResult | None:
+    """Bare vLLM under the same load generator: `/llm` is compared with bare `/v1` driven by the
+    same SSE client and the same greedy prompt."""
+    if r.system == BASELINE:
+        return None
+    api = "/v1/chat/completions" if r.api == "/llm" else r.api
+    return next((b for b in results if b.system == BASELINE and b.api == api and b.concurrency == r.concurrency), None)
+
+
+def plot(results: list[LoadResult], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (ttft, throughput) = plt.subplots(1, 2, figsize=(11, 4.2))
+    series = sorted({(r.system, r.api) for r in results})
+    for system, api in series:
+        points = sorted((r for r in results if (r.system, r.api) == (system, api)), key=lambda r: r.concurrency)
+        label = f"{system} {api}"
+        xs = [r.concurrency for r in points]
+        ttft.plot(xs, [r.ttft_p50_ms for r in points], marker="o", label=label)
+        throughput.plot(xs, [r.output_tokens_per_s for r in points], marker="o", label=label)
+    for axis, title in ((ttft, "median time to first token (ms)"), (throughput, "output tokens/s")):
+        axis.set_xscale("log", base=2)
+        axis.set_xlabel("concurrent streams")
+        axis.set_title(title)
+        axis.grid(alpha=0.3)
+    throughput.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)

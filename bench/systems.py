@@ -1,0 +1,155 @@
+"""Starting and stopping each system under test as its own processes, on one machine.
+
+Every system serves the same model with the same engine settings: bare `vllm serve` (the
+baseline), this stack (`serve run` of a rendered config), and Ray Serve LLM (`serve run` of
+`ray.serve.llm:build_openai_app`). Ray is started fresh for each Ray system, with extra logical
+CPUs so that light deployments are never starved of scheduling.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import yaml
+
+from cluster import render
+from cluster.schema import ClusterConfig, ModelConfig
+
+ROOT = Path(__file__).resolve().parent.parent
+PYTHON = sys.executable
+SERVE = str(Path(sys.executable).parent / "serve")
+RAY = str(Path(sys.executable).parent / "ray")
+
+
+@dataclass(frozen=True)
+class Running:
+    name: str
+    base_url: str
+    model: str
+    api_key: str | None
+    started_in_s: float
+
+
+def vllm_cli_args(model: ModelConfig) -> list[str]:
+    """The same engine settings as our config, spelled as `vllm serve` flags."""
+    args = []
+    for name, value in model.engine.to_vllm_args().items():
+        flag = "--" + name.replace("_", "-")
+        if value is True:
+            args.append(flag)
+        elif value is False:
+            args.append("--no-" + name.replace("_", "-"))
+        else:
+            args += [flag, str(value)]
+    return args
+
+
+@contextmanager
+def bare_vllm(model: ModelConfig, model_path: str, port: int, log_dir: Path) -> Iterator[Running]:
+    command = [PYTHON, "-m", "bench.vllm_cli", "serve", model_path, "--served-model-name", model.id,
+               "--host", "127.0.0.1", "--port", str(port), "--disable-uvicorn-access-log",
+               *vllm_cli_args(model)]
+    env = os.environ | dict(model.deployment.env)
+    with _process(command, env, log_dir / "bare-vllm.log"):
+        started = time.monotonic()
+        url = f"http://127.0.0.1:{port}"
+        _wait_ready(url, model.id, None)
+        yield Running("bare vLLM", url, model.id, None, time.monotonic() - started)
+
+
+@contextmanager
+def our_stack(config: ClusterConfig, port: int, log_dir: Path, name: str = "ours",
+              import_path: str = "serve_app.app:build_app") -> Iterator[Running]:
+    api_key = "sk-bench"
+    document = render.serve_config(config, host="127.0.0.1", port=port)
+    document["applications"][0]["import_path"] = import_path
+    env = os.environ | {"LLM_API_KEY": api_key}
+    with _ray(env), _serve_run(document, env, log_dir / f"{name}.log"):
+        started = time.monotonic()
+        url = f"http://127.0.0.1:{port}"
+        _wait_ready(url, config.models[0].id, api_key)
+        yield Running(name, url, config.models[0].id, api_key, time.monotonic() - started)
+
+
+@contextmanager
+def ray_serve_llm(model: ModelConfig, model_path: str, port: int, log_dir: Path) -> Iterator[Running]:
+    llm_config = {
+        "model_loading_config": {"model_id": model.id, "model_source": model_path},
+        "engine_kwargs": model.engine.to_vllm_args(),
+        "placement_group_config": {"bundles": [{"CPU": 1}]},
+        "runtime_env": {"env_vars": dict(model.deployment.env)},
+        "deployment_config": {"num_replicas": 1},
+    }
+    document = {
+        "http_options": {"host": "127.0.0.1", "port": port},
+        "applications": [{"name": "llm", "route_prefix": "/", "import_path": "ray.serve.llm:build_openai_app",
+                          "args": {"llm_configs": [llm_config]}}],
+    }
+    with _ray(os.environ), _serve_run(document, os.environ, log_dir / "ray-serve-llm.log"):
+        started = time.monotonic()
+        url = f"http://127.0.0.1:{port}"
+        _wait_ready(url, model.id, None)
+        yield Running("Ray Serve LLM", url, model.id, None, time.monotonic() - started)
+
+
+@contextmanager
+def _ray(env) -> Iterator[None]:
+    subprocess.run([RAY, "start", "--head", "--num-cpus=8", "--include-dashboard=false", "--disable-usage-stats"],
+                   env=env, check=True, capture_output=True)
+    try:
+        yield
+    finally:
+        subprocess.run([RAY, "stop", "--force"], capture_output=True)
+
+
+@contextmanager
+def _serve_run(document: dict, env, log: Path) -> Iterator[None]:
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as file:
+        yaml.safe_dump(document, file)
+    # The bench's own packages (bench/, tests/) are not installed: workers find them here.
+    env = env | {"PYTHONPATH": str(ROOT), "RAY_ADDRESS": "auto"}
+    with _process([SERVE, "run", file.name], env, log):
+        yield
+
+
+@contextmanager
+def _process(command: list[str], env, log: Path) -> Iterator[subprocess.Popen]:
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w") as out:
+        process = subprocess.Popen(command, env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+    try:
+        yield process
+    finally:
+        for sig, wait_s in ((signal.SIGINT, 30), (signal.SIGKILL, 10)):
+            if process.poll() is not None:
+                break
+            os.killpg(process.pid, sig)
+            try:
+                process.wait(wait_s)
+            except subprocess.TimeoutExpired:
+                continue
+
+
+def _wait_ready(base_url: str, model: str, api_key: str | None, timeout_s: float = 900) -> None:
+    """Ready means a one-token answer: a route list can come up before the engine has."""
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    body = {"model": model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1}
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            response = httpx.post(base_url + "/v1/chat/completions", json=body, headers=headers, timeout=30)
+            if response.status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    raise TimeoutError(f"{base_url} not ready after {timeout_s:.0f} s")
