@@ -165,6 +165,14 @@ class IngressSettings(StrictModel):
     )
 
 
+class LoggingSettings(StrictModel):
+    """Applied to every deployment through Serve's own logging config; JSON puts each request's
+    fields (`llm_request`) into the record."""
+
+    encoding: Literal["TEXT", "JSON"] = "TEXT"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+
 class ClusterConfig(StrictModel):
     models: list[ModelConfig] = Field(min_length=1)
     default_model: str | None = Field(
@@ -172,6 +180,7 @@ class ClusterConfig(StrictModel):
     )
     auth: AuthConfig = Field(default_factory=AuthConfig)
     ingress: IngressSettings = Field(default_factory=IngressSettings)
+    logging: LoggingSettings = Field(default_factory=LoggingSettings)
 
     @model_validator(mode="after")
     def _names_resolve(self) -> "ClusterConfig":

@@ -24,8 +24,11 @@ def build_graph(config: ClusterConfig, engine_factory: EngineFactory) -> Applica
     """One deployment per model, and the ingress holding a handle to each."""
     from ray import serve
 
+    logging_config = config.logging.model_dump()
     models = {
-        model.id: serve.deployment(ModelServer, **deployment_options(model)).bind(model, engine_factory)
+        model.id: serve.deployment(ModelServer, **deployment_options(model), logging_config=logging_config).bind(
+            model, engine_factory
+        )
         for model in config.models
     }
     ingress = config.ingress
@@ -33,4 +36,5 @@ def build_graph(config: ClusterConfig, engine_factory: EngineFactory) -> Applica
         num_replicas=ingress.num_replicas,
         max_ongoing_requests=ingress.max_ongoing_requests,
         ray_actor_options={"num_cpus": ingress.num_cpus},
+        logging_config=logging_config,
     ).bind(config, models)

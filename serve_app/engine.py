@@ -46,9 +46,13 @@ class VLLMEngine:
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.entrypoints.launchers.api_server.app_state import init_app_state
         from vllm.v1.engine.async_llm import AsyncLLM
+        from vllm.v1.metrics.ray_wrappers import RayPrometheusStatLogger
 
         args = vllm_namespace(self._model_id, self._model, self._vllm_args)
-        self._client = AsyncLLM.from_engine_args(AsyncEngineArgs.from_cli_args(args))
+        # vLLM's engine metrics go out through Ray's metrics, labelled with the model's id.
+        self._client = AsyncLLM.from_engine_args(
+            AsyncEngineArgs.from_cli_args(args), stat_loggers=[RayPrometheusStatLogger]
+        )
         state = State()
         await init_app_state(
             self._client, state, args, supported_tasks=await self._client.get_supported_tasks()

@@ -10,13 +10,17 @@ from cluster.schema import deployment_name
 FAILED = {"DEPLOY_FAILED", "UNHEALTHY"}
 
 
-async def livepeer_health(model_id: str) -> str:
+async def livepeer_health(model_id: str) -> dict[str, str]:
+    """`{"status": …}`, with Serve's own account of the failure as `reason` on ERROR."""
     app_name = serve.get_replica_context().app_name
     # serve.status() blocks on a call to the controller; keep it off the event loop.
     status = await asyncio.to_thread(serve.status)
     app = status.applications.get(app_name)
     deployment = app.deployments.get(deployment_name(model_id)) if app else None
-    return health_state(deployment)
+    state = health_state(deployment)
+    if state == "ERROR" and deployment is not None and deployment.message:
+        return {"status": state, "reason": deployment.message}
+    return {"status": state}
 
 
 def health_state(deployment: DeploymentStatusOverview | None) -> str:

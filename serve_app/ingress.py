@@ -30,7 +30,9 @@ from serve_app.errors import (
     from_validation,
     from_vllm,
 )
+from serve_app.hardware import hardware_info
 from serve_app.health import livepeer_health
+from serve_app.metrics import IngressMetrics
 from serve_app.model_server import ModelOutput
 from serve_app.protocol import (
     ChatCompletionRequest,
@@ -53,7 +55,7 @@ async def _api_error(request: Request, error: APIError) -> JSONResponse:
     request_id = record.request_id if record else _request_id(request)
     if record is not None:
         record.status = error.status
-        record.log()
+        record.finish()
     path = request.url.path.removeprefix(request.scope.get("root_path", ""))
     api = "openai" if path.startswith("/v1/") else "livepeer"
     return error_response(api, error, request_id)
@@ -131,6 +133,7 @@ class Ingress:
         self._config = config
         self._keys = KeyRing(config.auth)
         self._router = Router(config, handles)
+        self._metrics = IngressMetrics()
 
     @app.post("/llm", response_model=LLMResponse)
     @app.post("/llm/", include_in_schema=False)
@@ -138,7 +141,7 @@ class Ingress:
         record = self._admit(request, "/llm")
         body = _parse(LLMRequest, await request.body())
         model_id, handle = self._router.resolve(body.model)
-        record.model = model_id
+        record.route_to(model_id)
         chat = self._capped(body.to_chat_request(model_id, self._config.ingress.max_tokens_limit))
         first, rest = await _first_output(handle, chat, record)
         if body.stream:
@@ -147,7 +150,7 @@ class Ingress:
         record.set_usage(result["usage"])
         record.finish_reason = result["choices"][0]["finish_reason"]
         record.token_seen()
-        record.log()
+        record.finish()
         return JSONResponse(result)
 
     @app.post("/v1/chat/completions")
@@ -156,7 +159,7 @@ class Ingress:
         chat = _parse(ChatCompletionRequest, await request.body())
         _check_messages(chat)
         model_id, handle = self._router.resolve(chat.model)
-        record.model = model_id
+        record.route_to(model_id)
         wants_usage = bool(chat.stream_options and chat.stream_options.include_usage)
         update: dict = {"model": model_id}
         if chat.stream:
@@ -170,7 +173,7 @@ class Ingress:
         record.set_usage(first.usage.model_dump())
         record.finish_reason = first.choices[0].finish_reason if first.choices else None
         record.token_seen()
-        record.log()
+        record.finish()
         return JSONResponse(first.model_dump())
 
     @app.get("/v1/models")
@@ -185,7 +188,12 @@ class Ingress:
 
     @app.get("/health")
     async def health(self):
-        return {"status": await livepeer_health(self._config.default_model_id)}
+        return await livepeer_health(self._config.default_model_id)
+
+    @app.get("/hardware/info")
+    async def hardware(self, request: Request):
+        self._admit(request, "/hardware/info")
+        return await hardware_info(self._config.default_model_id)
 
     @app.get("/version")
     async def version(self, request: Request):
@@ -198,7 +206,7 @@ class Ingress:
 
     def _admit(self, request: Request, endpoint: str) -> RequestRecord:
         """Named and authenticated before anything else is done for the request."""
-        record = RequestRecord(request_id=_request_id(request), endpoint=endpoint)
+        record = RequestRecord(request_id=_request_id(request), endpoint=endpoint, metrics=self._metrics)
         request.state.record = record
         record.key_name = self._keys.authenticate(request.headers.get("authorization")).key_name
         return record

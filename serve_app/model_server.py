@@ -5,11 +5,13 @@ stream of chunk JSON payloads; the ingress decides from the first item whether t
 JSON body, an error status or an SSE stream.
 """
 
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from cluster.schema import ModelConfig, deployment_name
 from serve_app.engine import ChatEngine, VLLMEngine
+from serve_app.metrics import EngineMetrics
 from serve_app.protocol import ChatCompletionRequest, ChatCompletionResponse, ErrorResponse
 
 EngineFactory = Callable[[ModelConfig], ChatEngine]
@@ -28,18 +30,28 @@ def vllm_engine(model: ModelConfig) -> ChatEngine:
 
 class ModelServer:
     async def __init__(self, model: ModelConfig, engine_factory: EngineFactory = vllm_engine) -> None:
+        self._tags = {"model": model.id}
+        self._metrics = EngineMetrics()
         self._engine = engine_factory(model)
         await self._engine.start()
 
     async def chat(self, request: ChatCompletionRequest) -> AsyncIterator[ModelOutput]:
+        started = time.perf_counter()
         result = await self._engine.chat(request)
-        if isinstance(result, (ChatCompletionResponse, ErrorResponse)):
-            yield result
-            return
-        async for line in result:
-            payload = line.removeprefix("data: ").rstrip()
-            if payload != "[DONE]":
-                yield payload
+        try:
+            if isinstance(result, (ChatCompletionResponse, ErrorResponse)):
+                yield result
+                return
+            first = True
+            async for line in result:
+                if first:
+                    self._metrics.ttft.observe(time.perf_counter() - started, self._tags)
+                    first = False
+                payload = line.removeprefix("data: ").rstrip()
+                if payload != "[DONE]":
+                    yield payload
+        finally:
+            self._metrics.duration.observe(time.perf_counter() - started, self._tags)
 
     async def check_health(self) -> None:
         """Serve calls this periodically; a failing engine gets the replica replaced."""

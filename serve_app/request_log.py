@@ -1,8 +1,11 @@
-"""One INFO line per request, written when the request ends (for streams: when the stream ends)."""
+"""What happened to one request, written once when it ends (for streams: when the stream ends)
+as one INFO log line and as metrics."""
 
 import logging
 import time
 from dataclasses import dataclass, field
+
+from serve_app.metrics import IngressMetrics
 
 logger = logging.getLogger("ray.serve")
 
@@ -11,6 +14,7 @@ logger = logging.getLogger("ray.serve")
 class RequestRecord:
     request_id: str
     endpoint: str
+    metrics: IngressMetrics
     key_name: str | None = None
     model: str | None = None
     status: int = 200
@@ -19,29 +23,46 @@ class RequestRecord:
     finish_reason: str | None = None
     started: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
+    last_token_at: float | None = None
+    token_gaps: list[float] = field(default_factory=list)
+    finished: bool = False
+
+    def route_to(self, model_id: str) -> None:
+        self.model = model_id
+        self.metrics.request_started(model_id)
 
     def token_seen(self) -> None:
+        now = time.perf_counter()
         if self.first_token_at is None:
-            self.first_token_at = time.perf_counter()
+            self.first_token_at = now
+        else:
+            self.token_gaps.append(now - self.last_token_at)
+        self.last_token_at = now
 
     def set_usage(self, usage: dict | None) -> None:
         if usage:
             self.prompt_tokens = usage.get("prompt_tokens") or 0
             self.completion_tokens = usage.get("completion_tokens") or 0
 
-    def log(self) -> None:
-        ttft = "-" if self.first_token_at is None else f"{(self.first_token_at - self.started) * 1000:.1f}ms"
+    def finish(self) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        total_s = time.perf_counter() - self.started
+        ttft_s = None if self.first_token_at is None else self.first_token_at - self.started
+        fields = {
+            "request_id": self.request_id, "endpoint": self.endpoint, "key": self.key_name, "model": self.model,
+            "status": self.status, "prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+            "finish_reason": self.finish_reason,
+            "ttft_ms": None if ttft_s is None else round(ttft_s * 1000, 1), "total_ms": round(total_s * 1000, 1),
+        }
+        # The text line is for people; `llm_request` carries the same fields into JSON logs.
         logger.info(
-            "request id=%s endpoint=%s key=%s model=%s status=%d prompt_tokens=%d "
-            "completion_tokens=%d finish=%s ttft=%s total=%.1fms",
-            self.request_id,
-            self.endpoint,
-            self.key_name or "-",
-            self.model or "-",
-            self.status,
-            self.prompt_tokens,
-            self.completion_tokens,
-            self.finish_reason or "-",
-            ttft,
-            (time.perf_counter() - self.started) * 1000,
+            "request id=%s endpoint=%s key=%s model=%s status=%d prompt_tokens=%d completion_tokens=%d "
+            "finish=%s ttft=%s total=%.1fms",
+            self.request_id, self.endpoint, self.key_name or "-", self.model or "-", self.status,
+            self.prompt_tokens, self.completion_tokens, self.finish_reason or "-",
+            "-" if ttft_s is None else f"{ttft_s * 1000:.1f}ms", total_s * 1000,
+            extra={"llm_request": fields},
         )
+        self.metrics.request_finished(self, ttft_s, total_s)

@@ -43,7 +43,7 @@ async def livepeer_events(
         rest.cancel()
         record.set_usage(state.usage)
         record.finish_reason = state.finish_reason
-        record.log()
+        record.finish()
     yield DONE
 
 
@@ -73,7 +73,7 @@ async def openai_events(
         yield event(json.dumps({"error": {"message": message, "type": "internal_error", "code": 500}}))
     finally:
         rest.cancel()
-        record.log()
+        record.finish()
     yield DONE
 
 

@@ -20,19 +20,37 @@ API_KEY = "sk-test-" + secrets.token_hex(8)
 FAKE_KEY = "sk-fake-" + secrets.token_hex(8)
 
 
+METRICS_PORT = None
+
+
 @pytest.fixture(scope="session")
 def serve_url():
     import ray
     from ray import serve
 
+    global METRICS_PORT
     os.environ["LLM_API_KEY"] = API_KEY
-    # Extra logical CPUs: the model replica takes one, light deployments take slivers.
-    ray.init(num_cpus=8, include_dashboard=False, runtime_env={"env_vars": {"LLM_API_KEY": API_KEY}})
+    METRICS_PORT = _free_port()
+    # Extra logical CPUs: the model replica takes one, light deployments take slivers. Metrics
+    # are reported every second instead of every ten, so that tests can read them soon.
+    ray.init(
+        num_cpus=8,
+        include_dashboard=False,
+        runtime_env={"env_vars": {"LLM_API_KEY": API_KEY}},
+        _metrics_export_port=METRICS_PORT,
+        _system_config={"metrics_report_interval_ms": 1000},
+    )
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def metrics_url(serve_url):
+    """Ray's Prometheus endpoint on this (only) node."""
+    return f"http://127.0.0.1:{METRICS_PORT}/metrics"
 
 
 @pytest.fixture(scope="session")

@@ -2,12 +2,15 @@
 message echoed back, in vLLM's own response and chunk shapes. Never used outside `tests/`.
 
 Prompts steer it: "FAIL MIDSTREAM" raises after two chunks, "FAIL AT START" raises before any.
+Its model's source path steers start-up: a path containing "broken" fails to load, and while a
+file `<path>.hold` exists the engine keeps loading.
 """
 
 import asyncio
 import json
 import time
 import uuid
+from pathlib import Path
 from collections.abc import AsyncGenerator
 
 from vllm.entrypoints.openai.chat_completion.protocol import (
@@ -24,10 +27,15 @@ from serve_app.protocol import ChatCompletionRequest
 class FakeEngine:
     def __init__(self, model: ModelConfig) -> None:
         self._model_id = model.id
+        self._source = Path(model.source.path)
         self._unfinished = 0
 
     async def start(self) -> None:
-        return None
+        if "broken" in str(self._source):
+            raise RuntimeError(f"weights missing at {self._source}")
+        hold = self._source.with_name(self._source.name + ".hold")
+        while hold.exists():
+            await asyncio.sleep(0.05)
 
     async def chat(self, request: ChatCompletionRequest):
         words = _last_message(request).split()

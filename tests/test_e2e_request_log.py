@@ -47,3 +47,40 @@ def test_refused_request_is_logged_with_its_status(client):
     client.post("/v1/chat/completions", json={"model": "nope", "messages": FRANCE}, headers={"x-request-id": request_id})
     fields = _fields(_log_line(request_id))
     assert fields["status"] == "404" and fields["endpoint"] == "/v1/chat/completions"
+
+
+def test_json_logs_carry_the_request_fields(serve_url, fake_url):
+    import json
+
+    import httpx
+    from ray import serve
+
+    import tests.fake_engine
+    from cluster.schema import ClusterConfig
+    from serve_app.app import build_graph
+
+    config = ClusterConfig.model_validate({
+        "logging": {"encoding": "JSON"},
+        "models": [{"id": "echo", "source": {"path": "/models/echo"}, "deployment": {"num_cpus": 0.1}}],
+    })
+    serve.run(build_graph(config, tests.fake_engine.fake_engine), name="jsonlog", route_prefix="/jsonlog")
+    try:
+        request_id = "json-" + secrets.token_hex(6)
+        response = httpx.post(serve_url + "/jsonlog/llm", json={"messages": [{"role": "user", "content": "a b c"}]},
+                              headers={"x-request-id": request_id}, timeout=30)
+        assert response.status_code == 200
+        logs = Path(ray._private.worker.global_worker.node.get_logs_dir_path()) / "serve"
+        deadline = time.monotonic() + 15
+        record = None
+        while record is None and time.monotonic() < deadline:
+            for path in logs.glob("replica_jsonlog_ingress_*.log"):
+                for line in path.read_text().splitlines():
+                    if f"request id={request_id} " in line:
+                        record = json.loads(line)
+            time.sleep(0.1)
+        assert record is not None, "no JSON log line for the request"
+        fields = record["llm_request"]
+        assert fields["request_id"] == request_id and fields["model"] == "echo" and fields["status"] == 200
+        assert fields["completion_tokens"] == 3 and fields["endpoint"] == "/llm"
+    finally:
+        serve.delete("jsonlog")

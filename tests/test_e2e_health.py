@@ -1,0 +1,69 @@
+"""Livepeer health states driven through real deployment lifecycles on the test engine:
+LOADING while the default model starts, then OK; ERROR with its reason when it cannot load;
+IDLE when it is scaled to zero."""
+
+import time
+
+import httpx
+import pytest
+from ray import serve
+
+import tests.fake_engine
+from cluster.schema import ClusterConfig
+from serve_app.app import build_graph
+
+pytestmark = pytest.mark.e2e
+
+
+def _app(source: str, **deployment) -> object:
+    config = ClusterConfig.model_validate({
+        "models": [{"id": "lifecycle", "source": {"path": source},
+                    "deployment": {"num_cpus": 0.1, "health_check_period_s": 1} | deployment}],
+    })
+    return build_graph(config, tests.fake_engine.fake_engine)
+
+
+def _health_until(url: str, wanted: str, timeout_s: float = 90) -> dict:
+    """Polls /health until it says `wanted`; the ingress itself may still be starting."""
+    deadline = time.monotonic() + timeout_s
+    seen = None
+    while time.monotonic() < deadline:
+        try:
+            seen = httpx.get(url + "/health", timeout=10).json()
+        except (httpx.HTTPError, ValueError):
+            seen = None
+        if seen and seen["status"] == wanted:
+            return seen
+        time.sleep(0.2)
+    raise AssertionError(f"/health never said {wanted}; last: {seen}")
+
+
+def test_loading_then_ok(serve_url, fake_url, tmp_path):
+    source = tmp_path / "weights"
+    hold = tmp_path / "weights.hold"
+    hold.touch()
+    serve.run(_app(str(source)), name="loading", route_prefix="/loading", _blocking=False)
+    try:
+        _health_until(serve_url + "/loading", "LOADING")
+        hold.unlink()
+        _health_until(serve_url + "/loading", "OK")
+    finally:
+        serve.delete("loading")
+
+
+def test_model_that_cannot_load_is_error_with_reason(serve_url, fake_url):
+    serve.run(_app("/models/broken"), name="broken", route_prefix="/broken", _blocking=False)
+    try:
+        health = _health_until(serve_url + "/broken", "ERROR", timeout_s=180)
+        assert "weights missing at /models/broken" in health["reason"]
+    finally:
+        serve.delete("broken")
+
+
+def test_scaled_to_zero_is_idle(serve_url, fake_url):
+    autoscaling = {"min_replicas": 0, "max_replicas": 1}
+    serve.run(_app("/models/idle", autoscaling=autoscaling), name="idle", route_prefix="/idle", _blocking=False)
+    try:
+        _health_until(serve_url + "/idle", "IDLE")
+    finally:
+        serve.delete("idle")

@@ -1,0 +1,69 @@
+"""What an orchestrator and Prometheus see, through HTTP: hardware info, and metrics that match
+the requests that were made. Real engine and model."""
+
+import time
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+pytestmark = pytest.mark.e2e
+
+FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+def scrape(metrics_url: str) -> dict[tuple[str, frozenset], float]:
+    samples = {}
+    for family in text_string_to_metric_families(httpx.get(metrics_url, timeout=10).text):
+        for sample in family.samples:
+            samples[(sample.name, frozenset(sample.labels.items()))] = sample.value
+    return samples
+
+
+def total(samples, name: str, **labels) -> float:
+    wanted = set(labels.items())
+    return sum(value for (sample, tags), value in samples.items() if sample == name and wanted <= tags)
+
+
+def test_hardware_info_lists_nodes_and_no_gpus_here(client):
+    info = client.get("/hardware/info").json()
+    assert info["pipeline"] == "llm" and info["model_id"] == "smollm2-135m-instruct"
+    assert info["gpu_info"] == {}
+    assert len(info["nodes"]) == 1 and info["nodes"][0]["gpus"] == 0 and info["nodes"][0]["cpus"] > 0
+
+
+def test_metrics_count_what_the_requests_did(client, metrics_url):
+    labels = {"model": "smollm2-135m-instruct", "key": "local", "endpoint": "/llm"}
+    before = scrape(metrics_url)
+    usages = []
+    for stream in (False, True, False):
+        response = client.post("/llm", json={"messages": FRANCE, "temperature": 0, "max_tokens": 12, "stream": stream})
+        assert response.status_code == 200
+        if not stream:
+            usages.append(response.json()["usage"])
+    usages.append(usages[0])  # the stream is greedy too: same answer, same usage
+    client.post("/llm", json={"messages": []})
+
+    deadline = time.monotonic() + 30
+    while True:
+        after = scrape(metrics_url)
+        done = total(after, "ray_llm_requests_total", **labels) - total(before, "ray_llm_requests_total", **labels)
+        if done >= 4 or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+
+    def delta(name, **extra):
+        return total(after, name, **labels, **extra) - total(before, name, **labels, **extra)
+
+    assert delta("ray_llm_requests_total", status="200") == 3
+    assert delta("ray_llm_requests_total", status="400") == 1
+    assert delta("ray_llm_completion_tokens_total") == sum(u["completion_tokens"] for u in usages[:3])
+    assert delta("ray_llm_prompt_tokens_total") == sum(u["prompt_tokens"] for u in usages[:3])
+    assert delta("ray_llm_time_to_first_token_seconds_count") == 3
+    assert delta("ray_llm_request_duration_seconds_count") == 4
+    # Streamed tokens are timed one gap at a time: one gap fewer than content chunks.
+    assert delta("ray_llm_inter_token_latency_seconds_count") >= 1
+    engine = {"model": "smollm2-135m-instruct"}
+    assert total(after, "ray_llm_engine_request_duration_seconds_count", **engine) > total(
+        before, "ray_llm_engine_request_duration_seconds_count", **engine)
+    assert any(name.startswith("ray_vllm:") or name.startswith("vllm:") for name, _ in after), "vLLM's own metrics"
