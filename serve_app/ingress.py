@@ -41,7 +41,7 @@ from serve_app.protocol import (
     LLMResponse,
     StreamOptions,
 )
-from serve_app.request_log import RequestRecord
+from serve_app.request_log import CLIENT_CLOSED_REQUEST, RequestRecord
 from serve_app.router import Router
 
 logger = logging.getLogger("ray.serve")
@@ -102,6 +102,8 @@ async def _first_output(
         first = await outputs.__anext__()
     except asyncio.CancelledError:
         outputs.cancel()
+        record.status = CLIENT_CLOSED_REQUEST
+        record.finish()
         raise
     except BackPressureError:
         raise Overloaded(f"model {record.model!r} is at capacity; retry shortly") from None

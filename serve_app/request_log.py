@@ -9,6 +9,9 @@ from serve_app.metrics import IngressMetrics
 
 logger = logging.getLogger("ray.serve")
 
+CLIENT_CLOSED_REQUEST = 499
+"""The status logged for a request whose client left before it was answered (nginx's code)."""
+
 
 @dataclass
 class RequestRecord:

@@ -5,6 +5,7 @@ the stream, so each generator catches it, ends the stream well-formed, and alway
 upstream so a departed client stops the engine's work on the request.
 """
 
+import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator
@@ -12,7 +13,7 @@ from collections.abc import AsyncIterator
 from ray.serve.handle import DeploymentResponseGenerator
 
 from serve_app import livepeer
-from serve_app.request_log import RequestRecord
+from serve_app.request_log import CLIENT_CLOSED_REQUEST, RequestRecord
 
 logger = logging.getLogger("ray.serve")
 
@@ -35,6 +36,9 @@ async def livepeer_events(
                 yield event(json.dumps(chunk))
         if state.finish_reason is None:
             yield event(json.dumps(livepeer.failure_chunk(state, "the model stopped without finishing")))
+    except (asyncio.CancelledError, GeneratorExit):
+        record.status = CLIENT_CLOSED_REQUEST
+        raise
     except Exception:
         logger.exception("stream failed (request id %s)", record.request_id)
         message = f"the model engine failed mid-stream (request id {record.request_id})"
@@ -66,6 +70,9 @@ async def openai_events(
                 if not client_wants_usage:
                     continue
             yield event(payload)
+    except (asyncio.CancelledError, GeneratorExit):
+        record.status = CLIENT_CLOSED_REQUEST
+        raise
     except Exception:
         logger.exception("stream failed (request id %s)", record.request_id)
         record.status = 500

@@ -5,6 +5,7 @@ The requests below would keep the real engine busy for tens of seconds (2,000 to
 """
 
 import asyncio
+import secrets
 import time
 
 import httpx
@@ -13,6 +14,7 @@ from ray import serve
 
 from cluster.schema import deployment_name
 from tests.conftest import API_KEY
+from tests.test_e2e_request_log import _log_line
 
 pytestmark = pytest.mark.e2e
 
@@ -41,7 +43,8 @@ async def _until(condition, timeout_s: float) -> float:
 
 async def test_closing_a_stream_aborts_the_engine_request(llm_url):
     await _until(lambda n: n == 0, 30)
-    async with httpx.AsyncClient(base_url=llm_url, headers=HEADERS, timeout=60) as client:
+    headers = HEADERS | {"x-request-id": "abort-" + secrets.token_hex(6)}
+    async with httpx.AsyncClient(base_url=llm_url, headers=headers, timeout=60) as client:
         async with client.stream("POST", "/v1/chat/completions", json=LONG | {"stream": True}) as response:
             assert response.status_code == 200
             received = 0
@@ -53,14 +56,17 @@ async def test_closing_a_stream_aborts_the_engine_request(llm_url):
                     assert await _unfinished() == 1
                     break
     assert await _until(lambda n: n == 0, 10) < 10
+    assert "status=499" in _log_line(headers["x-request-id"])
 
 
 async def test_leaving_a_non_streaming_request_aborts_it(llm_url):
     await _until(lambda n: n == 0, 30)
-    async with httpx.AsyncClient(base_url=llm_url, headers=HEADERS, timeout=60) as client:
+    headers = HEADERS | {"x-request-id": "abort-" + secrets.token_hex(6)}
+    async with httpx.AsyncClient(base_url=llm_url, headers=headers, timeout=60) as client:
         request = asyncio.create_task(client.post("/v1/chat/completions", json=LONG))
         await _until(lambda n: n == 1, 30)
         request.cancel()
         with pytest.raises(asyncio.CancelledError):
             await request
     assert await _until(lambda n: n == 0, 10) < 10
+    assert "status=499" in _log_line(headers["x-request-id"])

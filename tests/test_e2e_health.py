@@ -7,6 +7,7 @@ import time
 import httpx
 import pytest
 from ray import serve
+from ray.serve.api import _run as deploy_without_waiting
 
 import tests.fake_engine
 from cluster.schema import ClusterConfig
@@ -42,7 +43,7 @@ def test_loading_then_ok(serve_url, fake_url, tmp_path):
     source = tmp_path / "weights"
     hold = tmp_path / "weights.hold"
     hold.touch()
-    serve.run(_app(str(source)), name="loading", route_prefix="/loading", _blocking=False)
+    deploy_without_waiting(_app(str(source)), name="loading", route_prefix="/loading", _blocking=False)
     try:
         _health_until(serve_url + "/loading", "LOADING")
         hold.unlink()
@@ -52,7 +53,7 @@ def test_loading_then_ok(serve_url, fake_url, tmp_path):
 
 
 def test_model_that_cannot_load_is_error_with_reason(serve_url, fake_url):
-    serve.run(_app("/models/broken"), name="broken", route_prefix="/broken", _blocking=False)
+    deploy_without_waiting(_app("/models/broken"), name="broken", route_prefix="/broken", _blocking=False)
     try:
         health = _health_until(serve_url + "/broken", "ERROR", timeout_s=180)
         assert "weights missing at /models/broken" in health["reason"]
@@ -62,7 +63,7 @@ def test_model_that_cannot_load_is_error_with_reason(serve_url, fake_url):
 
 def test_scaled_to_zero_is_idle(serve_url, fake_url):
     autoscaling = {"min_replicas": 0, "max_replicas": 1}
-    serve.run(_app("/models/idle", autoscaling=autoscaling), name="idle", route_prefix="/idle", _blocking=False)
+    deploy_without_waiting(_app("/models/idle", autoscaling=autoscaling), name="idle", route_prefix="/idle", _blocking=False)
     try:
         _health_until(serve_url + "/idle", "IDLE")
     finally:
