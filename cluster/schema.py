@@ -101,6 +101,11 @@ class DeploymentSettings(StrictModel):
     env: dict[Annotated[str, Field(pattern=ENV_VAR)], str] = Field(default_factory=dict)
     health_check_period_s: Annotated[float, Field(gt=0)] = 10
     health_check_timeout_s: Annotated[float, Field(gt=0)] = 30
+    first_output_timeout_s: Annotated[float, Field(gt=0)] = Field(
+        default=300,
+        description="how long a request may wait for the model's first output, a start from zero "
+        "replicas included; past it the client gets 503 with Retry-After",
+    )
 
     @model_validator(mode="after")
     def _one_scaling_mode(self) -> "DeploymentSettings":

@@ -31,7 +31,7 @@ from serve_app.errors import (
     from_vllm,
 )
 from serve_app.hardware import hardware_info
-from serve_app.health import livepeer_health
+from serve_app.model_state import livepeer_health, model_states
 from serve_app.metrics import IngressMetrics
 from serve_app.model_server import ModelOutput
 from serve_app.protocol import (
@@ -42,7 +42,7 @@ from serve_app.protocol import (
     StreamOptions,
 )
 from serve_app.request_log import CLIENT_CLOSED_REQUEST, RequestRecord
-from serve_app.router import Router
+from serve_app.router import Route, Router
 
 logger = logging.getLogger("ray.serve")
 
@@ -93,13 +93,21 @@ def _check_messages(chat: ChatCompletionRequest) -> None:
 
 
 async def _first_output(
-    handle: DeploymentHandle, chat: ChatCompletionRequest, record: RequestRecord
+    route: Route, chat: ChatCompletionRequest, record: RequestRecord
 ) -> tuple[ModelOutput, DeploymentResponseGenerator]:
     """Reads the model's first item before any byte goes out, so that errors found there become
-    real HTTP statuses. A cancelled request (the client left) cancels the model's work."""
-    outputs: DeploymentResponseGenerator = handle.chat.remote(chat)
+    real HTTP statuses. The wait is bounded (a model at zero replicas starts one meanwhile); a
+    cancelled request (the client left) cancels the model's work."""
+    outputs: DeploymentResponseGenerator = route.handle.chat.remote(chat)
     try:
-        first = await outputs.__anext__()
+        first = await asyncio.wait_for(outputs.__anext__(), route.first_output_timeout_s)
+    except asyncio.TimeoutError:
+        outputs.cancel()
+        raise Overloaded(
+            f"model {route.model_id!r} gave no output within {route.first_output_timeout_s:g} s "
+            "(it may be starting from zero replicas); retry shortly",
+            retry_after_s=5,
+        ) from None
     except asyncio.CancelledError:
         outputs.cancel()
         record.status = CLIENT_CLOSED_REQUEST
@@ -142,10 +150,10 @@ class Ingress:
     async def llm(self, request: Request):
         record = self._admit(request, "/llm")
         body = _parse(LLMRequest, await request.body())
-        model_id, handle = self._router.resolve(body.model)
-        record.route_to(model_id)
-        chat = self._capped(body.to_chat_request(model_id, self._config.ingress.max_tokens_limit))
-        first, rest = await _first_output(handle, chat, record)
+        route = self._router.resolve(body.model)
+        record.route_to(route.model_id)
+        chat = self._capped(body.to_chat_request(route.model_id, self._config.ingress.max_tokens_limit))
+        first, rest = await _first_output(route, chat, record)
         if body.stream:
             return _stream(sse.livepeer_events(first, rest, record))
         result = livepeer.full_response(first)
@@ -160,16 +168,16 @@ class Ingress:
         record = self._admit(request, "/v1/chat/completions")
         chat = _parse(ChatCompletionRequest, await request.body())
         _check_messages(chat)
-        model_id, handle = self._router.resolve(chat.model)
-        record.route_to(model_id)
+        route = self._router.resolve(chat.model)
+        record.route_to(route.model_id)
         wants_usage = bool(chat.stream_options and chat.stream_options.include_usage)
-        update: dict = {"model": model_id}
+        update: dict = {"model": route.model_id}
         if chat.stream:
             update["stream_options"] = (chat.stream_options or StreamOptions()).model_copy(
                 update={"include_usage": True}
             )
         chat = self._capped(chat.model_copy(update=update))
-        first, rest = await _first_output(handle, chat, record)
+        first, rest = await _first_output(route, chat, record)
         if chat.stream:
             return _stream(sse.openai_events(first, rest, record, wants_usage))
         record.set_usage(first.usage.model_dump())
@@ -182,15 +190,25 @@ class Ingress:
     async def models(self, request: Request):
         self._admit(request, "/v1/models")
         created = int(time.time())
+        states = await model_states(self._router.model_ids)
         data = [
-            {"id": model_id, "object": "model", "created": created, "owned_by": "livepeer-llm-serve"}
-            for model_id in self._router.model_ids
+            {
+                "id": model_id,
+                "object": "model",
+                "created": created,
+                "owned_by": "livepeer-llm-serve",
+                "aliases": list(self._router.aliases[model_id]),
+                "state": state.state,
+                "replicas": state.replicas,
+            }
+            for model_id, state in states.items()
         ]
         return {"object": "list", "data": data}
 
     @app.get("/health")
     async def health(self):
-        return await livepeer_health(self._config.default_model_id)
+        states = await model_states(self._router.model_ids)
+        return livepeer_health(self._config.default_model_id, states)
 
     @app.get("/hardware/info")
     async def hardware(self, request: Request):

@@ -1,7 +1,9 @@
 """A test engine for plumbing tests: no model, replies with the words of the prompt's last
 message echoed back, in vLLM's own response and chunk shapes. Never used outside `tests/`.
 
-Prompts steer it: "FAIL MIDSTREAM" raises after two chunks, "FAIL AT START" raises before any.
+Prompts steer it: "FAIL MIDSTREAM" raises after two chunks, "FAIL AT START" raises before any,
+"WAIT <path> …" holds the request while that file exists (and touches `<path>.waiting` to say
+it has arrived).
 Its model's source path steers start-up: a path containing "broken" fails to load, and while a
 file `<path>.hold` exists the engine keeps loading.
 """
@@ -33,14 +35,15 @@ class FakeEngine:
     async def start(self) -> None:
         if "broken" in str(self._source):
             raise RuntimeError(f"weights missing at {self._source}")
-        hold = self._source.with_name(self._source.name + ".hold")
-        while hold.exists():
-            await asyncio.sleep(0.05)
+        await _while_exists(self._source.with_name(self._source.name + ".hold"))
 
     async def chat(self, request: ChatCompletionRequest):
         words = _last_message(request).split()
         if "FAIL AT START" in _last_message(request):
             raise RuntimeError("fake engine failed before generating")
+        if words[:1] == ["WAIT"]:
+            Path(words[1] + ".waiting").touch()
+            await _while_exists(Path(words[1]))
         reply = words[: request.max_tokens or len(words)]
         if request.stream:
             return self._stream(request, reply)
@@ -85,6 +88,11 @@ class FakeEngine:
 
     def shutdown(self) -> None:
         return None
+
+
+async def _while_exists(path: Path) -> None:
+    while path.exists():
+        await asyncio.sleep(0.02)
 
 
 def fake_engine(model: ModelConfig) -> FakeEngine:

@@ -1,0 +1,163 @@
+"""Scaling and overload through HTTP on the test engine, each scenario its own application on the
+session's Ray cluster: fast 503s past a model's queue bound while admitted requests complete,
+a first request to a model at zero replicas, the bound on that wait, and two models scaling up
+and down independently under load."""
+
+import asyncio
+import time
+
+import httpx
+import pytest
+from ray import serve
+from ray.serve.api import _run as deploy_without_waiting
+
+import tests.fake_engine
+from cluster.schema import ClusterConfig, deployment_name
+from serve_app.app import build_graph
+
+pytestmark = pytest.mark.e2e
+
+
+def _app(*models: dict):
+    config = ClusterConfig.model_validate({"models": [
+        {"source": {"path": "/models/fake"}} | m | {"deployment": {"num_cpus": 0.05} | m.get("deployment", {})}
+        for m in models
+    ]})
+    return build_graph(config, tests.fake_engine.fake_engine)
+
+
+def _ask(text: str, model: str | None = None) -> dict:
+    return {"messages": [{"role": "user", "content": text}]} | ({"model": model} if model else {})
+
+
+def _replicas(app: str, model: str) -> int:
+    deployment = serve.status().applications[app].deployments[deployment_name(model)]
+    return deployment.replica_states.get("RUNNING", 0)
+
+
+def _until(condition, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
+async def _timed_post(client: httpx.AsyncClient, path: str, body: dict) -> tuple[httpx.Response, float]:
+    started = time.monotonic()
+    response = await client.post(path, json=body)
+    return response, time.monotonic() - started
+
+
+def _message(response: httpx.Response) -> str:
+    body = response.json()
+    return body["detail"]["msg"] if "detail" in body else body["error"]["message"]
+
+
+async def test_overload_gets_fast_503s_and_admitted_requests_complete(serve_url, fake_url, tmp_path):
+    hold = tmp_path / "hold"
+    hold.touch()
+    serve.run(_app({"id": "busy", "deployment": {"max_ongoing_requests": 1, "max_queued_requests": 1}}),
+              name="overload", route_prefix="/overload")
+    held = _ask(f"WAIT {hold} one two")
+    try:
+        async with httpx.AsyncClient(base_url=serve_url + "/overload", timeout=60) as client:
+            first = asyncio.create_task(_timed_post(client, "/llm", held))
+            # Its only slot is taken once the engine has the request (a stats call through the
+            # model's handle would queue behind it).
+            while not (tmp_path / "hold.waiting").exists():
+                await asyncio.sleep(0.02)
+            # One more request fits the queue; the other three must be refused while both wait.
+            others = [asyncio.create_task(_timed_post(client, path, held))
+                      for path in ("/llm", "/llm", "/v1/chat/completions", "/llm")]
+            refused_while_held = 0
+            for next_done in asyncio.as_completed(others, timeout=30):
+                response, _ = await next_done
+                refused_while_held += response.status_code == 503
+                if refused_while_held == 3:
+                    break
+            hold.unlink()
+            results = await asyncio.gather(first, *others)
+    finally:
+        serve.delete("overload")
+    statuses = sorted(response.status_code for response, _ in results)
+    assert statuses == [200, 200, 503, 503, 503]
+    for response, seconds in results:
+        if response.status_code == 503:
+            assert response.headers["retry-after"] == "1"
+            assert "at capacity" in _message(response)
+            assert seconds < 2, f"a refusal took {seconds:.2f} s"
+
+
+async def test_first_request_to_a_model_at_zero_replicas_is_answered(serve_url, fake_url, tmp_path):
+    source = tmp_path / "weights"
+    hold = tmp_path / "weights.hold"
+    hold.touch()
+    autoscaling = {"min_replicas": 0, "max_replicas": 1, "upscale_delay_s": 0}
+    serve.run(_app({"id": "cold", "source": {"path": str(source)}, "deployment": {"autoscaling": autoscaling}}),
+              name="cold", route_prefix="/cold")
+    try:
+        async with httpx.AsyncClient(base_url=serve_url + "/cold", timeout=120) as client:
+            models = (await client.get("/v1/models")).json()["data"]
+            assert [(m["id"], m["state"], m["replicas"]) for m in models] == [("cold", "scaled_to_zero", 0)]
+            request = asyncio.create_task(client.post("/llm", json=_ask("hello from zero")))
+            while (await client.get("/health")).json()["status"] != "LOADING":
+                await asyncio.sleep(0.1)
+            assert not request.done()
+            hold.unlink()
+            response = await request
+            assert response.status_code == 200
+            assert response.json()["choices"][0]["message"]["content"] == "hello from zero"
+            assert (await client.get("/health")).json()["status"] == "OK"
+    finally:
+        serve.delete("cold")
+
+
+async def test_waiting_for_a_cold_start_is_bounded(serve_url, fake_url, tmp_path):
+    source = tmp_path / "weights"
+    (tmp_path / "weights.hold").touch()
+    deployment = {"autoscaling": {"min_replicas": 0, "max_replicas": 1, "upscale_delay_s": 0},
+                  "first_output_timeout_s": 2}
+    serve.run(_app({"id": "slow", "source": {"path": str(source)}, "deployment": deployment}),
+              name="slow", route_prefix="/slow")
+    try:
+        async with httpx.AsyncClient(base_url=serve_url + "/slow", timeout=60) as client:
+            response, seconds = await _timed_post(client, "/v1/chat/completions", _ask("hi", "slow"))
+    finally:
+        serve.delete("slow")
+    assert response.status_code == 503
+    assert response.headers["retry-after"] == "5"
+    assert "starting from zero replicas" in _message(response)
+    assert 2 <= seconds < 5
+
+
+def test_models_scale_up_under_load_and_back_down_independently(serve_url, fake_url, tmp_path):
+    hold = tmp_path / "hold"
+    hold.touch()
+    elastic = {"autoscaling": {"min_replicas": 1, "max_replicas": 3, "target_ongoing_requests": 1,
+                               "upscale_delay_s": 0, "downscale_delay_s": 1}}
+    steady = {"autoscaling": {"min_replicas": 1, "max_replicas": 3, "target_ongoing_requests": 1,
+                              "upscale_delay_s": 0, "downscale_delay_s": 1}}
+    serve.run(_app({"id": "elastic", "deployment": elastic}, {"id": "steady", "deployment": steady}),
+              name="scaling", route_prefix="/scaling")
+    url = serve_url + "/scaling/llm"
+
+    async def load() -> list[int]:
+        async with httpx.AsyncClient(timeout=120) as client:
+            requests = [client.post(url, json=_ask(f"WAIT {hold} x", "elastic")) for _ in range(6)]
+            return [r.status_code for r in await asyncio.gather(*requests)]
+
+    try:
+        import threading
+
+        statuses: list[int] = []
+        worker = threading.Thread(target=lambda: statuses.extend(asyncio.run(load())))
+        worker.start()
+        _until(lambda: _replicas("scaling", "elastic") == 3, 60, "elastic to scale up to its maximum of 3")
+        assert _replicas("scaling", "steady") == 1
+        hold.unlink()
+        worker.join(60)
+        assert statuses == [200] * 6
+        _until(lambda: _replicas("scaling", "elastic") == 1, 60, "elastic to scale back down to 1")
+        assert _replicas("scaling", "steady") == 1
+    finally:
+        serve.delete("scaling")
