@@ -1,29 +1,124 @@
-"""Render a cluster config into a Serve config file, everything inline under `args:` so that the
-remote build task needs no file or environment of the submitting machine."""
+"""Render cluster configs: into a Serve config file (everything inline under `args:`, so that the
+remote build task needs no file or environment of the submitting machine), and into a KubeRay
+`RayService` manifest that embeds the same Serve config."""
 
+import copy
+import math
 from typing import Any
 
 import yaml
 
-from cluster.load import IMPORT_PATH
-from cluster.schema import ClusterConfig
+from cluster.load import IMPORT_PATH, LoadedConfig
+from cluster.schema import ClusterConfig, ModelConfig
+
+RAY_VERSION = "2.60.0"
 
 
 def serve_config(
     config: ClusterConfig, *, app_name: str = "llm", host: str = "0.0.0.0", port: int = 8000
 ) -> dict[str, Any]:
+    """A one-application Serve config for a config built in code."""
     return {
         "http_options": {"host": host, "port": port},
         "applications": [
-            {
-                "name": app_name,
-                "route_prefix": "/",
-                "import_path": IMPORT_PATH,
-                "args": config.model_dump(mode="json", exclude_defaults=True),
-            }
+            {"name": app_name, "route_prefix": "/", "import_path": IMPORT_PATH, "args": _args(config)}
         ],
     }
 
 
+def normalized(loaded: LoadedConfig) -> dict[str, Any]:
+    """The file as loaded, with our applications' args validated and spelled out."""
+    document = copy.deepcopy(loaded.serve_config)
+    for app in document["applications"]:
+        if app.get("import_path") == IMPORT_PATH:
+            app["args"] = _args(loaded.apps[app.get("name", "default")])
+    return document
+
+
+def kuberay(loaded: LoadedConfig, *, name: str, image: str, gpus_per_node: int | None = None) -> dict[str, Any]:
+    """A RayService: a CPU-only head (ingress, controller, no model replicas) and one GPU worker
+    group sized from the models' replica bounds, scaled by KubeRay's in-tree autoscaler."""
+    models = [model for config in loaded.apps.values() for model in config.models]
+    per_node = gpus_per_node or max(1, *(m.engine.tensor_parallel_size for m in models))
+    min_gpus = sum(_gpus(m) * _replica_bounds(m)[0] for m in models)
+    max_gpus = sum(_gpus(m) * _replica_bounds(m)[1] for m in models)
+    env = [
+        {"name": key.env, "valueFrom": {"secretKeyRef": {"name": f"{name}-api-keys", "key": key.env}}}
+        for config in loaded.apps.values() for key in config.auth.keys if key.env
+    ]
+    serve_document = normalized(loaded)
+    serve_document.get("http_options", {}).update({"host": "0.0.0.0"})
+    return {
+        "apiVersion": "ray.io/v1",
+        "kind": "RayService",
+        "metadata": {"name": name},
+        "spec": {
+            "serveConfigV2": to_yaml(serve_document),
+            "rayClusterConfig": {
+                "rayVersion": RAY_VERSION,
+                "enableInTreeAutoscaling": True,
+                "headGroupSpec": {
+                    "rayStartParams": {"num-gpus": "0", "dashboard-host": "0.0.0.0", "metrics-export-port": "8080"},
+                    "template": _pod("ray-head", image, env, {"cpu": "8", "memory": "32Gi"}, head=True),
+                },
+                "workerGroupSpecs": [
+                    {
+                        "groupName": "gpu",
+                        "replicas": math.ceil(min_gpus / per_node),
+                        "minReplicas": math.ceil(min_gpus / per_node),
+                        "maxReplicas": max(1, math.ceil(max_gpus / per_node)),
+                        "rayStartParams": {"metrics-export-port": "8080"},
+                        "template": _pod("ray-worker", image, env,
+                                         {"cpu": str(8 * per_node), "memory": f"{64 * per_node}Gi",
+                                          "nvidia.com/gpu": str(per_node)}),
+                    }
+                ],
+            },
+        },
+    }
+
+
+class _Dumper(yaml.SafeDumper):
+    """Block style for multi-line strings (the embedded Serve config stays readable) and no
+    anchors or aliases, which Kubernetes tooling handles poorly."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
+
+
+_Dumper.add_representer(
+    str,
+    lambda dumper, text: dumper.represent_scalar("tag:yaml.org,2002:str", text, style="|" if "\n" in text else None),
+)
+
+
 def to_yaml(document: dict[str, Any]) -> str:
-    return yaml.safe_dump(document, sort_keys=False)
+    return yaml.dump(document, Dumper=_Dumper, sort_keys=False)
+
+
+def _args(config: ClusterConfig) -> dict[str, Any]:
+    return config.model_dump(mode="json", exclude_defaults=True)
+
+
+def _gpus(model: ModelConfig) -> float:
+    world = model.engine.world_size
+    return world if world > 1 else model.deployment.num_gpus
+
+
+def _replica_bounds(model: ModelConfig) -> tuple[int, int]:
+    scaling = model.deployment.autoscaling
+    if scaling is not None:
+        return scaling.min_replicas, scaling.max_replicas
+    count = model.deployment.num_replicas or 1
+    return count, count
+
+
+def _pod(name: str, image: str, env: list[dict], resources: dict[str, str], head: bool = False) -> dict[str, Any]:
+    ports = [{"containerPort": 8080, "name": "metrics"}]
+    if head:
+        ports += [{"containerPort": 6379, "name": "gcs"}, {"containerPort": 8265, "name": "dashboard"},
+                  {"containerPort": 8000, "name": "serve"}]
+    return {"spec": {"containers": [{
+        "name": name, "image": image, "env": env, "ports": ports,
+        "resources": {"limits": resources, "requests": resources},
+    }]}}

@@ -201,6 +201,8 @@ class Ingress:
                 "state": state.state,
                 "replicas": state.replicas,
             }
+            # Why a model is not ready (unschedulable, failing to start) is Serve's message.
+            | ({"message": state.message} if state.state != "ready" and state.message else {})
             for model_id, state in states.items()
         ]
         return {"object": "list", "data": data}

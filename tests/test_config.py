@@ -116,3 +116,20 @@ def test_engine_args_reach_vllm_and_unknown_ones_are_named():
     assert args.served_model_name == ["m"]
     with pytest.raises(ValueError, match="unknown vLLM argument.*max_model_lenght"):
         vllm_namespace("m", "/models/m", {"max_model_lenght": 1})
+
+
+def test_kuberay_manifest_embeds_the_config_and_sizes_the_gpu_group():
+    loaded = load(ROOT / "configs" / "gpu-cluster.yaml")
+    result = subprocess.run([sys.executable, "-m", "cluster", "render", "kuberay", str(loaded.path)],
+                            capture_output=True, text=True, check=True)
+    manifest = yaml.safe_load(result.stdout)
+    assert manifest["kind"] == "RayService"
+    embedded = yaml.safe_load(manifest["spec"]["serveConfigV2"])
+    assert ClusterConfig.model_validate(embedded["applications"][0]["args"]) == loaded.apps["llm"]
+    assert embedded["applications"][0]["runtime_env"] == {"env_vars": {"HF_HUB_OFFLINE": "1"}}
+    [gpu] = manifest["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    # Llama: 1 to 4 replicas of 1 GPU; Qwen: 1 replica of 2 GPUs; nodes of 2 GPUs (its TP size).
+    assert (gpu["minReplicas"], gpu["maxReplicas"]) == (2, 3)
+    assert gpu["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "2"
+    head = manifest["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    assert head["env"] == [{"name": "LLM_API_KEY", "valueFrom": {"secretKeyRef": {"name": "llm-api-keys", "key": "LLM_API_KEY"}}}]
