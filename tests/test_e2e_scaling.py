@@ -9,7 +9,6 @@ import time
 import httpx
 import pytest
 from ray import serve
-from ray.serve.api import _run as deploy_without_waiting
 
 import tests.fake_engine
 from cluster.schema import ClusterConfig, deployment_name
