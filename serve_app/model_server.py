@@ -40,6 +40,8 @@ class ModelServer:
         result = await self._engine.chat(request)
         try:
             if isinstance(result, (ChatCompletionResponse, ErrorResponse)):
+                # The one output is the first output too, as the ingress counts it.
+                self._metrics.ttft.observe(time.perf_counter() - started, self._tags)
                 yield result
                 return
             first = True

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from cluster.schema import HubSource, ModelSource, PackageGGUFSource, PathSource
 
-logger = logging.getLogger("serve_app")
+logger = logging.getLogger("ray.serve")
 
 DEFAULT_CACHE_DIR = Path(os.environ.get("LLM_SERVE_CACHE", Path.home() / ".cache" / "llm-serve"))
 
