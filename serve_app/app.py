@@ -4,16 +4,16 @@ Keep `from __future__ import annotations` out of this module: Ray validates a co
 against the `ClusterConfig` annotation only when it is a real class.
 """
 
+from ray import serve
 from ray.serve import Application
 
 from cluster.schema import ClusterConfig
+from serve_app.engine import vllm_namespace
 from serve_app.ingress import Ingress
 from serve_app.model_server import EngineFactory, ModelServer, deployment_options, vllm_engine
 
 
 def build_app(args: ClusterConfig) -> Application:
-    from serve_app.engine import vllm_namespace
-
     for model in args.models:
         # Fails the deploy now, naming the argument, rather than each replica at start-up.
         vllm_namespace(model.id, model.id, model.engine.to_vllm_args())
@@ -22,8 +22,6 @@ def build_app(args: ClusterConfig) -> Application:
 
 def build_graph(config: ClusterConfig, engine_factory: EngineFactory) -> Application:
     """One deployment per model, and the ingress holding a handle to each."""
-    from ray import serve
-
     logging_config = config.logging.model_dump()
     models = {
         model.id: serve.deployment(ModelServer, **deployment_options(model), logging_config=logging_config).bind(

@@ -157,10 +157,7 @@ class Ingress:
         if body.stream:
             return _stream(sse.livepeer_events(first, rest, record))
         result = livepeer.full_response(first)
-        record.set_usage(result["usage"])
-        record.finish_reason = result["choices"][0]["finish_reason"]
-        record.token_seen()
-        record.finish()
+        record.answered(result["usage"], result["choices"][0]["finish_reason"])
         return JSONResponse(result)
 
     @app.post("/v1/chat/completions")
@@ -180,10 +177,7 @@ class Ingress:
         first, rest = await _first_output(route, chat, record)
         if chat.stream:
             return _stream(sse.openai_events(first, rest, record, wants_usage))
-        record.set_usage(first.usage.model_dump())
-        record.finish_reason = first.choices[0].finish_reason if first.choices else None
-        record.token_seen()
-        record.finish()
+        record.answered(first.usage.model_dump(), first.choices[0].finish_reason if first.choices else None)
         return JSONResponse(first.model_dump())
 
     @app.get("/v1/models")

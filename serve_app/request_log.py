@@ -47,6 +47,13 @@ class RequestRecord:
             self.prompt_tokens = usage.get("prompt_tokens") or 0
             self.completion_tokens = usage.get("completion_tokens") or 0
 
+    def answered(self, usage: dict | None, finish_reason: str | None) -> None:
+        """A whole (non-streamed) answer: its one output is its first token too."""
+        self.token_seen()
+        self.set_usage(usage)
+        self.finish_reason = finish_reason
+        self.finish()
+
     def finish(self) -> None:
         if self.finished:
             return

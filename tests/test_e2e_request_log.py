@@ -1,24 +1,32 @@
 """One INFO line per request in the ingress replica's log, with id, key, model, status, token
 counts and timings."""
 
+import json
 import re
 import secrets
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 import ray
+from ray import serve
+
+import tests.fake_engine
+from cluster.schema import ClusterConfig
+from serve_app.app import build_graph
 
 pytestmark = pytest.mark.e2e
 
 FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
 
 
-def _log_line(request_id: str, timeout_s: float = 15) -> str:
+def _log_line(request_id: str, app: str = "llm", timeout_s: float = 15) -> str:
+    """The request's line in the app's ingress replica log, once it has been written."""
     logs = Path(ray._private.worker.global_worker.node.get_logs_dir_path()) / "serve"
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        for path in logs.glob("replica_llm_ingress_*.log"):
+        for path in logs.glob(f"replica_{app}_ingress_*.log"):
             for line in path.read_text().splitlines():
                 if f"request id={request_id} " in line:
                     return line
@@ -50,15 +58,6 @@ def test_refused_request_is_logged_with_its_status(client):
 
 
 def test_json_logs_carry_the_request_fields(serve_url, fake_url):
-    import json
-
-    import httpx
-    from ray import serve
-
-    import tests.fake_engine
-    from cluster.schema import ClusterConfig
-    from serve_app.app import build_graph
-
     config = ClusterConfig.model_validate({
         "logging": {"encoding": "JSON"},
         "models": [{"id": "echo", "source": {"path": "/models/echo"}, "deployment": {"num_cpus": 0.1}}],
@@ -69,17 +68,7 @@ def test_json_logs_carry_the_request_fields(serve_url, fake_url):
         response = httpx.post(serve_url + "/jsonlog/llm", json={"messages": [{"role": "user", "content": "a b c"}]},
                               headers={"x-request-id": request_id}, timeout=30)
         assert response.status_code == 200
-        logs = Path(ray._private.worker.global_worker.node.get_logs_dir_path()) / "serve"
-        deadline = time.monotonic() + 15
-        record = None
-        while record is None and time.monotonic() < deadline:
-            for path in logs.glob("replica_jsonlog_ingress_*.log"):
-                for line in path.read_text().splitlines():
-                    if f"request id={request_id} " in line:
-                        record = json.loads(line)
-            time.sleep(0.1)
-        assert record is not None, "no JSON log line for the request"
-        fields = record["llm_request"]
+        fields = json.loads(_log_line(request_id, app="jsonlog"))["llm_request"]
         assert fields["request_id"] == request_id and fields["model"] == "echo" and fields["status"] == 200
         assert fields["completion_tokens"] == 3 and fields["endpoint"] == "/llm"
     finally:
