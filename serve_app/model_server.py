@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from cluster.schema import ModelConfig, deployment_name
-from serve_app.engine import ChatEngine, VLLMEngine
+from serve_app.engine import ChatEngine, ChatResult, VLLMEngine
 from serve_app.metrics import EngineMetrics
 from serve_app.protocol import ChatCompletionRequest, ChatCompletionResponse, ErrorResponse
 
@@ -37,21 +37,14 @@ class ModelServer:
 
     async def chat(self, request: ChatCompletionRequest) -> AsyncIterator[ModelOutput]:
         started = time.perf_counter()
-        result = await self._engine.chat(request)
+        first = True
         try:
-            if isinstance(result, (ChatCompletionResponse, ErrorResponse)):
-                # The one output is the first output too, as the ingress counts it.
-                self._metrics.ttft.observe(time.perf_counter() - started, self._tags)
-                yield result
-                return
-            first = True
-            async for line in result:
+            async for output in _outputs(await self._engine.chat(request)):
                 if first:
+                    # A whole answer's one output is its first output too, as the ingress counts it.
                     self._metrics.ttft.observe(time.perf_counter() - started, self._tags)
                     first = False
-                payload = line.removeprefix("data: ").rstrip()
-                if payload != "[DONE]":
-                    yield payload
+                yield output
         finally:
             self._metrics.duration.observe(time.perf_counter() - started, self._tags)
 
@@ -66,6 +59,17 @@ class ModelServer:
         engine = getattr(self, "_engine", None)
         if engine is not None:
             engine.shutdown()
+
+
+async def _outputs(result: ChatResult) -> AsyncIterator[ModelOutput]:
+    """A response or an error as it is; a stream as its chunks' JSON, without SSE framing."""
+    if isinstance(result, (ChatCompletionResponse, ErrorResponse)):
+        yield result
+        return
+    async for line in result:
+        payload = line.removeprefix("data: ").rstrip()
+        if payload != "[DONE]":
+            yield payload
 
 
 def deployment_options(model: ModelConfig) -> dict[str, Any]:
