@@ -21,7 +21,7 @@ import httpx
 import yaml
 
 from cluster import render
-from cluster.schema import ClusterConfig, ModelConfig
+from cluster.schema import ClusterConfig, ModelConfig, UsageSettings
 
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
@@ -69,6 +69,8 @@ def bare_vllm(model: ModelConfig, model_path: str, port: int, log_dir: Path) -> 
 def our_stack(config: ClusterConfig, port: int, log_dir: Path, name: str = "ours",
               import_path: str = "serve_app.app:build_app") -> Iterator[Running]:
     api_key = "sk-bench"
+    # The run's usage ledger stays with its logs, out of the operator's own.
+    config = config.model_copy(update={"usage": UsageSettings(database=f"sqlite:///{log_dir.resolve()}/{name}-usage.sqlite")})
     document = render.serve_config(config, host="127.0.0.1", port=port)
     document["applications"][0]["import_path"] = import_path
     env = os.environ | {"LLM_API_KEY": api_key}

@@ -1,12 +1,15 @@
 """`python -m cluster validate FILE` checks a config; `python -m cluster render FILE` prints the
 normalized Serve config it deploys; `python -m cluster render kuberay FILE` prints a KubeRay
-RayService manifest embedding it."""
+RayService manifest embedding it; `python -m cluster keys new NAME` makes an API key."""
 
 import argparse
 import sys
 
+from pydantic import ValidationError
+
 from cluster import render
-from cluster.load import ConfigError, load
+from cluster.keys import new_key
+from cluster.load import ConfigError, describe, load
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -20,7 +23,27 @@ def main(argv: list[str] | None = None) -> int:
     rendering.add_argument("--image", default="livepeer-llm-serve:0.1.0-gpu",
                            help="an image with this project and vLLM installed (kuberay)")
     rendering.add_argument("--gpus-per-node", type=int, help="GPUs per worker pod (kuberay; default: largest tensor-parallel size)")
+    keys = sub.add_parser("keys", help="make API keys").add_subparsers(dest="action", required=True)
+    new = keys.add_parser("new", help="print a new random key and its config lines")
+    new.add_argument("name")
+    new.add_argument("--models", nargs="+", metavar="PATTERN", help="model names or glob patterns (default: all)")
+    new.add_argument("--admin", action="store_true", help="may also call the admin routes")
+    new.add_argument("--rpm", type=int, dest="requests_per_minute", help="requests per minute")
+    new.add_argument("--tpm", type=int, dest="tokens_per_minute", help="tokens (prompt + completion) per minute")
+    new.add_argument("--concurrency", type=int, dest="concurrent_requests", help="requests in flight")
+    new.add_argument("--expires", dest="expires_at", help="ISO 8601 time from which the key is refused")
     args = parser.parse_args(argv)
+    if args.command == "keys":
+        options = {name: value for name, value in vars(args).items() if name not in ("command", "action")}
+        try:
+            token, entry = new_key(**options)
+        except ValidationError as error:
+            print(f"invalid key:\n{describe(error)}", file=sys.stderr)
+            return 1
+        print(f"# API key for {args.name!r}: give it to its user; it is shown only this once.\n# {token}")
+        print("# Add under `auth: keys:` in the config:")
+        print(render.to_yaml([entry]), end="")
+        return 0
     try:
         loaded = load(args.file)
     except ConfigError as error:

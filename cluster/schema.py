@@ -6,9 +6,12 @@ application, so it must mean the same thing everywhere.
 """
 
 import re
+from collections.abc import Iterable
+from datetime import date, datetime, time, timezone
+from fnmatch import fnmatchcase
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 MODEL_ID = r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$"
 ENV_VAR = r"^[A-Za-z_][A-Za-z0-9_]*$"
@@ -132,19 +135,60 @@ class ModelConfig(StrictModel):
         return self
 
 
+class KeyLimits(StrictModel):
+    """Per-key limits, each over a sliding minute and enforced across the whole cluster. Unset
+    means unlimited. Tokens are prompt plus completion; a request reserves its `max_tokens` when
+    admitted and settles to its real count when it ends."""
+
+    requests_per_minute: Annotated[int, Field(ge=1)] | None = None
+    tokens_per_minute: Annotated[int, Field(ge=1)] | None = None
+    concurrent_requests: Annotated[int, Field(ge=1)] | None = None
+
+    @property
+    def any(self) -> bool:
+        return any(value is not None for value in self.model_dump().values())
+
+
+Scope = Literal["chat", "admin"]
+
+
 class ApiKey(StrictModel):
     """A bearer token, never in plain text: its sha256 hex digest, or the name of an environment
-    variable that holds it on the nodes running the ingress."""
+    variable that holds it on the nodes running the ingress. `models` are names or glob patterns
+    (`llama-*`) matched against each model's id and aliases; `scopes` say which routes the key
+    may call: `chat` the model and info routes, `admin` the admin routes."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     sha256: str | None = Field(default=None, pattern=r"^[0-9a-fA-F]{64}$")
     env: str | None = Field(default=None, pattern=ENV_VAR)
+    expires_at: datetime | None = Field(default=None, description="refused from this instant on (UTC if no zone)")
+    models: list[Annotated[str, Field(min_length=1)]] = Field(default_factory=lambda: ["*"])
+    scopes: list[Scope] = Field(default_factory=lambda: ["chat"], min_length=1)
+    limits: KeyLimits = Field(default_factory=KeyLimits)
+
+    @field_validator("expires_at", mode="before")
+    @classmethod
+    def _date_means_its_start(cls, value: Any) -> Any:
+        if isinstance(value, date) and not isinstance(value, datetime):
+            return datetime.combine(value, time.min)
+        return value
+
+    @field_validator("expires_at")
+    @classmethod
+    def _utc_unless_zoned(cls, value: datetime | None) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            return value.replace(tzinfo=timezone.utc)
+        return value
 
     @model_validator(mode="after")
     def _one_secret(self) -> "ApiKey":
         if (self.sha256 is None) == (self.env is None):
             raise ValueError(f"key {self.name!r}: give exactly one of sha256 or env")
         return self
+
+    def may_use(self, names: Iterable[str]) -> bool:
+        """Whether any of a model's names (id and aliases) matches one of the key's patterns."""
+        return any(fnmatchcase(name, pattern) for name in names for pattern in self.models)
 
 
 class AuthConfig(StrictModel):
@@ -156,6 +200,22 @@ class AuthConfig(StrictModel):
     def _unique_names(self) -> "AuthConfig":
         _reject_duplicates("key name", [key.name for key in self.keys])
         return self
+
+
+class UsageSettings(StrictModel):
+    """The usage ledger: one row per request that reached an engine. The database is a SQLAlchemy
+    URL; SQLite (the default) lives on the head node, where the ledger's single writer runs, and
+    `~` means that node's home folder. A `postgresql+psycopg://…` URL needs the `postgres` extra."""
+
+    enabled: bool = True
+    database: str = Field(default="sqlite:///~/.local/state/llm-serve/usage.sqlite", min_length=1)
+
+    @field_validator("database")
+    @classmethod
+    def _known_scheme(cls, value: str) -> str:
+        if not re.match(r"^(sqlite|postgresql)(\+\w+)?://", value):
+            raise ValueError("must be a sqlite:///PATH or postgresql://… URL")
+        return value
 
 
 class IngressSettings(StrictModel):
@@ -185,6 +245,7 @@ class ClusterConfig(StrictModel):
     )
     auth: AuthConfig = Field(default_factory=AuthConfig)
     ingress: IngressSettings = Field(default_factory=IngressSettings)
+    usage: UsageSettings = Field(default_factory=UsageSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
 
     @model_validator(mode="after")
@@ -196,6 +257,14 @@ class ClusterConfig(StrictModel):
                 f"default_model {self.default_model!r} is not a model id or alias "
                 f"(models: {', '.join(names)})"
             )
+        for index, key in enumerate(self.auth.keys):
+            for pattern in key.models:
+                # A plain name is a promise about this config; a glob may be about models to come.
+                if not _is_glob(pattern) and pattern not in names:
+                    raise ValueError(
+                        f"auth.keys.{index}.models: {pattern!r} is not a model id or alias "
+                        f"(models: {', '.join(names)}; glob patterns like 'llama-*' are allowed)"
+                    )
         return self
 
     @property
@@ -210,6 +279,10 @@ def _reject_duplicates(what: str, names: list[str]) -> None:
         if name in seen:
             raise ValueError(f"duplicate {what} {name!r}")
         seen.add(name)
+
+
+def _is_glob(pattern: str) -> bool:
+    return any(char in pattern for char in "*?[")
 
 
 def deployment_name(model_id: str) -> str:

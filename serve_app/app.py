@@ -10,7 +10,9 @@ from ray.serve import Application
 from cluster.schema import ClusterConfig
 from serve_app.engine import vllm_namespace
 from serve_app.ingress import Ingress
+from serve_app.limiter import LIMITER_OPTIONS, RateLimiter
 from serve_app.model_server import EngineFactory, ModelServer, deployment_options, vllm_engine
+from serve_app.usage import UsageLedger, ledger_options
 
 
 def build_app(args: ClusterConfig) -> Application:
@@ -21,7 +23,8 @@ def build_app(args: ClusterConfig) -> Application:
 
 
 def build_graph(config: ClusterConfig, engine_factory: EngineFactory) -> Application:
-    """One deployment per model, and the ingress holding a handle to each."""
+    """One deployment per model, the rate limiter if a key has limits, the usage ledger unless it
+    is off, and the ingress holding a handle to each."""
     logging_config = config.logging.model_dump()
     models = {
         model.id: serve.deployment(ModelServer, **deployment_options(model), logging_config=logging_config).bind(
@@ -29,10 +32,18 @@ def build_graph(config: ClusterConfig, engine_factory: EngineFactory) -> Applica
         )
         for model in config.models
     }
+    limiter = None
+    if any(key.limits.any for key in config.auth.keys):
+        limiter = serve.deployment(RateLimiter, **LIMITER_OPTIONS, logging_config=logging_config).bind(config.auth.keys)
+    ledger = None
+    if config.usage.enabled:
+        ledger = serve.deployment(UsageLedger, **ledger_options(config.usage), logging_config=logging_config).bind(
+            config.usage.database
+        )
     ingress = config.ingress
     return Ingress.options(
         num_replicas=ingress.num_replicas,
         max_ongoing_requests=ingress.max_ongoing_requests,
         ray_actor_options={"num_cpus": ingress.num_cpus},
         logging_config=logging_config,
-    ).bind(config, models)
+    ).bind(config, models, limiter, ledger)

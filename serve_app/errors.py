@@ -55,6 +55,14 @@ class Overloaded(APIError):
         super().__init__(message, headers={"Retry-After": str(retry_after_s)})
 
 
+class RateLimited(APIError):
+    status = 429
+    kind = "rate_limit_exceeded"
+
+    def __init__(self, message: str, retry_after_s: float, headers: dict[str, str]) -> None:
+        super().__init__(message, headers=headers | {"Retry-After": str(int(retry_after_s))})
+
+
 class EngineFailure(APIError):
     status = 500
     kind = "internal_error"
@@ -98,3 +106,4 @@ def error_response(api: Api, error: APIError, request_id: str) -> JSONResponse:
             "request_id": request_id,
         }
     return JSONResponse(body, status_code=error.status, headers=error.headers)
+

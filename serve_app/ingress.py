@@ -1,14 +1,17 @@
 """The HTTP front: Livepeer `/llm`, OpenAI `/v1`, health and version.
 
-A request's path: `_admit` names it and checks its token before the body is read, the body is
-validated into a chat request, the router picks the model's handle, and the first item the model
-returns decides between an error status, one JSON body, or an SSE stream written by `sse`.
+A request's path: `_admit` names it and checks its token and scope before the body is read, the
+body is validated into a chat request, the router picks the model's handle among those the key
+may use, `_start` takes a lease from the rate limiter and calls the model, and the first item the
+model returns decides between an error status, one JSON body, or an SSE stream written by `sse`.
+When the request ends, its record releases the lease and sends its row to the usage ledger.
 """
 
 import asyncio
 import logging
 import time
 import uuid
+from datetime import datetime, timezone
 from importlib.metadata import version
 
 from fastapi import FastAPI, Request
@@ -18,9 +21,9 @@ from ray import serve
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
-from cluster.schema import ClusterConfig
+from cluster.schema import ClusterConfig, Scope
 from serve_app import livepeer, sse
-from serve_app.auth import KeyRing
+from serve_app.auth import Caller, KeyRing
 from serve_app.errors import (
     APIError,
     BadRequest,
@@ -31,6 +34,7 @@ from serve_app.errors import (
     from_vllm,
 )
 from serve_app.hardware import hardware_info
+from serve_app.limiter import LimitGate
 from serve_app.model_state import livepeer_health, model_states
 from serve_app.metrics import IngressMetrics
 from serve_app.model_server import ModelOutput
@@ -43,6 +47,7 @@ from serve_app.protocol import (
 )
 from serve_app.request_log import CLIENT_CLOSED_REQUEST, RequestRecord
 from serve_app.router import Route, Router
+from serve_app.usage import LedgerClient
 
 logger = logging.getLogger("ray.serve")
 
@@ -124,8 +129,27 @@ async def _first_output(
     return first, outputs
 
 
-def _stream(events) -> StreamingResponse:
-    return StreamingResponse(events, media_type="text/event-stream", headers=sse.HEADERS)
+def _stream(events, headers: dict[str, str]) -> StreamingResponse:
+    return StreamingResponse(events, media_type="text/event-stream", headers=sse.HEADERS | headers)
+
+
+def _instant(text: str | None, name: str) -> float | None:
+    """A query's time bound: ISO 8601 (UTC unless zoned) or unix seconds."""
+    if text is None:
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise BadRequest(f"{name}: {text!r} is neither an ISO 8601 time nor unix seconds") from None
+    return (moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)).timestamp()
+
+
+def _iso(instant: float | None) -> str | None:
+    return None if instant is None else datetime.fromtimestamp(instant, timezone.utc).isoformat()
 
 
 @app.exception_handler(Exception)
@@ -139,59 +163,68 @@ async def _unexpected(request: Request, error: Exception) -> JSONResponse:
 @serve.deployment(name="ingress")
 @serve.ingress(app)
 class Ingress:
-    def __init__(self, config: ClusterConfig, handles: dict[str, DeploymentHandle]) -> None:
+    def __init__(
+        self,
+        config: ClusterConfig,
+        handles: dict[str, DeploymentHandle],
+        limiter: DeploymentHandle | None = None,
+        ledger: DeploymentHandle | None = None,
+    ) -> None:
         self._config = config
         self._keys = KeyRing(config.auth)
         self._router = Router(config, handles)
         self._metrics = IngressMetrics()
+        self._gate = LimitGate(limiter)
+        self._ledger = LedgerClient(ledger)
 
     @app.post("/llm", response_model=LLMResponse)
     @app.post("/llm/", include_in_schema=False)
     async def llm(self, request: Request):
-        record = self._admit(request, "/llm")
+        record, caller = self._admit(request, "/llm", "chat")
         body = _parse(LLMRequest, await request.body())
-        route = self._router.resolve(body.model)
+        route = self._router.resolve(body.model, caller)
         record.route_to(route.model_id)
         chat = self._capped(body.to_chat_request(route.model_id, self._config.ingress.max_tokens_limit))
-        first, rest = await _first_output(route, chat, record)
+        first, rest, headers = await self._start(route, chat, record, caller)
         if body.stream:
-            return _stream(sse.livepeer_events(first, rest, record))
+            return _stream(sse.livepeer_events(first, rest, record), headers)
         result = livepeer.full_response(first)
         record.answered(result["usage"], result["choices"][0]["finish_reason"])
-        return JSONResponse(result)
+        return JSONResponse(result, headers=headers)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(self, request: Request):
-        record = self._admit(request, "/v1/chat/completions")
+        record, caller = self._admit(request, "/v1/chat/completions", "chat")
         chat = _parse(ChatCompletionRequest, await request.body())
         _check_messages(chat)
-        route = self._router.resolve(chat.model)
+        route = self._router.resolve(chat.model, caller)
         record.route_to(route.model_id)
-        wants_usage = bool(chat.stream_options and chat.stream_options.include_usage)
+        asked = chat.stream_options or StreamOptions()
         update: dict = {"model": route.model_id}
         if chat.stream:
-            update["stream_options"] = (chat.stream_options or StreamOptions()).model_copy(
-                update={"include_usage": True}
-            )
+            # Usage on every chunk, whatever the client asked: an abandoned stream is recorded
+            # with the tokens generated until it was abandoned.
+            update["stream_options"] = asked.model_copy(update={"include_usage": True, "continuous_usage_stats": True})
         chat = self._capped(chat.model_copy(update=update))
-        first, rest = await _first_output(route, chat, record)
+        first, rest, headers = await self._start(route, chat, record, caller)
         if chat.stream:
-            return _stream(sse.openai_events(first, rest, record, wants_usage))
+            events = sse.openai_events(first, rest, record, bool(asked.include_usage), bool(asked.continuous_usage_stats))
+            return _stream(events, headers)
         record.answered(first.usage.model_dump(), first.choices[0].finish_reason if first.choices else None)
-        return JSONResponse(first.model_dump())
+        return JSONResponse(first.model_dump(), headers=headers)
 
     @app.get("/v1/models")
     async def models(self, request: Request):
-        self._admit(request, "/v1/models")
+        _, caller = self._admit(request, "/v1/models")
         created = int(time.time())
-        states = await model_states(self._router.model_ids)
+        states = await model_states(self._router.models_for(caller))
         data = [
             {
                 "id": model_id,
                 "object": "model",
                 "created": created,
                 "owned_by": "livepeer-llm-serve",
-                "aliases": list(self._router.aliases[model_id]),
+                "aliases": list(self._router.names[model_id][1:]),
                 "state": state.state,
                 "replicas": state.replicas,
             }
@@ -220,12 +253,40 @@ class Ingress:
             "version": app.version,
         }
 
-    def _admit(self, request: Request, endpoint: str) -> RequestRecord:
-        """Named and authenticated before anything else is done for the request."""
+    @app.get("/admin/usage")
+    async def usage(self, request: Request):
+        """Totals per key and model from the ledger, over `since` ≤ time < `until` (either may be
+        left out), optionally for one `key` or `model`."""
+        self._admit(request, "/admin/usage", "admin")
+        if not self._ledger.enabled:
+            raise NotFound("the usage ledger is off in this config (usage.enabled: false)")
+        query = request.query_params
+        since, until = _instant(query.get("since"), "since"), _instant(query.get("until"), "until")
+        totals = await self._ledger.totals(since, until, query.get("key"), query.get("model"))
+        return {"object": "usage", "since": _iso(since), "until": _iso(until), "data": totals}
+
+    def _admit(self, request: Request, endpoint: str, scope: Scope | None = None) -> tuple[RequestRecord, Caller]:
+        """Named, authenticated and checked for the route's scope before anything else is done."""
         record = RequestRecord(request_id=_request_id(request), endpoint=endpoint, metrics=self._metrics)
         request.state.record = record
-        record.key_name = self._keys.authenticate(request.headers.get("authorization")).key_name
-        return record
+        caller = self._keys.authenticate(request.headers.get("authorization"))
+        record.key_name = caller.key_name
+        if scope is not None:
+            caller.require(scope)
+        return record, caller
+
+    async def _start(
+        self, route: Route, chat: ChatCompletionRequest, record: RequestRecord, caller: Caller
+    ) -> tuple[ModelOutput, DeploymentResponseGenerator, dict[str, str]]:
+        """The last check, the rate limits, then the model. From here on the request counts: its
+        lease is released and its ledger row written when it ends, however it ends."""
+        decision = await self._gate.admit(caller, chat.max_completion_tokens or chat.max_tokens or 0)
+        if decision is not None:
+            record.on_finish.append(lambda done: self._gate.release(decision, done.prompt_tokens + done.completion_tokens))
+        record.reached_engine = True
+        record.on_finish.append(self._ledger.record)
+        first, rest = await _first_output(route, chat, record)
+        return first, rest, decision.headers if decision is not None else {}
 
     def _capped(self, chat: ChatCompletionRequest) -> ChatCompletionRequest:
         """An honest max_tokens cap matters to operators: Livepeer prices by max_tokens."""

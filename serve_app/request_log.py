@@ -1,8 +1,10 @@
 """What happened to one request, written once when it ends (for streams: when the stream ends)
-as one INFO log line and as metrics."""
+as one INFO log line and as metrics, then handed to whatever else must know (the rate limiter,
+the usage ledger)."""
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from serve_app.metrics import IngressMetrics
@@ -25,10 +27,14 @@ class RequestRecord:
     completion_tokens: int = 0
     finish_reason: str | None = None
     started: float = field(default_factory=time.perf_counter)
+    started_at: float = field(default_factory=time.time)
+    reached_engine: bool = False
     first_token_at: float | None = None
     last_token_at: float | None = None
     token_gaps: list[float] = field(default_factory=list)
     finished: bool = False
+    duration_s: float = 0.0
+    on_finish: list[Callable[["RequestRecord"], None]] = field(default_factory=list)
 
     def route_to(self, model_id: str) -> None:
         self.model = model_id
@@ -58,7 +64,7 @@ class RequestRecord:
         if self.finished:
             return
         self.finished = True
-        total_s = time.perf_counter() - self.started
+        total_s = self.duration_s = time.perf_counter() - self.started
         ttft_s = None if self.first_token_at is None else self.first_token_at - self.started
         fields = {
             "request_id": self.request_id, "endpoint": self.endpoint, "key": self.key_name, "model": self.model,
@@ -76,3 +82,5 @@ class RequestRecord:
             extra={"llm_request": fields},
         )
         self.metrics.request_finished(self, ttft_s, total_s)
+        for callback in self.on_finish:
+            callback(self)

@@ -1,11 +1,13 @@
-"""Model name (id or alias, or empty for the default) to the model's streaming handle."""
+"""Model name (id or alias, or empty for the default) to the model's streaming handle, within
+the models the caller's key may use."""
 
 from dataclasses import dataclass
 
 from ray.serve.handle import DeploymentHandle
 
 from cluster.schema import ClusterConfig
-from serve_app.errors import NotFound
+from serve_app.auth import Caller
+from serve_app.errors import Forbidden, NotFound
 
 
 @dataclass(frozen=True)
@@ -22,13 +24,21 @@ class Router:
             m.id: Route(m.id, handles[m.id].options(stream=True), m.deployment.first_output_timeout_s)
             for m in config.models
         }
-        self._names = {name: m.id for m in config.models for name in (m.id, *m.aliases)}
+        self._ids = {name: m.id for m in config.models for name in (m.id, *m.aliases)}
         self._default = config.default_model_id
         self.model_ids = [m.id for m in config.models]
-        self.aliases = {m.id: m.aliases for m in config.models}
+        self.names = {m.id: (m.id, *m.aliases) for m in config.models}
 
-    def resolve(self, name: str | None) -> Route:
-        model_id = self._names.get(name) if name else self._default
+    def resolve(self, name: str | None, caller: Caller) -> Route:
+        """A model the key may not use is named as such (403); one that does not exist gets the
+        list of those the key may use, and no others."""
+        model_id = self._ids.get(name) if name else self._default
         if model_id is None:
-            raise NotFound(f"model {name!r} does not exist; available models: {', '.join(self._names)}")
+            usable = [n for model_id in self.models_for(caller) for n in self.names[model_id]]
+            raise NotFound(f"model {name!r} does not exist; available models: {', '.join(usable) or 'none'}")
+        if not caller.may_use(self.names[model_id]):
+            raise Forbidden(f"API key {caller.key_name!r} may not use model {model_id!r}")
         return self._routes[model_id]
+
+    def models_for(self, caller: Caller) -> list[str]:
+        return [model_id for model_id in self.model_ids if caller.may_use(self.names[model_id])]

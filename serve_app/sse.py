@@ -52,23 +52,32 @@ async def livepeer_events(
 
 
 async def openai_events(
-    first: str, rest: DeploymentResponseGenerator, record: RequestRecord, client_wants_usage: bool
+    first: str,
+    rest: DeploymentResponseGenerator,
+    record: RequestRecord,
+    client_wants_usage: bool,
+    client_wants_usage_per_chunk: bool,
 ) -> AsyncIterator[str]:
-    """Passes vLLM's chunks through unchanged, except the usage-only chunk, which we always ask
-    vLLM for (the request log needs token counts) and forward only to clients who asked."""
+    """Passes vLLM's chunks through, less the usage we always ask vLLM for (on every chunk, so
+    that the request log and the ledger count even an abandoned stream's tokens) and forward only
+    as far as the client asked: per chunk, in the final usage-only chunk, or not at all."""
     try:
         async for payload in _chain(first, rest):
             chunk = json.loads(payload)
+            usage = chunk.get("usage")
+            if usage:
+                record.set_usage(usage)
             choices = chunk.get("choices")
             if choices:
                 record.token_seen()
                 record.finish_reason = choices[0].get("finish_reason") or record.finish_reason
+                if usage and not client_wants_usage_per_chunk:
+                    del chunk["usage"]
+                    payload = json.dumps(chunk, separators=(",", ":"))
             elif "error" in chunk:
                 record.status = chunk["error"].get("code") or 500
-            elif chunk.get("usage"):
-                record.set_usage(chunk["usage"])
-                if not client_wants_usage:
-                    continue
+            elif usage and not client_wants_usage:
+                continue
             yield event(payload)
     except (asyncio.CancelledError, GeneratorExit):
         record.status = CLIENT_CLOSED_REQUEST

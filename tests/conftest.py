@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from cluster.load import load
-from cluster.schema import ClusterConfig
+from cluster.schema import ClusterConfig, UsageSettings
 
 ROOT = Path(__file__).resolve().parent.parent
 API_KEY = "sk-test-" + secrets.token_hex(8)
@@ -54,34 +54,46 @@ def metrics_url(serve_url):
 
 
 @pytest.fixture(scope="session")
-def llm_url(serve_url):
-    """The shipped local config, deployed as `serve run configs/local.yaml` would."""
+def llm_url(serve_url, tmp_path_factory):
+    """The shipped local config, deployed as `serve run configs/local.yaml` would, with its usage
+    ledger in a temporary file."""
     from ray import serve
 
     from serve_app.app import build_app
 
     config = load(ROOT / "configs" / "local.yaml").apps["llm"]
+    config = config.model_copy(update={"usage": ledger_in(tmp_path_factory.mktemp("llm"))})
     serve.run(build_app(config), name="llm", route_prefix="/")
     return serve_url
 
 
 @pytest.fixture(scope="session")
-def fake_url(serve_url):
+def fake_url(serve_url, tmp_path_factory):
+    serve_fake(fake_config(tmp_path_factory.mktemp("fake")), "fake")
+    return serve_url + "/fake"
+
+
+def serve_fake(config: ClusterConfig, name: str) -> None:
+    """Deploys a config on the test engine at `/<name>`."""
     from ray import serve
 
     import tests.fake_engine
     from serve_app.app import build_graph
 
     cloudpickle.register_pickle_by_value(tests.fake_engine)
-    serve.run(build_graph(fake_config(), tests.fake_engine.fake_engine), name="fake", route_prefix="/fake")
-    return serve_url + "/fake"
+    serve.run(build_graph(config, tests.fake_engine.fake_engine), name=name, route_prefix=f"/{name}")
 
 
-def fake_config() -> ClusterConfig:
+def ledger_in(folder: Path) -> UsageSettings:
+    return UsageSettings(database=f"sqlite:///{folder / 'usage.sqlite'}")
+
+
+def fake_config(folder: Path) -> ClusterConfig:
     deployment = {"num_cpus": 0.1, "num_replicas": 1}
     return ClusterConfig.model_validate(
         {
             "default_model": "fake-b",
+            "usage": ledger_in(folder).model_dump(),
             "auth": {"keys": [{"name": "fake", "sha256": hashlib.sha256(FAKE_KEY.encode()).hexdigest()}]},
             "ingress": {"max_tokens_limit": 64},
             "models": [

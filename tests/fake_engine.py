@@ -2,8 +2,10 @@
 message echoed back, in vLLM's own response and chunk shapes. Never used outside `tests/`.
 
 Prompts steer it: "FAIL MIDSTREAM" raises after two chunks, "FAIL AT START" raises before any,
-"WAIT <path> …" holds the request while that file exists (and touches `<path>.waiting` to say
-it has arrived).
+"STALL" streams two chunks and then nothing until it is cancelled, "WAIT <path> …" holds the
+request while that file exists (and touches `<path>.waiting` to say it has arrived).
+Like vLLM, it puts usage on every chunk only when asked (`continuous_usage_stats`), and sends the
+usage-only chunk only when asked (`include_usage`).
 Its model's source path steers start-up: a path containing "broken" fails to load, and while a
 file `<path>.hold` exists the engine keeps loading.
 """
@@ -63,19 +65,25 @@ class FakeEngine:
         self._unfinished += 1
         base = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion.chunk",
                 "created": int(time.time()), "model": self._model_id}
-        prompt_tokens = len(_last_message(request).split())
+        prompt = _last_message(request)
+        prompt_tokens = len(prompt.split())
+        options = request.stream_options
         try:
             for index, word in enumerate(reply):
-                if index == 2 and "FAIL MIDSTREAM" in _last_message(request):
+                if index == 2 and "FAIL MIDSTREAM" in prompt:
                     raise RuntimeError("fake engine crashed mid-stream")
+                if index == 2 and "STALL" in prompt:
+                    await asyncio.Event().wait()
                 usage = {"prompt_tokens": prompt_tokens, "completion_tokens": index + 1,
                          "total_tokens": prompt_tokens + index + 1}
                 finish = "stop" if index == len(reply) - 1 else None
-                chunk = base | {"choices": [{"index": 0, "delta": {"content": word + " "}, "finish_reason": finish}],
-                                "usage": usage}
+                chunk = base | {"choices": [{"index": 0, "delta": {"content": word + " "}, "finish_reason": finish}]}
+                if options and options.continuous_usage_stats:
+                    chunk["usage"] = usage
                 yield f"data: {json.dumps(chunk)}\n\n"
                 await asyncio.sleep(0)
-            yield f"data: {json.dumps(base | {'choices': [], 'usage': usage})}\n\n"
+            if options and options.include_usage:
+                yield f"data: {json.dumps(base | {'choices': [], 'usage': usage})}\n\n"
             yield "data: [DONE]\n\n"
         finally:
             self._unfinished -= 1

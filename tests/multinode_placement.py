@@ -34,7 +34,7 @@ def main() -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    config = ClusterConfig.model_validate({"models": [
+    config = ClusterConfig.model_validate({"usage": {"enabled": False}, "models": [
         {"id": model_id, "source": {"path": "/models/fake"}} | spec for model_id, spec in MODELS.items()
     ]})
     deploy_without_waiting(build_graph(config, tests.fake_engine.fake_engine), name="llm", route_prefix="/", _blocking=False)

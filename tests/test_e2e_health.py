@@ -18,6 +18,7 @@ pytestmark = pytest.mark.e2e
 
 def _app(source: str, **deployment) -> object:
     config = ClusterConfig.model_validate({
+        "usage": {"enabled": False},
         "models": [{"id": "lifecycle", "source": {"path": source},
                     "deployment": {"num_cpus": 0.1, "health_check_period_s": 1} | deployment}],
     })

@@ -31,11 +31,12 @@ def test_stream_with_usage(sdk):
     assert "Paris" in text
     assert chunks[-1].choices == []
     assert chunks[-1].usage == whole.usage
+    assert all(c.usage is None for c in chunks[:-1])
 
 
 def test_stream_without_usage_sends_no_usage_chunk(sdk):
     chunks = list(sdk.chat.completions.create(model="smollm2", messages=FRANCE, max_tokens=4, stream=True))
-    assert all(c.choices for c in chunks)
+    assert all(c.choices and c.usage is None for c in chunks)
     assert chunks[-1].choices[0].finish_reason == "length"
 
 

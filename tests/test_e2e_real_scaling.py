@@ -29,6 +29,7 @@ async def test_real_model_starts_from_zero_then_scales_to_two(serve_url, llm_url
     # Eager mode skips the engine's compile warm-up: replicas start faster, which is what this
     # test waits on, on a machine where a starting engine shares a core with a busy one.
     raw["models"][0]["engine"]["enforce_eager"] = True
+    raw["usage"] = {"enabled": False}
     raw["models"][0]["deployment"] |= {"num_replicas": None, "autoscaling": {
         "min_replicas": 0, "max_replicas": 2, "target_ongoing_requests": 1, "upscale_delay_s": 0, "downscale_delay_s": 600,
     }}

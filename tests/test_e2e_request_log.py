@@ -60,6 +60,7 @@ def test_refused_request_is_logged_with_its_status(client):
 def test_json_logs_carry_the_request_fields(serve_url, fake_url):
     config = ClusterConfig.model_validate({
         "logging": {"encoding": "JSON"},
+        "usage": {"enabled": False},
         "models": [{"id": "echo", "source": {"path": "/models/echo"}, "deployment": {"num_cpus": 0.1}}],
     })
     serve.run(build_graph(config, tests.fake_engine.fake_engine), name="jsonlog", route_prefix="/jsonlog")

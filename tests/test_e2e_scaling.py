@@ -18,7 +18,7 @@ pytestmark = pytest.mark.e2e
 
 
 def _app(*models: dict):
-    config = ClusterConfig.model_validate({"models": [
+    config = ClusterConfig.model_validate({"usage": {"enabled": False}, "models": [
         {"source": {"path": "/models/fake"}} | m | {"deployment": {"num_cpus": 0.05} | m.get("deployment", {})}
         for m in models
     ]})
