@@ -28,6 +28,7 @@ from serve_app.errors import (
     APIError,
     BadRequest,
     EngineFailure,
+    NotFound,
     Overloaded,
     error_response,
     from_validation,

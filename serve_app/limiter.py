@@ -14,6 +14,7 @@ import logging
 from ray.serve.handle import DeploymentHandle
 
 from cluster.schema import ApiKey
+from serve_app import fire_and_forget
 from serve_app.auth import Caller
 from serve_app.errors import BadRequest, Overloaded, RateLimited
 from serve_app.rate_limits import Decision, RateLimits
@@ -74,4 +75,4 @@ class LimitGate:
     def release(self, decision: Decision, tokens_used: int) -> None:
         """Fire and forget: the client's answer never waits for the bookkeeping."""
         if self._limiter is not None and decision.lease_id is not None:
-            self._limiter.release.remote(decision.lease_id, tokens_used)
+            fire_and_forget.send(self._limiter, "release", decision.lease_id, tokens_used)

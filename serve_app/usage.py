@@ -17,6 +17,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from ray.serve.handle import DeploymentHandle
 
 from cluster.schema import UsageSettings
+from serve_app import fire_and_forget
 from serve_app.request_log import RequestRecord
 
 HEAD_NODE = "node:__internal_head__"
@@ -159,7 +160,7 @@ class LedgerClient:
 
     def record(self, record: RequestRecord) -> None:
         if self._ledger is not None and record.reached_engine:
-            self._ledger.add.remote(UsageRow.of(record))
+            fire_and_forget.send(self._ledger, "add", UsageRow.of(record))
 
     async def totals(
         self, since: float | None, until: float | None, key: str | None, model: str | None

@@ -4,7 +4,7 @@ import pytest
 
 from cluster.schema import AuthConfig
 from serve_app.auth import KeyRing
-from serve_app.errors import Unauthorized
+from serve_app.errors import Forbidden, Unauthorized
 
 
 def _ring(monkeypatch) -> KeyRing:
@@ -36,3 +36,16 @@ def test_unset_environment_variable_stops_start_up(monkeypatch):
     monkeypatch.delenv("MISSING_TOKEN", raising=False)
     with pytest.raises(RuntimeError, match="MISSING_TOKEN"):
         KeyRing(AuthConfig.model_validate({"keys": [{"name": "k", "env": "MISSING_TOKEN"}]}))
+
+
+def test_expired_key_is_refused_and_scopes_are_checked():
+    ring = KeyRing(AuthConfig.model_validate({"keys": [
+        {"name": "old", "sha256": hashlib.sha256(b"old").hexdigest(), "expires_at": "2020-01-01T00:00:00Z"},
+        {"name": "ops", "sha256": hashlib.sha256(b"ops").hexdigest(), "scopes": ["admin"]},
+    ]}))
+    with pytest.raises(Unauthorized, match="'old' expired at 2020-01-01T00:00:00"):
+        ring.authenticate("Bearer old")
+    ops = ring.authenticate("Bearer ops")
+    ops.require("admin")
+    with pytest.raises(Forbidden, match="lacks the 'chat' scope"):
+        ops.require("chat")

@@ -1,5 +1,8 @@
 """The declarative config: shipped files validate, mistakes are named, options map onto Serve."""
 
+import datetime
+import hashlib
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -9,7 +12,7 @@ import yaml
 
 from cluster import render
 from cluster.load import ConfigError, load
-from cluster.schema import ClusterConfig
+from cluster.schema import ApiKey, ClusterConfig
 from serve_app.engine import vllm_namespace
 from serve_app.model_server import deployment_options
 
@@ -58,6 +61,13 @@ def test_errors_name_the_file_and_each_bad_field(tmp_path):
         ({"models": [_model(deployment={"num_replicas": 2, "autoscaling": {}})]}, "either num_replicas or autoscaling"),
         ({"models": [_model(deployment={"autoscaling": {"min_replicas": 3, "max_replicas": 2}})]}, "above max_replicas"),
         ({"models": [_model(source={"package": "p", "file": "x.bin"})]}, "source"),
+        ({"models": [_model()], "auth": {"keys": [{"name": "k", "env": "K", "models": ["mm"]}]}},
+         "auth.keys.0.models: 'mm' is not a model id or alias"),
+        ({"models": [_model()], "auth": {"keys": [{"name": "k", "env": "K", "scopes": ["root"]}]}}, "auth.keys.0.scopes.0"),
+        ({"models": [_model()], "auth": {"keys": [{"name": "k", "env": "K", "limits": {"requests_per_minute": 0}}]}},
+         "auth.keys.0.limits.requests_per_minute"),
+        ({"models": [_model()], "auth": {"keys": [{"name": "k", "env": "K", "expires_at": "soon"}]}}, "auth.keys.0.expires_at"),
+        ({"models": [_model()], "usage": {"database": "mysql://db/usage"}}, "usage.database: must be a sqlite"),
     ],
 )
 def test_invalid_configs_are_refused_with_a_reason(tmp_path, args, complaint):
@@ -133,3 +143,30 @@ def test_kuberay_manifest_embeds_the_config_and_sizes_the_gpu_group():
     assert gpu["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "2"
     head = manifest["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0]
     assert head["env"] == [{"name": "LLM_API_KEY", "valueFrom": {"secretKeyRef": {"name": "llm-api-keys", "key": "LLM_API_KEY"}}}]
+
+
+def test_key_rights_globs_and_expiry():
+    config = ClusterConfig.model_validate({
+        "models": [_model(id="llama-8b", aliases=["small"]), _model(id="qwen-32b")],
+        "auth": {"keys": [{"name": "k", "env": "K", "models": ["llama-*"], "expires_at": datetime.date(2027, 1, 2)},
+                          {"name": "alias", "env": "K", "models": ["small"]}]},
+    })
+    glob, alias = config.auth.keys
+    assert glob.may_use(("llama-8b", "small")) and not glob.may_use(("qwen-32b",))
+    assert alias.may_use(("llama-8b", "small")) and not alias.may_use(("qwen-32b",))
+    assert glob.expires_at == datetime.datetime(2027, 1, 2, tzinfo=datetime.timezone.utc)
+    assert glob.scopes == ["chat"] and not glob.limits.any
+
+
+def test_keys_new_prints_a_token_and_lines_that_validate():
+    result = subprocess.run(
+        [sys.executable, "-m", "cluster", "keys", "new", "acme", "--models", "llama-*", "--rpm", "60",
+         "--tpm", "1000", "--concurrency", "2", "--admin"],
+        capture_output=True, text=True, check=True,
+    )
+    token = re.search(r"^# (sk-\S+)$", result.stdout, re.MULTILINE).group(1)
+    [entry] = yaml.safe_load(result.stdout)
+    key = ApiKey.model_validate(entry)
+    assert key.sha256 == hashlib.sha256(token.encode()).hexdigest() and token not in yaml.safe_dump(entry)
+    assert key.models == ["llama-*"] and key.scopes == ["chat", "admin"]
+    assert (key.limits.requests_per_minute, key.limits.tokens_per_minute, key.limits.concurrent_requests) == (60, 1000, 2)

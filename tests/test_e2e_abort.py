@@ -14,7 +14,7 @@ from ray import serve
 
 from cluster.schema import deployment_name
 from tests.conftest import API_KEY
-from tests.test_e2e_request_log import _log_line
+from tests.serve_logs import log_line
 
 pytestmark = pytest.mark.e2e
 
@@ -56,7 +56,7 @@ async def test_closing_a_stream_aborts_the_engine_request(llm_url):
                     assert await _unfinished() == 1
                     break
     assert await _until(lambda n: n == 0, 10) < 10
-    assert "status=499" in _log_line(headers["x-request-id"])
+    assert "status=499" in log_line(headers["x-request-id"])
 
 
 async def test_leaving_a_non_streaming_request_aborts_it(llm_url):
@@ -69,4 +69,4 @@ async def test_leaving_a_non_streaming_request_aborts_it(llm_url):
         with pytest.raises(asyncio.CancelledError):
             await request
     assert await _until(lambda n: n == 0, 10) < 10
-    assert "status=499" in _log_line(headers["x-request-id"])
+    assert "status=499" in log_line(headers["x-request-id"])

@@ -4,34 +4,19 @@ counts and timings."""
 import json
 import re
 import secrets
-import time
-from pathlib import Path
 
 import httpx
 import pytest
-import ray
 from ray import serve
 
 import tests.fake_engine
 from cluster.schema import ClusterConfig
 from serve_app.app import build_graph
+from tests.serve_logs import log_line
 
 pytestmark = pytest.mark.e2e
 
 FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
-
-
-def _log_line(request_id: str, app: str = "llm", timeout_s: float = 15) -> str:
-    """The request's line in the app's ingress replica log, once it has been written."""
-    logs = Path(ray._private.worker.global_worker.node.get_logs_dir_path()) / "serve"
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        for path in logs.glob(f"replica_{app}_ingress_*.log"):
-            for line in path.read_text().splitlines():
-                if f"request id={request_id} " in line:
-                    return line
-        time.sleep(0.1)
-    raise AssertionError(f"no log line for request {request_id}")
 
 
 def _fields(line: str) -> dict[str, str]:
@@ -43,7 +28,7 @@ def test_answered_request_is_logged_with_tokens_and_timings(client, stream):
     request_id = "log-" + secrets.token_hex(6)
     response = client.post("/llm", json={"messages": FRANCE, "temperature": 0, "stream": stream}, headers={"x-request-id": request_id})
     assert response.status_code == 200
-    fields = _fields(_log_line(request_id))
+    fields = _fields(log_line(request_id))
     assert fields["endpoint"] == "/llm" and fields["key"] == "local" and fields["status"] == "200"
     assert fields["model"] == "smollm2-135m-instruct" and fields["finish"] == "stop"
     assert int(fields["prompt_tokens"]) > 0 and int(fields["completion_tokens"]) > 0
@@ -53,7 +38,7 @@ def test_answered_request_is_logged_with_tokens_and_timings(client, stream):
 def test_refused_request_is_logged_with_its_status(client):
     request_id = "log-" + secrets.token_hex(6)
     client.post("/v1/chat/completions", json={"model": "nope", "messages": FRANCE}, headers={"x-request-id": request_id})
-    fields = _fields(_log_line(request_id))
+    fields = _fields(log_line(request_id))
     assert fields["status"] == "404" and fields["endpoint"] == "/v1/chat/completions"
 
 
@@ -69,7 +54,7 @@ def test_json_logs_carry_the_request_fields(serve_url, fake_url):
         response = httpx.post(serve_url + "/jsonlog/llm", json={"messages": [{"role": "user", "content": "a b c"}]},
                               headers={"x-request-id": request_id}, timeout=30)
         assert response.status_code == 200
-        fields = json.loads(_log_line(request_id, app="jsonlog"))["llm_request"]
+        fields = json.loads(log_line(request_id, app="jsonlog"))["llm_request"]
         assert fields["request_id"] == request_id and fields["model"] == "echo" and fields["status"] == 200
         assert fields["completion_tokens"] == 3 and fields["endpoint"] == "/llm"
     finally:

@@ -13,6 +13,7 @@ from ray import serve
 import tests.fake_engine
 from cluster.schema import ClusterConfig, deployment_name
 from serve_app.app import build_graph
+from tests.polling import until
 
 pytestmark = pytest.mark.e2e
 
@@ -32,13 +33,6 @@ def _ask(text: str, model: str | None = None) -> dict:
 def _replicas(app: str, model: str) -> int:
     deployment = serve.status().applications[app].deployments[deployment_name(model)]
     return deployment.replica_states.get("RUNNING", 0)
-
-
-def _until(condition, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.1)
 
 
 async def _timed_post(client: httpx.AsyncClient, path: str, body: dict) -> tuple[httpx.Response, float]:
@@ -151,12 +145,12 @@ def test_models_scale_up_under_load_and_back_down_independently(serve_url, fake_
         statuses: list[int] = []
         worker = threading.Thread(target=lambda: statuses.extend(asyncio.run(load())))
         worker.start()
-        _until(lambda: _replicas("scaling", "elastic") == 3, 60, "elastic to scale up to its maximum of 3")
+        until(lambda: _replicas("scaling", "elastic") == 3, 60, "elastic to scale up to its maximum of 3")
         assert _replicas("scaling", "steady") == 1
         hold.unlink()
         worker.join(60)
         assert statuses == [200] * 6
-        _until(lambda: _replicas("scaling", "elastic") == 1, 60, "elastic to scale back down to 1")
+        until(lambda: _replicas("scaling", "elastic") == 1, 60, "elastic to scale back down to 1")
         assert _replicas("scaling", "steady") == 1
     finally:
         serve.delete("scaling")

@@ -1,0 +1,16 @@
+"""Handle calls that must outlive the request that makes them.
+
+Serve treats a handle call made while serving a request as that request's child, and cancels
+children when the request is cancelled, as it is when its client leaves. A lease release or a
+ledger row sent as such a request ends would then be lost, so they are sent from an empty
+context, where they are nobody's children.
+"""
+
+import contextvars
+from typing import Any
+
+from ray.serve.handle import DeploymentHandle
+
+
+def send(handle: DeploymentHandle, method: str, *args: Any) -> None:
+    contextvars.Context().run(lambda: getattr(handle, method).remote(*args))

@@ -1,0 +1,30 @@
+"""Finding a request's line in the Serve replica logs of this session's Ray node."""
+
+from pathlib import Path
+
+import ray
+
+from tests.polling import until
+
+
+def log_line(request_id: str, app: str = "llm", timeout_s: float = 15) -> str:
+    """The request's line in the app's ingress replica logs, once it has been written."""
+    return _find(request_id, app, timeout_s)[1]
+
+
+def replica_of(request_id: str, app: str, timeout_s: float = 15) -> str:
+    """The name of the ingress replica log that holds the request's line: which replica served it."""
+    return _find(request_id, app, timeout_s)[0]
+
+
+def _find(request_id: str, app: str, timeout_s: float) -> tuple[str, str]:
+    logs = Path(ray._private.worker.global_worker.node.get_logs_dir_path()) / "serve"
+
+    def scan() -> tuple[str, str] | None:
+        for path in logs.glob(f"replica_{app}_ingress_*.log"):
+            for line in path.read_text().splitlines():
+                if f"request id={request_id} " in line:
+                    return path.name, line
+        return None
+
+    return until(scan, timeout_s, f"the log line of request {request_id}")
