@@ -7,6 +7,7 @@ CPUs so that light deployments are never starved of scheduling.
 """
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -21,7 +22,7 @@ import httpx
 import yaml
 
 from cluster import render
-from cluster.schema import ClusterConfig, ModelConfig, UsageSettings
+from cluster.schema import ClusterConfig, ModelConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
@@ -68,17 +69,34 @@ def bare_vllm(model: ModelConfig, model_path: str, port: int, log_dir: Path) -> 
 @contextmanager
 def our_stack(config: ClusterConfig, port: int, log_dir: Path, name: str = "ours",
               import_path: str = "serve_app.app:build_app") -> Iterator[Running]:
+    with our_apps({"": config}, port, log_dir, name, import_path) as [run]:
+        yield run
+
+
+@contextmanager
+def our_apps(configs: dict[str, ClusterConfig], port: int, log_dir: Path, name: str,
+             import_path: str = "serve_app.app:build_app") -> Iterator[list[Running]]:
+    """Configs side by side in one Serve instance, each its own application at `/<key>` (an
+    empty key is `/`), so that they are measured on the same Ray under the same noise."""
     api_key = "sk-bench"
-    # The run's usage ledger stays with its logs, out of the operator's own.
-    config = config.model_copy(update={"usage": UsageSettings(database=f"sqlite:///{log_dir.resolve()}/{name}-usage.sqlite")})
-    document = render.serve_config(config, host="127.0.0.1", port=port)
-    document["applications"][0]["import_path"] = import_path
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-")
+    applications = []
+    for prefix, config in configs.items():
+        # The run's usage ledgers stay with its logs, out of the operator's own.
+        usage = config.usage.model_copy(update={"database": f"sqlite:///{log_dir.resolve()}/{slug}-{prefix}-usage.sqlite"})
+        [app] = render.serve_config(config.model_copy(update={"usage": usage}))["applications"]
+        applications.append(app | {"name": prefix or "llm", "route_prefix": f"/{prefix}", "import_path": import_path})
+    document = {"http_options": {"host": "127.0.0.1", "port": port}, "applications": applications}
     env = os.environ | {"LLM_API_KEY": api_key}
-    with _ray(env), _serve_run(document, env, log_dir / f"{name}.log"):
+    with _ray(env), _serve_run(document, env, log_dir / f"{slug}.log"):
         started = time.monotonic()
-        url = f"http://127.0.0.1:{port}"
-        _wait_ready(url, config.models[0].id, api_key)
-        yield Running(name, url, config.models[0].id, api_key, time.monotonic() - started)
+        runs = []
+        for prefix, config in configs.items():
+            url = f"http://127.0.0.1:{port}" + (f"/{prefix}" if prefix else "")
+            _wait_ready(url, config.models[0].id, api_key)
+            runs.append(Running(f"{name} {prefix}".strip(), url, config.models[0].id, api_key,
+                                time.monotonic() - started))
+        yield runs
 
 
 @contextmanager
