@@ -1,20 +1,24 @@
-"""Where rate-limit state lives: one `RateLimiter` replica for the whole application, which every
-ingress replica asks before a keyed request does any engine work.
+"""Where rate-limit state lives: one actor for the whole application, which every ingress replica
+asks before a keyed request does any engine work.
 
-One replica, not counters per ingress replica, because a limit must hold for the cluster: with
-two ingress replicas, N requests per minute must admit N, not 2N. A Serve deployment, not Redis,
-because Ray is already there and one in-memory call costs well under a millisecond; the price is
-that a restarted limiter forgets the last minute (limits reopen for at most one window). Keys
-without limits never make the call.
+One holder, not counters per ingress replica, because a limit must hold for the cluster: with two
+ingress replicas, N requests per minute must admit N, not 2N. A Ray actor, not Redis, because Ray
+is already there and one in-memory call costs about a millisecond. The actor is owned by the one
+replica of the `rate-limiter` Serve deployment, so Serve manages its life (started with the
+application, replaced if it fails, gone with it), while ingress replicas call the actor directly:
+a plain actor call costs about half a Serve handle call (1.7 ms against 3.0 ms here). A restarted
+limiter forgets the last minute (limits reopen for at most one window). Keys without limits never
+make the call.
 """
 
 import asyncio
 import logging
 
+import ray
+from ray.actor import ActorHandle
 from ray.serve.handle import DeploymentHandle
 
 from cluster.schema import ApiKey
-from serve_app import fire_and_forget
 from serve_app.auth import Caller
 from serve_app.errors import BadRequest, Overloaded, RateLimited
 from serve_app.rate_limits import Decision, RateLimits
@@ -26,12 +30,12 @@ ACQUIRE_TIMEOUT_S = 5.0
 LIMITER_OPTIONS = {
     "name": "rate-limiter",
     "num_replicas": 1,
-    "max_ongoing_requests": 4096,
     "ray_actor_options": {"num_cpus": 0},
 }
 
 
-class RateLimiter:
+@ray.remote(num_cpus=0, max_restarts=0)
+class _Limits:
     """Its methods never await: each admission is decided in one step, so concurrent calls from
     many ingress replicas cannot interleave inside one."""
 
@@ -44,12 +48,29 @@ class RateLimiter:
     async def release(self, lease_id: str, tokens_used: int) -> None:
         self._limits.release(lease_id, tokens_used)
 
+    async def ping(self) -> None:
+        return None
+
+
+class RateLimiter:
+    """The Serve deployment that owns the limits actor: its health is the actor's."""
+
+    def __init__(self, keys: list[ApiKey]) -> None:
+        self._actor = _Limits.remote(keys)
+
+    async def actor(self) -> ActorHandle:
+        return self._actor
+
+    async def check_health(self) -> None:
+        await self._actor.ping.remote()
+
 
 class LimitGate:
     """The ingress's side: admits a request or raises the 429 (or 400) that says why not."""
 
     def __init__(self, limiter: DeploymentHandle | None) -> None:
         self._limiter = limiter
+        self._actor: ActorHandle | None = None
 
     async def admit(self, caller: Caller, reserve_tokens: int) -> Decision | None:
         key = caller.key
@@ -62,10 +83,12 @@ class LimitGate:
                 f"({per_minute} tokens); lower max_tokens"
             )
         try:
-            decision = await asyncio.wait_for(
-                self._limiter.acquire.remote(key.name, reserve_tokens), ACQUIRE_TIMEOUT_S
-            )
+            if self._actor is None:
+                self._actor = await self._limiter.actor.remote()
+            decision = await asyncio.wait_for(self._actor.acquire.remote(key.name, reserve_tokens), ACQUIRE_TIMEOUT_S)
         except Exception:
+            # Asked again next time: Serve replaces a failed limiter, with a new actor.
+            self._actor = None
             logger.exception("rate limiter call failed")
             raise Overloaded("the rate limiter is unavailable; retry shortly") from None
         if decision.refusal is not None:
@@ -73,6 +96,7 @@ class LimitGate:
         return decision
 
     def release(self, decision: Decision, tokens_used: int) -> None:
-        """Fire and forget: the client's answer never waits for the bookkeeping."""
-        if self._limiter is not None and decision.lease_id is not None:
-            fire_and_forget.send(self._limiter, "release", decision.lease_id, tokens_used)
+        """Fire and forget: the client's answer never waits for the bookkeeping. A plain actor
+        call, so a departing client's cancellation does not reach it."""
+        if self._actor is not None and decision.lease_id is not None:
+            self._actor.release.remote(decision.lease_id, tokens_used)
