@@ -26,8 +26,10 @@ $(STAMP): pyproject.toml
 $(TOKEN_FILE):
 	@umask 077; $(PY) -c "import secrets; print('sk-' + secrets.token_urlsafe(32))" > $(TOKEN_FILE)
 
+# RAY_SERVE_PROXY_USE_GRPC: Serve's HTTP proxy talks to the ingress over gRPC rather than Ray
+# actor calls, which halves its cost per request and per streamed token (README, Benchmark).
 serve: $(STAMP) $(TOKEN_FILE)
-	@export LLM_API_KEY="$${LLM_API_KEY:-$$(cat $(TOKEN_FILE))}"; \
+	@export LLM_API_KEY="$${LLM_API_KEY:-$$(cat $(TOKEN_FILE))}" RAY_SERVE_PROXY_USE_GRPC=1; \
 	echo "API key: $$LLM_API_KEY  (from \$$LLM_API_KEY, else $(TOKEN_FILE))"; \
 	echo "try:  curl -H \"Authorization: Bearer $$LLM_API_KEY\" http://127.0.0.1:8000/llm -d '{\"messages\":[{\"role\":\"user\",\"content\":\"What is the capital of France?\"}]}'"; \
 	$(PY) -m cluster validate $(CONFIG) && $(VENV)/bin/serve run $(CONFIG)

@@ -87,7 +87,7 @@ def our_apps(configs: dict[str, ClusterConfig], port: int, log_dir: Path, name: 
         [app] = render.serve_config(config.model_copy(update={"usage": usage}))["applications"]
         applications.append(app | {"name": prefix or "llm", "route_prefix": f"/{prefix}", "import_path": import_path})
     document = {"http_options": {"host": "127.0.0.1", "port": port}, "applications": applications}
-    env = os.environ | {"LLM_API_KEY": api_key}
+    env = os.environ | {"LLM_API_KEY": api_key, "RAY_SERVE_PROXY_USE_GRPC": "1"}
     with _ray(env), _serve_run(document, env, log_dir / f"{slug}.log"):
         started = time.monotonic()
         runs = []

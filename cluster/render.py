@@ -42,7 +42,8 @@ def kuberay(loaded: LoadedConfig, *, name: str, image: str, gpus_per_node: int |
     per_node = gpus_per_node or max(1, *(m.engine.tensor_parallel_size for m in models))
     min_gpus = sum(_gpus(m) * _replica_bounds(m)[0] for m in models)
     max_gpus = sum(_gpus(m) * _replica_bounds(m)[1] for m in models)
-    env = [
+    # Serve's proxy talks to the ingress over gRPC, as `make serve` runs it.
+    env = [{"name": "RAY_SERVE_PROXY_USE_GRPC", "value": "1"}] + [
         {"name": key.env, "valueFrom": {"secretKeyRef": {"name": f"{name}-api-keys", "key": key.env}}}
         for config in loaded.apps.values() for key in config.auth.keys if key.env
     ]

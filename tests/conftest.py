@@ -30,6 +30,9 @@ def serve_url():
 
     global METRICS_PORT
     os.environ["LLM_API_KEY"] = API_KEY
+    # As `make serve` runs it: Serve's proxy talks to the ingress over gRPC (the Ray processes
+    # started here inherit this environment).
+    os.environ["RAY_SERVE_PROXY_USE_GRPC"] = "1"
     METRICS_PORT = _free_port()
     # Extra logical CPUs: the model replica takes one, light deployments take slivers. Metrics
     # are reported every second instead of every ten, so that tests can read them soon.

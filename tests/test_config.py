@@ -142,7 +142,8 @@ def test_kuberay_manifest_embeds_the_config_and_sizes_the_gpu_group():
     assert (gpu["minReplicas"], gpu["maxReplicas"]) == (2, 3)
     assert gpu["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "2"
     head = manifest["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0]
-    assert head["env"] == [{"name": "LLM_API_KEY", "valueFrom": {"secretKeyRef": {"name": "llm-api-keys", "key": "LLM_API_KEY"}}}]
+    assert head["env"] == [{"name": "RAY_SERVE_PROXY_USE_GRPC", "value": "1"},
+                           {"name": "LLM_API_KEY", "valueFrom": {"secretKeyRef": {"name": "llm-api-keys", "key": "LLM_API_KEY"}}}]
 
 
 def test_key_rights_globs_and_expiry():
