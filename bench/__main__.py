@@ -35,6 +35,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     parser.add_argument("--port", type=int, default=8100)
     args = parser.parse_args()
+    systems.keep_engine_cores_free()
 
     config = next(iter(load(args.config).apps.values()))
     config = config.model_copy(update={"models": config.models[:1], "default_model": None})

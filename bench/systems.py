@@ -8,6 +8,7 @@ CPUs so that light deployments are never starved of scheduling.
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -28,6 +29,18 @@ ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
 SERVE = str(Path(sys.executable).parent / "serve")
 RAY = str(Path(sys.executable).parent / "ray")
+
+
+def keep_engine_cores_free() -> None:
+    """As `make serve` does on a host without a GPU, for every system alike: the engine's compute
+    threads on every core but the last, this process and all it starts (servers, Ray, load
+    generators) on the last, so that nothing preempts the engine."""
+    cores = sorted(os.sched_getaffinity(0))
+    has_gpu = shutil.which("nvidia-smi") and subprocess.run(["nvidia-smi", "-L"], capture_output=True).returncode == 0
+    if len(cores) < 2 or has_gpu:
+        return
+    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(map(str, cores[:-1]))
+    os.sched_setaffinity(0, {cores[-1]})
 
 
 @dataclass(frozen=True)

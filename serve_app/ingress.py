@@ -130,8 +130,8 @@ async def _first_output(
     return first, outputs
 
 
-def _stream(events, headers: dict[str, str]) -> StreamingResponse:
-    return StreamingResponse(events, media_type="text/event-stream", headers=sse.HEADERS | headers)
+def _stream(events, record: RequestRecord, headers: dict[str, str]) -> StreamingResponse:
+    return StreamingResponse(sse.closed(events, record), media_type="text/event-stream", headers=sse.HEADERS | headers)
 
 
 def _instant(text: str | None, name: str) -> float | None:
@@ -188,7 +188,7 @@ class Ingress:
         chat = self._capped(body.to_chat_request(route.model_id, self._config.ingress.max_tokens_limit))
         first, rest, headers = await self._start(route, chat, record, caller)
         if body.stream:
-            return _stream(sse.livepeer_events(first, rest, record), headers)
+            return _stream(sse.livepeer_events(first, rest, record), record, headers)
         result = livepeer.full_response(first)
         record.answered(result["usage"], result["choices"][0]["finish_reason"])
         return JSONResponse(result, headers=headers)
@@ -210,7 +210,7 @@ class Ingress:
         first, rest, headers = await self._start(route, chat, record, caller)
         if chat.stream:
             events = sse.openai_events(first, rest, record, bool(asked.include_usage), bool(asked.continuous_usage_stats))
-            return _stream(events, headers)
+            return _stream(events, record, headers)
         record.answered(first.usage.model_dump(), first.choices[0].finish_reason if first.choices else None)
         return JSONResponse(first.model_dump(), headers=headers)
 

@@ -2,13 +2,15 @@
 
 Each stream owns its failure mode: once the 200 has gone out, an error can only be told inside
 the stream, so each generator catches it, ends the stream well-formed, and always closes its
-upstream so a departed client stops the engine's work on the request.
+upstream so a departed client stops the engine's work on the request. `closed` sends `[DONE]`
+before the request's record is written, so the client's answer never waits for logs, metrics,
+the rate limiter or the ledger.
 """
 
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 
 from ray.serve.handle import DeploymentResponseGenerator
 
@@ -27,7 +29,7 @@ def event(payload: str) -> str:
 
 async def livepeer_events(
     first: str, rest: DeploymentResponseGenerator, record: RequestRecord
-) -> AsyncIterator[str]:
+) -> AsyncGenerator[str, None]:
     state = livepeer.StreamState()
     try:
         async for payload in _chain(first, rest):
@@ -47,8 +49,6 @@ async def livepeer_events(
         rest.cancel()
         record.set_usage(state.usage)
         record.finish_reason = state.finish_reason
-        record.finish()
-    yield DONE
 
 
 async def openai_events(
@@ -57,7 +57,7 @@ async def openai_events(
     record: RequestRecord,
     client_wants_usage: bool,
     client_wants_usage_per_chunk: bool,
-) -> AsyncIterator[str]:
+) -> AsyncGenerator[str, None]:
     """Passes vLLM's chunks through, less the usage we always ask vLLM for (on every chunk, so
     that the request log and the ledger count even an abandoned stream's tokens) and forward only
     as far as the client asked: per chunk, in the final usage-only chunk, or not at all."""
@@ -89,8 +89,18 @@ async def openai_events(
         yield event(json.dumps({"error": {"message": message, "type": "internal_error", "code": 500}}))
     finally:
         rest.cancel()
+
+
+async def closed(events: AsyncGenerator[str, None], record: RequestRecord) -> AsyncIterator[str]:
+    try:
+        async for item in events:
+            yield item
+        yield DONE
+    finally:
+        # A departed client leaves `events` suspended: close it first, so that the record is
+        # written with its 499 and the engine's work is cancelled.
+        await events.aclose()
         record.finish()
-    yield DONE
 
 
 async def _chain(first: str, rest: DeploymentResponseGenerator) -> AsyncIterator[str]:
