@@ -156,7 +156,8 @@ class ApiKey(StrictModel):
     """A bearer token, never in plain text: its sha256 hex digest, or the name of an environment
     variable that holds it on the nodes running the ingress. `models` are names or glob patterns
     (`llama-*`) matched against each model's id and aliases; `scopes` say which routes the key
-    may call: `chat` the model and info routes, `admin` the admin routes."""
+    may call: `chat` the chat routes, `admin` the admin routes (any valid key may call the info
+    routes: `/v1/models`, filtered to the key's models, `/version`, `/hardware/info`)."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     sha256: str | None = Field(default=None, pattern=r"^[0-9a-fA-F]{64}$")

@@ -116,6 +116,8 @@ async def _first_output(
         ) from None
     except asyncio.CancelledError:
         outputs.cancel()
+        # Sent, and perhaps begun: the ledger records it, with the tokens known (none).
+        record.reached_engine = True
         record.status = CLIENT_CLOSED_REQUEST
         record.finish()
         raise
@@ -125,13 +127,31 @@ async def _first_output(
         logger.exception("model call failed (request id %s)", record.request_id)
         outputs.cancel()
         raise EngineFailure(f"the model engine failed (request id {record.request_id})") from None
+    record.reached_engine = True
     if isinstance(first, ErrorResponse):
         raise from_vllm(first)
     return first, outputs
 
 
-def _stream(events, record: RequestRecord, headers: dict[str, str]) -> StreamingResponse:
-    return StreamingResponse(sse.closed(events, record), media_type="text/event-stream", headers=sse.HEADERS | headers)
+class _EventStream(StreamingResponse):
+    """Starlette never closes a body it did not finish, and never starts one whose client left
+    first: the stream is closed here, and a request it never started is ended as departed, so
+    that its record is written and the model's work cancelled either way."""
+
+    def __init__(self, events, rest: DeploymentResponseGenerator, record: RequestRecord, headers: dict[str, str]):
+        super().__init__(sse.closed(events, record), media_type="text/event-stream", headers=sse.HEADERS | headers)
+        self._rest = rest
+        self._record = record
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.body_iterator.aclose()
+            if not self._record.finished:
+                self._rest.cancel()
+                self._record.status = CLIENT_CLOSED_REQUEST
+                self._record.finish()
 
 
 def _instant(text: str | None, name: str) -> float | None:
@@ -139,9 +159,13 @@ def _instant(text: str | None, name: str) -> float | None:
     if text is None:
         return None
     try:
-        return float(text)
+        instant = float(text)
     except ValueError:
         pass
+    else:
+        if not 0 <= instant < 253402300800:  # 0001-01-01 ≤ t < 10000-01-01, NaN excluded
+            raise BadRequest(f"{name}: {text!r} is not a time this server can represent")
+        return instant
     try:
         moment = datetime.fromisoformat(text)
     except ValueError:
@@ -188,7 +212,7 @@ class Ingress:
         chat = self._capped(body.to_chat_request(route.model_id, self._config.ingress.max_tokens_limit))
         first, rest, headers = await self._start(route, chat, record, caller)
         if body.stream:
-            return _stream(sse.livepeer_events(first, rest, record), record, headers)
+            return _EventStream(sse.livepeer_events(first, rest, record), rest, record, headers)
         result = livepeer.full_response(first)
         record.answered(result["usage"], result["choices"][0]["finish_reason"])
         return JSONResponse(result, headers=headers)
@@ -210,7 +234,7 @@ class Ingress:
         first, rest, headers = await self._start(route, chat, record, caller)
         if chat.stream:
             events = sse.openai_events(first, rest, record, bool(asked.include_usage), bool(asked.continuous_usage_stats))
-            return _stream(events, record, headers)
+            return _EventStream(events, rest, record, headers)
         record.answered(first.usage.model_dump(), first.choices[0].finish_reason if first.choices else None)
         return JSONResponse(first.model_dump(), headers=headers)
 
@@ -281,13 +305,13 @@ class Ingress:
     ) -> tuple[ModelOutput, DeploymentResponseGenerator, dict[str, str]]:
         """The last check, the rate limits, then the model. From here on the request counts: its
         lease is released and its ledger row written when it ends, however it ends."""
-        decision = await self._gate.admit(caller, chat.max_completion_tokens or chat.max_tokens or 0)
-        if decision is not None:
-            record.on_finish.append(lambda done: self._gate.release(decision, done.prompt_tokens + done.completion_tokens))
-        record.reached_engine = True
+        reserve = (chat.max_completion_tokens or chat.max_tokens or 0) * (chat.n or 1)
+        admission = await self._gate.admit(caller, reserve)
+        if admission is not None:
+            record.on_finish.append(lambda done: self._gate.release(admission, done.prompt_tokens + done.completion_tokens))
         record.on_finish.append(self._ledger.record)
         first, rest = await _first_output(route, chat, record)
-        return first, rest, decision.headers if decision is not None else {}
+        return first, rest, admission.decision.headers if admission is not None else {}
 
     def _capped(self, chat: ChatCompletionRequest) -> ChatCompletionRequest:
         """An honest max_tokens cap matters to operators: Livepeer prices by max_tokens."""

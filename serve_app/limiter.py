@@ -13,6 +13,8 @@ make the call.
 
 import asyncio
 import logging
+import uuid
+from dataclasses import dataclass
 
 import ray
 from ray.actor import ActorHandle
@@ -65,6 +67,15 @@ class RateLimiter:
         await self._actor.ping.remote()
 
 
+@dataclass(frozen=True)
+class Admission:
+    """A granted lease and the actor that holds it, which is the one to release it (the ingress
+    may have moved on to a new actor meanwhile)."""
+
+    decision: Decision
+    actor: ActorHandle
+
+
 class LimitGate:
     """The ingress's side: admits a request or raises the 429 (or 400) that says why not."""
 
@@ -72,7 +83,7 @@ class LimitGate:
         self._limiter = limiter
         self._actor: ActorHandle | None = None
 
-    async def admit(self, caller: Caller, reserve_tokens: int) -> Decision | None:
+    async def admit(self, caller: Caller, reserve_tokens: int) -> Admission | None:
         key = caller.key
         if key is None or not key.limits.any or self._limiter is None:
             return None
@@ -82,21 +93,29 @@ class LimitGate:
                 f"max_tokens is {reserve_tokens}, more than API key {key.name!r} may use in a minute "
                 f"({per_minute} tokens); lower max_tokens"
             )
+        lease_id = uuid.uuid4().hex
+        actor = self._actor
         try:
-            if self._actor is None:
-                self._actor = await self._limiter.actor.remote()
-            decision = await asyncio.wait_for(self._actor.acquire.remote(key.name, reserve_tokens), ACQUIRE_TIMEOUT_S)
-        except Exception:
+            if actor is None:
+                actor = self._actor = await self._limiter.actor.remote()
+            decision = await asyncio.wait_for(actor.acquire.remote(key.name, reserve_tokens, lease_id), ACQUIRE_TIMEOUT_S)
+        except BaseException as error:
+            if actor is not None:
+                # The lease may have been granted before its answer was lost (a timeout, a
+                # departed client); releasing an unknown lease does nothing.
+                actor.release.remote(lease_id, 0)
+            if not isinstance(error, Exception):
+                raise
             # Asked again next time: Serve replaces a failed limiter, with a new actor.
             self._actor = None
             logger.exception("rate limiter call failed")
             raise Overloaded("the rate limiter is unavailable; retry shortly") from None
         if decision.refusal is not None:
             raise RateLimited(decision.refusal, decision.retry_after_s, decision.headers)
-        return decision
+        return Admission(decision, actor)
 
-    def release(self, decision: Decision, tokens_used: int) -> None:
+    @staticmethod
+    def release(admission: Admission, tokens_used: int) -> None:
         """Fire and forget: the client's answer never waits for the bookkeeping. A plain actor
         call, so a departing client's cancellation does not reach it."""
-        if self._actor is not None and decision.lease_id is not None:
-            self._actor.release.remote(decision.lease_id, tokens_used)
+        admission.actor.release.remote(admission.decision.lease_id, tokens_used)

@@ -50,10 +50,13 @@ class _Window:
         return entry
 
     def settle(self, now: float, entry: list[float], amount: float) -> None:
-        """Entries that already left the window no longer count, so there is nothing to correct."""
+        """Corrects a reservation to the real amount; one that already left the window counts
+        what went beyond it from now on (a long stream is not charged only its reservation)."""
         if entry[0] > now - WINDOW_S:
             self.total += amount - entry[1]
             entry[1] = amount
+        elif amount > entry[1]:
+            self.add(now, amount - entry[1])
 
     def wait_for_room(self, now: float, needed: float, limit: float) -> float:
         """Seconds until entries leaving the window make room for `needed` more."""
@@ -90,8 +93,9 @@ class RateLimits:
         self._leases: dict[str, _Lease] = {}
         self._clock = clock
 
-    def acquire(self, key: str, reserve_tokens: int) -> Decision:
-        """Admits the request if every one of the key's limits has room, and then only counts it."""
+    def acquire(self, key: str, reserve_tokens: int, lease_id: str | None = None) -> Decision:
+        """Admits the request if every one of the key's limits has room, and then only counts it.
+        A caller may name the lease, so that it can release one whose answer it never got."""
         now = self._clock()
         self._expire_leases(now)
         state = self._keys.get(key)
@@ -123,7 +127,7 @@ class RateLimits:
         state.requests.add(now, 1)
         reserved = state.tokens.add(now, reserve_tokens) if limits.tokens_per_minute is not None else None
         state.in_flight += 1
-        lease_id = uuid.uuid4().hex
+        lease_id = lease_id or uuid.uuid4().hex
         self._leases[lease_id] = _Lease(key=key, expires=now + LEASE_TTL_S, tokens=reserved)
         return Decision(lease_id=lease_id, headers=_headers(state, now))
 

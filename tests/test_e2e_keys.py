@@ -111,6 +111,9 @@ def test_admin_routes_need_the_admin_scope_and_an_admin_only_key_cannot_chat(key
     bad = _call(keys_url, "admin", "GET", "/admin/usage", params={"since": "yesterday"})
     assert bad.status_code == 400
     assert bad.json()["detail"]["msg"] == "since: 'yesterday' is neither an ISO 8601 time nor unix seconds"
+    for value in ("nan", "1e20", "-5"):
+        out_of_range = _call(keys_url, "admin", "GET", "/admin/usage", params={"until": value})
+        assert out_of_range.status_code == 400 and "not a time this server can represent" in out_of_range.text
 
 
 def test_requests_per_minute_hold_across_two_ingress_replicas(keys_url):

@@ -47,13 +47,14 @@ def test_tokens_are_reserved_then_settled():
     assert second.refusal is None and second.headers["x-ratelimit-remaining-tokens"] == "15"
 
 
-def test_a_settlement_after_the_window_changes_nothing():
+def test_a_settlement_after_the_window_counts_what_went_beyond_the_reservation():
     clock = Clock()
     limits = _limits(clock, tokens_per_minute=100)
     long_request = limits.acquire("k", 90)
     clock.now += 61
-    limits.release(long_request.lease_id, 500)
-    assert limits.acquire("k", 100).refusal is None
+    limits.release(long_request.lease_id, 130)  # 40 beyond its reservation count from now
+    assert limits.acquire("k", 50).refusal is None
+    assert "90 used or reserved" in limits.acquire("k", 20).refusal
 
 
 def test_concurrency_counts_leases_until_released_or_expired():
@@ -65,6 +66,13 @@ def test_concurrency_counts_leases_until_released_or_expired():
     limits.release(held[0].lease_id, 0)
     assert limits.acquire("k", 0).refusal is None
     clock.now += LEASE_TTL_S  # leases whose ingress died free their slots
+    assert limits.acquire("k", 0).refusal is None
+
+
+def test_a_lease_named_by_the_caller_can_be_released_without_its_answer():
+    limits = _limits(Clock(), concurrent_requests=1)
+    assert limits.acquire("k", 0, lease_id="lost-answer").refusal is None
+    limits.release("lost-answer", 0)
     assert limits.acquire("k", 0).refusal is None
 
 
