@@ -44,8 +44,8 @@ class _Limits:
     def __init__(self, keys: list[ApiKey]) -> None:
         self._limits = RateLimits({key.name: key.limits for key in keys})
 
-    async def acquire(self, key: str, reserve_tokens: int) -> Decision:
-        return self._limits.acquire(key, reserve_tokens)
+    async def acquire(self, key: str, reserve_tokens: int, lease_id: str) -> Decision:
+        return self._limits.acquire(key, reserve_tokens, lease_id)
 
     async def release(self, lease_id: str, tokens_used: int) -> None:
         self._limits.release(lease_id, tokens_used)
