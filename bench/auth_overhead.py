@@ -9,7 +9,6 @@ difference from the variant without keys.
 
 import argparse
 import json
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -17,6 +16,7 @@ from pathlib import Path
 import httpx
 
 from bench import systems
+from bench.load import percentile_ms
 from cluster.schema import ClusterConfig
 
 RESULTS = Path(__file__).resolve().parent / "results" / "auth_overhead.json"
@@ -54,8 +54,7 @@ def _measure(runs: list[systems.Running], requests: int, warmup: int) -> dict[st
 
 
 def _summary(samples: list[float]) -> dict[str, float]:
-    cuts = statistics.quantiles(samples, n=100)
-    return {"median_ms": statistics.median(samples) * 1000, "p90_ms": cuts[89] * 1000, "p99_ms": cuts[98] * 1000}
+    return {"median_ms": percentile_ms(samples, 50), "p90_ms": percentile_ms(samples, 90), "p99_ms": percentile_ms(samples, 99)}
 
 
 def main() -> None:

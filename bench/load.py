@@ -117,12 +117,13 @@ async def sse_load(run: Running, path: str, body: dict, concurrency: int, prompt
     return LoadResult(
         system=run.name, api=path, concurrency=concurrency, requests=prompts, errors=errors,
         output_tokens_per_s=tokens / elapsed, requests_per_s=prompts / elapsed,
-        ttft_p50_ms=_percentile(ttfts, 50), ttft_p99_ms=_percentile(ttfts, 99),
-        itl_p50_ms=_percentile(itls, 50), itl_p99_ms=_percentile(itls, 99),
+        ttft_p50_ms=percentile_ms(ttfts, 50), ttft_p99_ms=percentile_ms(ttfts, 99),
+        itl_p50_ms=percentile_ms(itls, 50), itl_p99_ms=percentile_ms(itls, 99),
     )
 
 
-def _percentile(values: list[float], q: int) -> float:
+def percentile_ms(values: list[float], q: int) -> float:
+    """The q-th percentile of durations in seconds, in milliseconds."""
     if not values:
         return float("nan")
     if len(values) == 1:

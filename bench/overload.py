@@ -7,7 +7,6 @@ all be refused. Prints the refusal latencies (p50, p99) in ms.
 
 import argparse
 import asyncio
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -15,6 +14,7 @@ from pathlib import Path
 import httpx
 
 from bench import systems
+from bench.load import percentile_ms
 from cluster.schema import ClusterConfig
 
 
@@ -68,9 +68,8 @@ def main() -> None:
         results = asyncio.run(_measure(run, hold, args.requests, args.concurrency))
     refused = sorted(seconds for status, seconds in results if status == 503)
     others = [status for status, _ in results if status != 503]
-    quantiles = statistics.quantiles(refused, n=100, method="inclusive")
     print(f"{len(refused)} of {len(results)} refused with 503 (others: {others}); "
-          f"refusal latency p50 {quantiles[49] * 1000:.1f} ms, p99 {quantiles[98] * 1000:.1f} ms, "
+          f"refusal latency p50 {percentile_ms(refused, 50):.1f} ms, p99 {percentile_ms(refused, 99):.1f} ms, "
           f"max {refused[-1] * 1000:.1f} ms")
 
 

@@ -146,7 +146,8 @@ class KeyLimits(StrictModel):
 
     @property
     def any(self) -> bool:
-        return any(value is not None for value in self.model_dump().values())
+        """Asked on every request of a keyed caller, so read off the fields, not a dump."""
+        return (self.requests_per_minute, self.tokens_per_minute, self.concurrent_requests) != (None, None, None)
 
 
 Scope = Literal["chat", "admin"]
