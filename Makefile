@@ -26,21 +26,14 @@ $(STAMP): pyproject.toml
 $(TOKEN_FILE):
 	@umask 077; $(PY) -c "import secrets; print('sk-' + secrets.token_urlsafe(32))" > $(TOKEN_FILE)
 
-# RAY_SERVE_PROXY_USE_GRPC: Serve's HTTP proxy talks to the ingress over gRPC rather than Ray
-# actor calls, which halves its cost per request and per streamed token (README, Benchmark).
-# On a host without a GPU the engine keeps its cores to itself: vLLM's compute threads are bound
-# to every core but the last, and Ray's processes (proxy, ingress, controller, …) run on the last.
-# Left to the scheduler, they preempt the engine: 7 to 9% of its throughput here.
+# `python -m cluster serve` checks the config, sets the Serve settings Ray reads from the
+# environment (cluster/runtime.py) and, on a host without a GPU, keeps a core for Ray's processes
+# and the rest for the engine, then runs `serve run`.
 serve: $(STAMP) $(TOKEN_FILE)
-	@export LLM_API_KEY="$${LLM_API_KEY:-$$(cat $(TOKEN_FILE))}" RAY_SERVE_PROXY_USE_GRPC=1; \
-	pin=""; set -- $$($(PY) -c 'import os; c = sorted(os.sched_getaffinity(0)); print(",".join(map(str, c[:-1])), c[-1])'); \
-	if ! (command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1) && [ -n "$$1" ] && [ -n "$$2" ]; then \
-		export VLLM_CPU_OMP_THREADS_BIND="$$1"; pin="taskset -c $$2"; \
-		echo "engine on cores $$1, Ray's processes on core $$2"; \
-	fi; \
+	@export LLM_API_KEY="$${LLM_API_KEY:-$$(cat $(TOKEN_FILE))}"; \
 	echo "API key: $$LLM_API_KEY  (from \$$LLM_API_KEY, else $(TOKEN_FILE))"; \
 	echo "try:  curl -H \"Authorization: Bearer $$LLM_API_KEY\" http://127.0.0.1:8000/llm -d '{\"messages\":[{\"role\":\"user\",\"content\":\"What is the capital of France?\"}]}'"; \
-	$(PY) -m cluster validate $(CONFIG) && $$pin $(VENV)/bin/serve run $(CONFIG)
+	$(PY) -m cluster serve $(CONFIG)
 
 test: $(STAMP)
 	$(PY) -m pytest -v

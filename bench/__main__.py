@@ -13,6 +13,7 @@ import platform
 from pathlib import Path
 
 from bench import report, systems
+from cluster import runtime
 from bench.load import LoadResult, sse_load, vllm_bench
 from cluster.load import load
 from cluster.schema import ClusterConfig
@@ -35,7 +36,11 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     parser.add_argument("--port", type=int, default=8100)
     args = parser.parse_args()
-    systems.keep_engine_cores_free()
+    all_cores = os.sched_getaffinity(0)
+    split = runtime.core_split()
+    if split is not None:
+        # As `make serve` runs ours, for every system alike.
+        runtime.pin(split)
 
     config = next(iter(load(args.config).apps.values()))
     config = config.model_copy(update={"models": config.models[:1], "default_model": None})
@@ -67,6 +72,8 @@ def main() -> None:
             measure(run, None)
     overhead_tokens = 64
     if "overhead" in args.systems:
+        # A zero-cost engine needs no core of its own: the stack has them all, as beside a GPU.
+        os.sched_setaffinity(0, all_cores)
         with systems.our_stack(_overhead_config(), args.port, logs, name="ours, zero-cost engine",
                                import_path="bench.overhead:build_app") as run:
             words = " ".join(f"w{i}" for i in range(overhead_tokens))
@@ -80,6 +87,8 @@ def main() -> None:
     meta = {
         "model": model.id, "input_len": args.input_len, "output_len": args.output_len,
         "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "layout": (f"engine threads on cores {','.join(map(str, split.engine))}, everything else on core {split.ray}"
+                   if split else "unpinned"),
         "started_in_s": started, "overhead_tokens": overhead_tokens,
     }
     print(report.write(results, overhead, meta, args.out))

@@ -21,7 +21,7 @@ def write(results: list[LoadResult], overhead: list[LoadResult], meta: dict, out
 def markdown(results: list[LoadResult], overhead: list[LoadResult], meta: dict) -> str:
     lines = [
         f"Model `{meta['model']}`, {meta['input_len']}-token prompts, {meta['output_len']} output tokens, "
-        f"greedy; {meta['machine']}. Start-up to first answer: "
+        f"greedy; {meta['machine']}; {meta['layout']}. Start-up to first answer: "
         + ", ".join(f"{name} {seconds:.0f} s" for name, seconds in meta["started_in_s"].items()) + ".",
         "",
         "| load | system | conc. | output tok/s | TTFT p50 / p99 ms | ITL p50 / p99 ms | errors | tok/s vs bare | TTFT p50 vs bare |",
@@ -40,7 +40,7 @@ def markdown(results: list[LoadResult], overhead: list[LoadResult], meta: dict) 
         lines += [
             "",
             "Ingress overhead alone (our stack over a zero-cost test engine streaming "
-            f"{meta['overhead_tokens']} tokens per request):",
+            f"{meta['overhead_tokens']} tokens per request, every core open to it):",
             "",
             "| route | conc. | requests/s | time to first chunk p50 / p99 ms | per chunk p50 / p99 ms | errors |",
             "|---|---:|---:|---:|---:|---:|",

@@ -8,7 +8,6 @@ CPUs so that light deployments are never starved of scheduling.
 
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -22,25 +21,13 @@ from pathlib import Path
 import httpx
 import yaml
 
-from cluster import render
+from cluster import render, runtime
 from cluster.schema import ClusterConfig, ModelConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
 SERVE = str(Path(sys.executable).parent / "serve")
 RAY = str(Path(sys.executable).parent / "ray")
-
-
-def keep_engine_cores_free() -> None:
-    """As `make serve` does on a host without a GPU, for every system alike: the engine's compute
-    threads on every core but the last, this process and all it starts (servers, Ray, load
-    generators) on the last, so that nothing preempts the engine."""
-    cores = sorted(os.sched_getaffinity(0))
-    has_gpu = shutil.which("nvidia-smi") and subprocess.run(["nvidia-smi", "-L"], capture_output=True).returncode == 0
-    if len(cores) < 2 or has_gpu:
-        return
-    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(map(str, cores[:-1]))
-    os.sched_setaffinity(0, {cores[-1]})
 
 
 @dataclass(frozen=True)
@@ -100,7 +87,8 @@ def our_apps(configs: dict[str, ClusterConfig], port: int, log_dir: Path, name: 
         [app] = render.serve_config(config.model_copy(update={"usage": usage}))["applications"]
         applications.append(app | {"name": prefix or "llm", "route_prefix": f"/{prefix}", "import_path": import_path})
     document = {"http_options": {"host": "127.0.0.1", "port": port}, "applications": applications}
-    env = os.environ | {"LLM_API_KEY": api_key, "RAY_SERVE_PROXY_USE_GRPC": "1"}
+    # Ray Serve LLM runs with Serve's defaults, as its users get it; these settings are ours.
+    env = os.environ | runtime.SERVE_ENV | {"LLM_API_KEY": api_key}
     with _ray(env), _serve_run(document, env, log_dir / f"{slug}.log"):
         started = time.monotonic()
         runs = []

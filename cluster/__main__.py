@@ -1,13 +1,18 @@
-"""`python -m cluster validate FILE` checks a config; `python -m cluster render FILE` prints the
-normalized Serve config it deploys; `python -m cluster render kuberay FILE` prints a KubeRay
-RayService manifest embedding it; `python -m cluster keys new NAME` makes an API key."""
+"""`python -m cluster validate FILE` checks a config; `python -m cluster serve FILE` checks it and
+runs `serve run FILE` as `make serve` does; `python -m cluster render FILE` prints the normalized
+Serve config it deploys; `python -m cluster render kuberay FILE` prints a KubeRay RayService
+manifest embedding it; `python -m cluster env` prints the exports a node needs before `ray start`;
+`python -m cluster keys new NAME` makes an API key."""
 
 import argparse
+import os
 import sys
+from pathlib import Path
+from typing import NoReturn
 
 from pydantic import ValidationError
 
-from cluster import render
+from cluster import render, runtime
 from cluster.keys import new_key
 from cluster.load import ConfigError, describe, load
 
@@ -16,6 +21,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m cluster")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("validate", help="check a config file").add_argument("file")
+    sub.add_parser("serve", help="check a config file and `serve run` it with this node's settings").add_argument("file")
+    sub.add_parser("env", help="print the environment a Ray node needs, as shell exports")
     rendering = sub.add_parser("render", help="print the Serve config, or a KubeRay RayService, of a config file")
     rendering.add_argument("target", nargs="?", choices=["serve", "kuberay"], default="serve")
     rendering.add_argument("file")
@@ -33,6 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     new.add_argument("--concurrency", type=int, dest="concurrent_requests", help="requests in flight")
     new.add_argument("--expires", dest="expires_at", help="ISO 8601 time from which the key is refused")
     args = parser.parse_args(argv)
+    if args.command == "env":
+        print("".join(f"export {name}={value}\n" for name, value in runtime.SERVE_ENV.items()), end="")
+        return 0
     if args.command == "keys":
         options = {name: value for name, value in vars(args).items() if name not in ("command", "action")}
         try:
@@ -54,12 +64,24 @@ def main(argv: list[str] | None = None) -> int:
             models = ", ".join(model.id for model in config.models)
             print(f"{args.file}: application {name!r} is valid (models: {models})")
         return 0
+    if args.command == "serve":
+        _serve(args.file)
     if args.target == "kuberay":
         document = render.kuberay(loaded, name=args.name, image=args.image, gpus_per_node=args.gpus_per_node)
     else:
         document = render.normalized(loaded)
     print(render.to_yaml(document), end="")
     return 0
+
+
+def _serve(file: str) -> NoReturn:
+    os.environ.update(runtime.SERVE_ENV)
+    split = runtime.core_split()
+    if split is not None:
+        runtime.pin(split)
+        print(f"engine on cores {','.join(map(str, split.engine))}, Ray's processes on core {split.ray}", flush=True)
+    serve = str(Path(sys.executable).parent / "serve")
+    os.execv(serve, [serve, "run", file])
 
 
 if __name__ == "__main__":

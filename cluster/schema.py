@@ -238,6 +238,13 @@ class LoggingSettings(StrictModel):
 
     encoding: Literal["TEXT", "JSON"] = "TEXT"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    access_log: bool = Field(
+        default=False,
+        description="Serve's own line per call in every replica, beside our line per request (which has more)",
+    )
+
+    def serve_logging_config(self) -> dict:
+        return {"encoding": self.encoding, "log_level": self.log_level, "enable_access_log": self.access_log}
 
 
 class ClusterConfig(StrictModel):

@@ -25,7 +25,7 @@ def build_app(args: ClusterConfig) -> Application:
 def build_graph(config: ClusterConfig, engine_factory: EngineFactory) -> Application:
     """One deployment per model, the rate limiter if a key has limits, the usage ledger unless it
     is off, and the ingress holding a handle to each."""
-    logging_config = config.logging.model_dump()
+    logging_config = config.logging.serve_logging_config()
     models = {
         model.id: serve.deployment(ModelServer, **deployment_options(model), logging_config=logging_config).bind(
             model, engine_factory

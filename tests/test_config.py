@@ -2,6 +2,8 @@
 
 import datetime
 import hashlib
+import json
+import os
 import re
 import subprocess
 import sys
@@ -12,6 +14,7 @@ import yaml
 
 from cluster import render
 from cluster.load import ConfigError, load
+from cluster.runtime import SERVE_ENV
 from cluster.schema import ApiKey, ClusterConfig
 from serve_app.engine import vllm_namespace
 from serve_app.model_server import deployment_options
@@ -142,8 +145,26 @@ def test_kuberay_manifest_embeds_the_config_and_sizes_the_gpu_group():
     assert (gpu["minReplicas"], gpu["maxReplicas"]) == (2, 3)
     assert gpu["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "2"
     head = manifest["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0]
-    assert head["env"] == [{"name": "RAY_SERVE_PROXY_USE_GRPC", "value": "1"},
+    assert head["env"] == [{"name": name, "value": value} for name, value in SERVE_ENV.items()] + [
                            {"name": "LLM_API_KEY", "valueFrom": {"secretKeyRef": {"name": "llm-api-keys", "key": "LLM_API_KEY"}}}]
+
+
+def test_node_env_is_read_by_serve():
+    """The exports `python -m cluster env` prints are settings Serve has: each one changes what
+    Serve runs with (a misspelt name would be ignored without a word)."""
+    exports = subprocess.run([sys.executable, "-m", "cluster", "env"], capture_output=True, text=True, check=True).stdout
+    env = dict(line.removeprefix("export ").split("=", 1) for line in exports.splitlines())
+    assert env == SERVE_ENV
+    read = ("import json; from ray.serve._private import constants as c; "
+            f"print(json.dumps({{name: getattr(c, name) for name in {list(env)!r}}}))")
+    defaults = {name: value for name, value in os.environ.items() if name not in env}
+
+    def serve_constants(environment: dict[str, str]) -> dict:
+        return json.loads(subprocess.run([sys.executable, "-c", read], env=environment, capture_output=True,
+                                         text=True, check=True).stdout)
+
+    ours, serves_own = serve_constants(defaults | env), serve_constants(defaults)
+    assert {name: ours[name] != serves_own[name] for name in env} == dict.fromkeys(env, True)
 
 
 def test_key_rights_globs_and_expiry():
