@@ -79,8 +79,9 @@ def vllm_bench(run: Running, tokenizer: str, concurrency: int, prompts: int, inp
         "--dataset-name", "random", "--random-input-len", str(input_len),
         "--random-output-len", str(output_len), "--ignore-eos",
         "--num-prompts", str(prompts), "--max-concurrency", str(concurrency),
-        "--num-warmups", str(min(concurrency, 2)), "--temperature", "0", "--disable-tqdm",
+        "--num-warmups", str(min(concurrency, 2)), "--temperature", "0", "--disable-tqdm", "--save-detailed",
     ])
+    # --save-detailed keeps the raw timings in the result it returns (it writes no file).
     with _api_key(run.api_key), contextlib.redirect_stdout(io.StringIO()):
         raw = main(args)
     ok = [error == "" for error in raw["errors"]]

@@ -17,8 +17,18 @@ def replica_of(request_id: str, app: str, timeout_s: float = 15) -> str:
     return _find(request_id, app, timeout_s)[0]
 
 
+def lines_of(request_id: str, app: str) -> list[str]:
+    """Every line naming the request in the app's replica logs (any deployment), as of now."""
+    return [line for path in _logs().glob(f"replica_{app}_*.log") for line in path.read_text().splitlines()
+            if request_id in line]
+
+
+def _logs() -> Path:
+    return Path(ray._private.worker.global_worker.node.get_logs_dir_path()) / "serve"
+
+
 def _find(request_id: str, app: str, timeout_s: float) -> tuple[str, str]:
-    logs = Path(ray._private.worker.global_worker.node.get_logs_dir_path()) / "serve"
+    logs = _logs()
 
     def scan() -> tuple[str, str] | None:
         for path in logs.glob(f"replica_{app}_ingress_*.log"):

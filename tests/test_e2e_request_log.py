@@ -9,10 +9,10 @@ import httpx
 import pytest
 from ray import serve
 
-import tests.fake_engine
 from cluster.schema import ClusterConfig
-from serve_app.app import build_graph
-from tests.serve_logs import log_line
+from tests.conftest import serve_fake
+from tests.polling import until
+from tests.serve_logs import lines_of, log_line
 
 pytestmark = pytest.mark.e2e
 
@@ -42,13 +42,16 @@ def test_refused_request_is_logged_with_its_status(client):
     assert fields["status"] == "404" and fields["endpoint"] == "/v1/chat/completions"
 
 
-def test_json_logs_carry_the_request_fields(serve_url, fake_url):
-    config = ClusterConfig.model_validate({
-        "logging": {"encoding": "JSON"},
+def _echo_config(logging: dict) -> ClusterConfig:
+    return ClusterConfig.model_validate({
+        "logging": logging,
         "usage": {"enabled": False},
         "models": [{"id": "echo", "source": {"path": "/models/echo"}, "deployment": {"num_cpus": 0.1}}],
     })
-    serve.run(build_graph(config, tests.fake_engine.fake_engine), name="jsonlog", route_prefix="/jsonlog")
+
+
+def test_json_logs_carry_the_request_fields(serve_url, fake_url):
+    serve_fake(_echo_config({"encoding": "JSON"}), "jsonlog")
     try:
         request_id = "json-" + secrets.token_hex(6)
         response = httpx.post(serve_url + "/jsonlog/llm", json={"messages": [{"role": "user", "content": "a b c"}]},
@@ -59,3 +62,30 @@ def test_json_logs_carry_the_request_fields(serve_url, fake_url):
         assert fields["completion_tokens"] == 3 and fields["endpoint"] == "/llm"
     finally:
         serve.delete("jsonlog")
+
+
+def test_serve_access_log_is_off_unless_asked(serve_url, fake_url):
+    """Our line per request is the access log; Serve's own line per call in each replica is written
+    only with `logging.access_log: true`."""
+    serve_fake(_echo_config({}), "quietlog")
+    serve_fake(_echo_config({"access_log": True}), "accesslog")
+    try:
+        def send(app: str) -> str:
+            request_id = "access-" + secrets.token_hex(6)
+            response = httpx.post(f"{serve_url}/{app}/llm", json={"messages": [{"role": "user", "content": "a b"}]},
+                                  headers={"x-request-id": request_id}, timeout=30)
+            assert response.status_code == 200
+            log_line(request_id, app=app)
+            return request_id
+
+        def serve_lines(request_id: str, app: str) -> list[str]:
+            return [line for line in lines_of(request_id, app) if "request id=" not in line]
+
+        asked = send("accesslog")
+        until(lambda: len(serve_lines(asked, "accesslog")) >= 2, 15, "Serve's access lines of the ingress and the model")
+        quiet = send("quietlog")
+        send("quietlog")  # written after the first request's replicas were done with it
+        assert serve_lines(quiet, "quietlog") == []
+    finally:
+        serve.delete("quietlog")
+        serve.delete("accesslog")
