@@ -2,8 +2,8 @@
 
 The OpenAI route is driven by vLLM's own load generator (`vllm bench serve`, run in this process),
 the same on every system. `/llm` has no such tool, so `sse_load` is ours: it reads Server-Sent
-Events the way the Livepeer gateway does and times each content chunk. Both keep their raw
-timings (`Samples`), so that repeated runs of one load pool into one figure.
+Events the way the Livepeer gateway does and times each content chunk. Both return their raw
+timings (`Samples`), reduced to figures by `LoadResult.of`.
 """
 
 import asyncio
@@ -48,17 +48,14 @@ class LoadResult:
     ttft_p99_ms: float
     itl_p50_ms: float
     itl_p99_ms: float
-    compared_with: str = ""
-    """The contender a baseline row was measured beside (its ratios use that row)."""
 
     @classmethod
-    def of(cls, system: str, api: str, concurrency: int, samples: Samples, compared_with: str = "") -> "LoadResult":
+    def of(cls, system: str, api: str, concurrency: int, samples: Samples) -> "LoadResult":
         return cls(
             system=system, api=api, concurrency=concurrency, requests=samples.requests, errors=samples.errors,
             output_tokens_per_s=samples.tokens / samples.elapsed_s, requests_per_s=samples.requests / samples.elapsed_s,
             ttft_p50_ms=percentile_ms(samples.ttfts, 50), ttft_p99_ms=percentile_ms(samples.ttfts, 99),
             itl_p50_ms=percentile_ms(samples.itls, 50), itl_p99_ms=percentile_ms(samples.itls, 99),
-            compared_with=compared_with,
         )
 
     def as_dict(self) -> dict:

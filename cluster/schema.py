@@ -230,6 +230,11 @@ class IngressSettings(StrictModel):
     max_tokens_limit: Annotated[int, Field(ge=1)] | None = Field(
         default=None, description="reject requests asking for more output tokens than this"
     )
+    colocate: bool = Field(
+        default=False,
+        description="run the one model's engine inside the ingress's replicas: one hop less per "
+        "request and per token; the model's deployment settings then apply to the ingress",
+    )
 
 
 class LoggingSettings(StrictModel):
@@ -274,6 +279,13 @@ class ClusterConfig(StrictModel):
                         f"auth.keys.{index}.models: {pattern!r} is not a model id or alias "
                         f"(models: {', '.join(names)}; glob patterns like 'llama-*' are allowed)"
                     )
+        if self.ingress.colocate:
+            if len(self.models) != 1:
+                raise ValueError(f"ingress.colocate needs exactly one model, not {len(self.models)}")
+            scaling = self.models[0].deployment.autoscaling
+            if scaling is not None and scaling.min_replicas == 0:
+                raise ValueError("ingress.colocate: the model cannot scale to zero (autoscaling.min_replicas: 0), "
+                                 "or nothing would answer /health")
         return self
 
     @property

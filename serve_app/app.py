@@ -24,9 +24,10 @@ def build_app(args: ClusterConfig) -> Application:
 
 def build_graph(config: ClusterConfig, engine_factory: EngineFactory) -> Application:
     """One deployment per model, the rate limiter if a key has limits, the usage ledger unless it
-    is off, and the ingress holding a handle to each."""
+    is off, and the ingress holding a handle to each; or, colocated, the ingress holding the one
+    model's engine, deployed under the model's name and settings."""
     logging_config = config.logging.serve_logging_config()
-    models = {
+    models = {} if config.ingress.colocate else {
         model.id: serve.deployment(ModelServer, **deployment_options(model), logging_config=logging_config).bind(
             model, engine_factory
         )
@@ -41,6 +42,9 @@ def build_graph(config: ClusterConfig, engine_factory: EngineFactory) -> Applica
             config.usage.database
         )
     ingress = config.ingress
+    if ingress.colocate:
+        options = deployment_options(config.models[0])
+        return Ingress.options(**options, logging_config=logging_config).bind(config, {}, limiter, ledger, engine_factory)
     return Ingress.options(
         num_replicas=ingress.num_replicas,
         max_ongoing_requests=ingress.max_ongoing_requests,

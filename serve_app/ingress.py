@@ -19,7 +19,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 from ray import serve
 from ray.serve.exceptions import BackPressureError
-from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
+from ray.serve.handle import DeploymentHandle
 
 from cluster.schema import ClusterConfig, Scope
 from serve_app import livepeer, sse
@@ -38,7 +38,7 @@ from serve_app.hardware import hardware_info
 from serve_app.limiter import LimitGate
 from serve_app.model_state import livepeer_health, model_states
 from serve_app.metrics import IngressMetrics
-from serve_app.model_server import ModelOutput
+from serve_app.model_server import EngineFactory, ModelOutput, ModelRunner
 from serve_app.protocol import (
     ChatCompletionRequest,
     ErrorResponse,
@@ -47,7 +47,7 @@ from serve_app.protocol import (
     StreamOptions,
 )
 from serve_app.request_log import CLIENT_CLOSED_REQUEST, RequestRecord
-from serve_app.router import Route, Router
+from serve_app.router import ModelStream, Route, Router
 from serve_app.usage import LedgerClient
 
 logger = logging.getLogger("ray.serve")
@@ -100,11 +100,11 @@ def _check_messages(chat: ChatCompletionRequest) -> None:
 
 async def _first_output(
     route: Route, chat: ChatCompletionRequest, record: RequestRecord
-) -> tuple[ModelOutput, DeploymentResponseGenerator]:
+) -> tuple[ModelOutput, ModelStream]:
     """Reads the model's first item before any byte goes out, so that errors found there become
     real HTTP statuses. The wait is bounded (a model at zero replicas starts one meanwhile); a
     cancelled request (the client left) cancels the model's work."""
-    outputs: DeploymentResponseGenerator = route.handle.chat.remote(chat)
+    outputs = route.call(chat)
     try:
         first = await asyncio.wait_for(outputs.__anext__(), route.first_output_timeout_s)
     except asyncio.TimeoutError:
@@ -138,7 +138,7 @@ class _EventStream(StreamingResponse):
     first: the stream is closed here, and a request it never started is ended as departed, so
     that its record is written and the model's work cancelled either way."""
 
-    def __init__(self, events, rest: DeploymentResponseGenerator, record: RequestRecord, headers: dict[str, str]):
+    def __init__(self, events, rest: ModelStream, record: RequestRecord, headers: dict[str, str]):
         super().__init__(sse.closed(events, record), media_type="text/event-stream", headers=sse.HEADERS | headers)
         self._rest = rest
         self._record = record
@@ -188,16 +188,23 @@ async def _unexpected(request: Request, error: Exception) -> JSONResponse:
 @serve.deployment(name="ingress")
 @serve.ingress(app)
 class Ingress:
-    def __init__(
+    async def __init__(
         self,
         config: ClusterConfig,
         handles: dict[str, DeploymentHandle],
         limiter: DeploymentHandle | None = None,
         ledger: DeploymentHandle | None = None,
+        colocated_engine: EngineFactory | None = None,
     ) -> None:
+        """With `colocated_engine`, the config's one model runs in this replica (no handle)."""
         self._config = config
         self._keys = KeyRing(config.auth)
-        self._router = Router(config, handles)
+        self._runners: dict[str, ModelRunner] = {}
+        if colocated_engine is not None:
+            self._runners = {model.id: ModelRunner(model, colocated_engine) for model in config.models}
+            for runner in self._runners.values():
+                await runner.start()
+        self._router = Router(config, handles | self._runners)
         self._metrics = IngressMetrics()
         self._gate = LimitGate(limiter)
         self._ledger = LedgerClient(ledger)
@@ -302,7 +309,7 @@ class Ingress:
 
     async def _start(
         self, route: Route, chat: ChatCompletionRequest, record: RequestRecord, caller: Caller
-    ) -> tuple[ModelOutput, DeploymentResponseGenerator, dict[str, str]]:
+    ) -> tuple[ModelOutput, ModelStream, dict[str, str]]:
         """The last check, the rate limits, then the model. From here on the request counts: its
         lease is released and its ledger row written when it ends, however it ends."""
         reserve = (chat.max_completion_tokens or chat.max_tokens or 0) * (chat.n or 1)
@@ -312,6 +319,18 @@ class Ingress:
         record.on_finish.append(self._ledger.record)
         first, rest = await _first_output(route, chat, record)
         return first, rest, admission.decision.headers if admission is not None else {}
+
+    async def check_health(self) -> None:
+        """Serve calls this periodically; a failing colocated engine gets the replica replaced."""
+        for runner in self._runners.values():
+            await runner.check_health()
+
+    def num_unfinished_requests(self) -> int:
+        return sum(runner.num_unfinished_requests() for runner in self._runners.values())
+
+    def __del__(self) -> None:
+        for runner in getattr(self, "_runners", {}).values():
+            runner.shutdown()
 
     def _capped(self, chat: ChatCompletionRequest) -> ChatCompletionRequest:
         """An honest max_tokens cap matters to operators: Livepeer prices by max_tokens."""

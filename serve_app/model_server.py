@@ -1,12 +1,14 @@
-"""The per-model Serve deployment: each replica owns one engine and streams its output.
+"""A model's engine behind the ingress: in a Serve deployment of its own (one replica, one
+engine), or inside the ingress's own replica when the config colocates them.
 
-The replica yields, per request, either one `ChatCompletionResponse` or `ErrorResponse`, or a
-stream of chunk JSON payloads; the ingress decides from the first item whether the client gets a
-JSON body, an error status or an SSE stream.
+Either way the model yields, per request, either one `ChatCompletionResponse` or `ErrorResponse`,
+or a stream of chunk JSON payloads; the ingress decides from the first item whether the client
+gets a JSON body, an error status or an SSE stream.
 """
 
+import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Any
 
 from cluster.schema import ModelConfig, deployment_name
@@ -28,14 +30,18 @@ def vllm_engine(model: ModelConfig) -> ChatEngine:
     return VLLMEngine(model.id, model_source.resolve(model.source), vllm_args)
 
 
-class ModelServer:
-    async def __init__(self, model: ModelConfig, engine_factory: EngineFactory = vllm_engine) -> None:
+class ModelRunner:
+    """One engine, its metrics and its output stream per request."""
+
+    def __init__(self, model: ModelConfig, engine_factory: EngineFactory) -> None:
         self._tags = {"model": model.id}
         self._metrics = EngineMetrics()
         self._engine = engine_factory(model)
+
+    async def start(self) -> None:
         await self._engine.start()
 
-    async def chat(self, request: ChatCompletionRequest) -> AsyncIterator[ModelOutput]:
+    async def chat(self, request: ChatCompletionRequest) -> AsyncGenerator[ModelOutput, None]:
         started = time.perf_counter()
         first = True
         try:
@@ -49,16 +55,58 @@ class ModelServer:
             self._metrics.duration.observe(time.perf_counter() - started, self._tags)
 
     async def check_health(self) -> None:
-        """Serve calls this periodically; a failing engine gets the replica replaced."""
         await self._engine.check_health()
 
     def num_unfinished_requests(self) -> int:
         return self._engine.num_unfinished_requests()
 
+    def shutdown(self) -> None:
+        self._engine.shutdown()
+
+
+class ModelServer:
+    """The model's own Serve deployment."""
+
+    async def __init__(self, model: ModelConfig, engine_factory: EngineFactory = vllm_engine) -> None:
+        self._runner = ModelRunner(model, engine_factory)
+        await self._runner.start()
+
+    async def chat(self, request: ChatCompletionRequest) -> AsyncGenerator[ModelOutput, None]:
+        async for output in self._runner.chat(request):
+            yield output
+
+    async def check_health(self) -> None:
+        """Serve calls this periodically; a failing engine gets the replica replaced."""
+        await self._runner.check_health()
+
+    def num_unfinished_requests(self) -> int:
+        return self._runner.num_unfinished_requests()
+
     def __del__(self) -> None:
-        engine = getattr(self, "_engine", None)
-        if engine is not None:
-            engine.shutdown()
+        runner = getattr(self, "_runner", None)
+        if runner is not None:
+            runner.shutdown()
+
+
+class InProcessStream:
+    """A colocated model's outputs for one request, with the handle stream's `cancel()`."""
+
+    _closing: set[asyncio.Task] = set()
+
+    def __init__(self, outputs: AsyncGenerator[ModelOutput, None]) -> None:
+        self._outputs = outputs
+
+    def __aiter__(self) -> "InProcessStream":
+        return self
+
+    def __anext__(self):
+        return self._outputs.__anext__()
+
+    def cancel(self) -> None:
+        """Closing the generator runs its cleanup, which aborts the engine's request."""
+        task = asyncio.get_running_loop().create_task(self._outputs.aclose())
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
 
 
 async def _outputs(result: ChatResult) -> AsyncIterator[ModelOutput]:

@@ -1,31 +1,49 @@
-"""Model name (id or alias, or empty for the default) to the model's streaming handle, within
-the models the caller's key may use."""
+"""Model name (id or alias, or empty for the default) to the call that streams the model's
+outputs, within the models the caller's key may use."""
 
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from ray.serve.handle import DeploymentHandle
 
 from cluster.schema import ClusterConfig
 from serve_app.auth import Caller
 from serve_app.errors import Forbidden, NotFound
+from serve_app.model_server import InProcessStream, ModelOutput, ModelRunner
+from serve_app.protocol import ChatCompletionRequest
+
+
+class ModelStream(Protocol):
+    """A model's outputs for one request: a Serve handle's response generator, or an
+    `InProcessStream` from a model in the ingress's own replica."""
+
+    def __aiter__(self) -> AsyncIterator[ModelOutput]: ...
+
+    def __anext__(self): ...
+
+    def cancel(self) -> None: ...
 
 
 @dataclass(frozen=True)
 class Route:
     model_id: str
-    handle: DeploymentHandle
+    call: Callable[[ChatCompletionRequest], ModelStream]
     first_output_timeout_s: float
 
 
+def _call(model: DeploymentHandle | ModelRunner) -> Callable[[ChatCompletionRequest], ModelStream]:
+    if isinstance(model, ModelRunner):
+        return lambda request: InProcessStream(model.chat(request))
+    # One streaming handle per model, made once: `.options()` per request is costly. Calls go
+    # over Serve's gRPC transport rather than Ray actor calls: a third less time to first token
+    # and per token through the ingress (bench/results, "Ingress overhead alone").
+    return model.options(stream=True, _by_reference=False).chat.remote
+
+
 class Router:
-    def __init__(self, config: ClusterConfig, handles: dict[str, DeploymentHandle]) -> None:
-        # One streaming handle per model, made once: `.options()` per request is costly. Calls
-        # go over Serve's gRPC transport rather than Ray actor calls: a third less time to first
-        # token and per token through the ingress (bench/results, "Ingress overhead alone").
-        self._routes = {
-            m.id: Route(m.id, handles[m.id].options(stream=True, _by_reference=False), m.deployment.first_output_timeout_s)
-            for m in config.models
-        }
+    def __init__(self, config: ClusterConfig, models: dict[str, DeploymentHandle | ModelRunner]) -> None:
+        self._routes = {m.id: Route(m.id, _call(models[m.id]), m.deployment.first_output_timeout_s) for m in config.models}
         self._ids = {name: m.id for m in config.models for name in (m.id, *m.aliases)}
         self._default = config.default_model_id
         self.model_ids = [m.id for m in config.models]

@@ -12,7 +12,6 @@ import json
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator
 
-from ray.serve.handle import DeploymentResponseGenerator
 
 from serve_app import livepeer
 from serve_app.request_log import CLIENT_CLOSED_REQUEST, RequestRecord
@@ -28,7 +27,7 @@ def event(payload: str) -> str:
 
 
 async def livepeer_events(
-    first: str, rest: DeploymentResponseGenerator, record: RequestRecord
+    first: str, rest: AsyncIterator[str], record: RequestRecord
 ) -> AsyncGenerator[str, None]:
     state = livepeer.StreamState()
     try:
@@ -53,7 +52,7 @@ async def livepeer_events(
 
 async def openai_events(
     first: str,
-    rest: DeploymentResponseGenerator,
+    rest: AsyncIterator[str],
     record: RequestRecord,
     client_wants_usage: bool,
     client_wants_usage_per_chunk: bool,
@@ -103,7 +102,7 @@ async def closed(events: AsyncGenerator[str, None], record: RequestRecord) -> As
         record.finish()
 
 
-async def _chain(first: str, rest: DeploymentResponseGenerator) -> AsyncIterator[str]:
+async def _chain(first: str, rest: AsyncIterator[str]) -> AsyncIterator[str]:
     yield first
     async for item in rest:
         yield item
