@@ -2,9 +2,10 @@
 engine settings, one after another on this machine, under the same streaming loads; then the
 stack alone over a zero-cost engine. Writes bench/results/latest.{json,md,png}.
 
-Each system runs alone. Measuring them in turns, with bare vLLM kept up beside the Ray systems,
-was tried: an idle Ray node beside bare vLLM slowed it by a third (inter-token 60 → 90 ms here),
-which flattered ours.
+Each system runs alone. Measuring them in turns, with bare vLLM kept up beside each Ray system,
+was tried and dropped: the idle neighbour slowed bare vLLM (inter-token latency at concurrency 1
+here: 60 ms alone, 66 ms beside idle Ray Serve LLM, 90 ms beside our idle stack), which
+flattered the Ray systems.
 
 Longer runs on a GPU cluster: --config configs/gpu-cluster.yaml --concurrency 1 8 32 128
 --output-len 256 --prompts-per-stream 16.

@@ -8,7 +8,8 @@ from tests.polling import until
 
 
 def log_line(request_id: str, app: str = "llm", timeout_s: float = 15) -> str:
-    """The request's line in the app's ingress replica logs, once it has been written."""
+    """The request's line in the app's ingress replica logs (its model's deployment's when
+    colocated), once it has been written."""
     return _find(request_id, app, timeout_s)[1]
 
 
@@ -31,7 +32,7 @@ def _find(request_id: str, app: str, timeout_s: float) -> tuple[str, str]:
     logs = _logs()
 
     def scan() -> tuple[str, str] | None:
-        for path in logs.glob(f"replica_{app}_ingress_*.log"):
+        for path in logs.glob(f"replica_{app}_*.log"):
             for line in path.read_text().splitlines():
                 if f"request id={request_id} " in line:
                     return path.name, line
