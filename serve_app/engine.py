@@ -5,7 +5,10 @@ without vLLM. The vLLM implementation reuses vLLM's own OpenAI serving layer (ch
 sampling parameters, tools, logprobs, usage) instead of re-implementing any of it.
 """
 
-from collections.abc import AsyncGenerator
+import logging
+from collections.abc import AsyncGenerator, Iterator
+from contextlib import contextmanager
+from logging.handlers import MemoryHandler
 from typing import Any, Protocol
 
 from vllm.entrypoints.openai.chat_completion.protocol import (
@@ -48,16 +51,17 @@ class VLLMEngine:
         from vllm.v1.engine.async_llm import AsyncLLM
         from vllm.v1.metrics.ray_wrappers import RayPrometheusStatLogger
 
-        args = vllm_namespace(self._model_id, self._model, self._vllm_args)
-        # vLLM's engine metrics go out through Ray's metrics, labelled with the model's id.
-        self._client = AsyncLLM.from_engine_args(
-            AsyncEngineArgs.from_cli_args(args), stat_loggers=[RayPrometheusStatLogger]
-        )
-        state = State()
-        await init_app_state(
-            self._client, state, args, supported_tasks=await self._client.get_supported_tasks()
-        )
-        self._serving_chat = state.openai_serving_chat
+        with _serve_logs_kept():
+            args = vllm_namespace(self._model_id, self._model, self._vllm_args)
+            # vLLM's engine metrics go out through Ray's metrics, labelled with the model's id.
+            self._client = AsyncLLM.from_engine_args(
+                AsyncEngineArgs.from_cli_args(args), stat_loggers=[RayPrometheusStatLogger]
+            )
+            state = State()
+            await init_app_state(
+                self._client, state, args, supported_tasks=await self._client.get_supported_tasks()
+            )
+            self._serving_chat = state.openai_serving_chat
 
     async def chat(self, request: ChatCompletionRequest) -> ChatResult:
         """Client mistakes found while rendering the prompt (too long for the context, a bad
@@ -79,6 +83,20 @@ class VLLMEngine:
     def shutdown(self) -> None:
         if self._client is not None:
             self._client.shutdown()
+
+
+@contextmanager
+def _serve_logs_kept() -> Iterator[None]:
+    """vLLM applies its logging config with `dictConfig`, which closes every handler in the
+    process: Serve's buffering handler then loses its log file, and the replica's log (our line
+    per request included) goes nowhere. Its file is given back once the engine is up."""
+    kept = [(handler, handler.target) for handler in logging.getLogger("ray.serve").handlers
+            if isinstance(handler, MemoryHandler)]
+    try:
+        yield
+    finally:
+        for handler, target in kept:
+            handler.setTarget(target)
 
 
 def vllm_namespace(model_id: str, model: str, vllm_args: dict[str, Any]):

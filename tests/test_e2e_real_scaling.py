@@ -30,6 +30,7 @@ async def test_real_model_starts_from_zero_then_scales_to_two(serve_url, llm_url
     # test waits on, on a machine where a starting engine shares a core with a busy one.
     raw["models"][0]["engine"]["enforce_eager"] = True
     raw["usage"] = {"enabled": False}
+    raw["ingress"]["colocate"] = False  # a model at zero replicas needs an ingress of its own
     raw["models"][0]["deployment"] |= {"num_replicas": None, "autoscaling": {
         "min_replicas": 0, "max_replicas": 2, "target_ongoing_requests": 1, "upscale_delay_s": 0, "downscale_delay_s": 600,
     }}
