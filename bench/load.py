@@ -30,10 +30,6 @@ class Samples:
     errors: int = 0
     elapsed_s: float = 0.0
 
-    def __add__(self, other: "Samples") -> "Samples":
-        return Samples(self.ttfts + other.ttfts, self.itls + other.itls, self.tokens + other.tokens,
-                       self.requests + other.requests, self.errors + other.errors, self.elapsed_s + other.elapsed_s)
-
 
 @dataclass
 class LoadResult:

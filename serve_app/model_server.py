@@ -72,8 +72,8 @@ class ModelServer:
         await self._runner.start()
 
     async def chat(self, request: ChatCompletionRequest) -> AsyncGenerator[ModelOutput, None]:
-        async for output in self._runner.chat(request):
-            yield output
+        """Serve awaits this and streams the runner's own generator: no extra layer per chunk."""
+        return self._runner.chat(request)
 
     async def check_health(self) -> None:
         """Serve calls this periodically; a failing engine gets the replica replaced."""

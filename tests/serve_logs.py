@@ -1,5 +1,6 @@
 """Finding a request's line in the Serve replica logs of this session's Ray node."""
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import ray
@@ -20,22 +21,19 @@ def replica_of(request_id: str, app: str, timeout_s: float = 15) -> str:
 
 def lines_of(request_id: str, app: str) -> list[str]:
     """Every line naming the request in the app's replica logs (any deployment), as of now."""
-    return [line for path in _logs().glob(f"replica_{app}_*.log") for line in path.read_text().splitlines()
-            if request_id in line]
+    return [line for _, line in _lines(app) if request_id in line]
 
 
-def _logs() -> Path:
-    return Path(ray._private.worker.global_worker.node.get_logs_dir_path()) / "serve"
+def _lines(app: str) -> Iterator[tuple[str, str]]:
+    """(log file name, line) for every line of the app's replica logs."""
+    logs = Path(ray._private.worker.global_worker.node.get_logs_dir_path()) / "serve"
+    for path in logs.glob(f"replica_{app}_*.log"):
+        for line in path.read_text().splitlines():
+            yield path.name, line
 
 
 def _find(request_id: str, app: str, timeout_s: float) -> tuple[str, str]:
-    logs = _logs()
-
     def scan() -> tuple[str, str] | None:
-        for path in logs.glob(f"replica_{app}_*.log"):
-            for line in path.read_text().splitlines():
-                if f"request id={request_id} " in line:
-                    return path.name, line
-        return None
+        return next(((name, line) for name, line in _lines(app) if f"request id={request_id} " in line), None)
 
     return until(scan, timeout_s, f"the log line of request {request_id}")
