@@ -14,11 +14,12 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import psutil
 import yaml
 
 from cluster import render, runtime
@@ -88,7 +89,7 @@ def our_apps(configs: dict[str, ClusterConfig], port: int, log_dir: Path, name: 
         applications.append(app | {"name": prefix or "llm", "route_prefix": f"/{prefix}", "import_path": import_path})
     document = {"http_options": {"host": "127.0.0.1", "port": port}, "applications": applications}
     # Ray Serve LLM runs with Serve's defaults, as its users get it; these settings are ours.
-    env = os.environ | runtime.SERVE_ENV | {"LLM_API_KEY": api_key}
+    env = os.environ | runtime.NODE_ENV | {"LLM_API_KEY": api_key}
     with _ray(env), _serve_run(document, env, log_dir / f"{slug}.log"):
         started = time.monotonic()
         runs = []
@@ -123,12 +124,29 @@ def ray_serve_llm(model: ModelConfig, model_path: str, port: int, log_dir: Path)
 
 @contextmanager
 def _ray(env) -> Iterator[None]:
-    subprocess.run([RAY, "start", "--head", "--num-cpus=8", "--include-dashboard=false", "--disable-usage-stats"],
-                   env=env, check=True, capture_output=True)
+    """Ray in a session of its own. `ray stop` leaves vLLM's engine processes behind when it kills
+    the replica that started them, and an orphaned engine spins on a core through the next system's
+    run; everything left in the session goes with it."""
+    start = subprocess.Popen([RAY, "start", "--head", "--num-cpus=8", "--include-dashboard=false",
+                              "--disable-usage-stats"], env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, start_new_session=True)
+    if start.wait() != 0:
+        raise RuntimeError("ray start failed")
     try:
         yield
     finally:
         subprocess.run([RAY, "stop", "--force"], capture_output=True)
+        _kill_session(start.pid)
+
+
+def _kill_session(session: int) -> None:
+    left = []
+    for process in psutil.process_iter():
+        with suppress(psutil.Error, ProcessLookupError):
+            if os.getsid(process.pid) == session:
+                process.kill()
+                left.append(process)
+    psutil.wait_procs(left, timeout=10)
 
 
 @contextmanager

@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     new.add_argument("--expires", dest="expires_at", help="ISO 8601 time from which the key is refused")
     args = parser.parse_args(argv)
     if args.command == "env":
-        print("".join(f"export {name}={value}\n" for name, value in runtime.SERVE_ENV.items()), end="")
+        print("".join(f"export {name}={value}\n" for name, value in runtime.NODE_ENV.items()), end="")
         return 0
     if args.command == "keys":
         options = {name: value for name, value in vars(args).items() if name not in ("command", "action")}
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _serve(file: str) -> NoReturn:
-    os.environ.update(runtime.SERVE_ENV)
+    os.environ.update(runtime.NODE_ENV)
     split = runtime.core_split()
     if split is not None:
         runtime.pin(split)

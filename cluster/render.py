@@ -9,7 +9,7 @@ from typing import Any
 import yaml
 
 from cluster.load import IMPORT_PATH, LoadedConfig
-from cluster.runtime import SERVE_ENV
+from cluster.runtime import NODE_ENV
 from cluster.schema import ClusterConfig, ModelConfig
 
 RAY_VERSION = "2.60.0"
@@ -43,8 +43,8 @@ def kuberay(loaded: LoadedConfig, *, name: str, image: str, gpus_per_node: int |
     per_node = gpus_per_node or max(1, *(m.engine.tensor_parallel_size for m in models))
     min_gpus = sum(_gpus(m) * _replica_bounds(m)[0] for m in models)
     max_gpus = sum(_gpus(m) * _replica_bounds(m)[1] for m in models)
-    # Serve's settings, as `make serve` runs it.
-    env = [{"name": name, "value": value} for name, value in SERVE_ENV.items()] + [
+    # Ray's and Serve's settings, as `make serve` runs it.
+    env = [{"name": name, "value": value} for name, value in NODE_ENV.items()] + [
         {"name": key.env, "valueFrom": {"secretKeyRef": {"name": f"{name}-api-keys", "key": key.env}}}
         for config in loaded.apps.values() for key in config.auth.keys if key.env
     ]

@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from cluster.load import load
-from cluster.runtime import SERVE_ENV
+from cluster.runtime import NODE_ENV
 from cluster.schema import ClusterConfig, UsageSettings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -31,8 +31,8 @@ def serve_url():
 
     global METRICS_PORT
     os.environ["LLM_API_KEY"] = API_KEY
-    # Serve's settings as `make serve` runs it (the Ray processes started here inherit them).
-    os.environ.update(SERVE_ENV)
+    # Ray's and Serve's settings as `make serve` runs it (the Ray processes started here inherit them).
+    os.environ.update(NODE_ENV)
     METRICS_PORT = _free_port()
     # Extra logical CPUs: the model replica takes one, light deployments take slivers. Metrics
     # are reported every second instead of every ten, so that tests can read them soon.

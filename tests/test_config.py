@@ -14,7 +14,7 @@ import yaml
 
 from cluster import render
 from cluster.load import ConfigError, load
-from cluster.runtime import SERVE_ENV
+from cluster.runtime import NODE_ENV
 from cluster.schema import ApiKey, ClusterConfig
 from serve_app.engine import vllm_namespace
 from serve_app.model_server import deployment_options
@@ -145,18 +145,21 @@ def test_kuberay_manifest_embeds_the_config_and_sizes_the_gpu_group():
     assert (gpu["minReplicas"], gpu["maxReplicas"]) == (2, 3)
     assert gpu["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "2"
     head = manifest["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0]
-    assert head["env"] == [{"name": name, "value": value} for name, value in SERVE_ENV.items()] + [
+    assert head["env"] == [{"name": name, "value": value} for name, value in NODE_ENV.items()] + [
                            {"name": "LLM_API_KEY", "valueFrom": {"secretKeyRef": {"name": "llm-api-keys", "key": "LLM_API_KEY"}}}]
 
 
 def test_node_env_is_read_by_serve():
-    """The exports `python -m cluster env` prints are settings Serve has: each one changes what
-    Serve runs with (a misspelt name would be ignored without a word)."""
+    """The Serve exports `python -m cluster env` prints are settings Serve has: each one changes
+    what Serve runs with (a misspelt name would be ignored without a word). The one Ray setting,
+    the workers' priority, is checked on the running engine (test_e2e_colocated.py)."""
     exports = subprocess.run([sys.executable, "-m", "cluster", "env"], capture_output=True, text=True, check=True).stdout
     env = dict(line.removeprefix("export ").split("=", 1) for line in exports.splitlines())
-    assert env == SERVE_ENV
+    assert env == NODE_ENV
+    serve_names = [name for name in env if name.startswith("RAY_SERVE_")]
+    assert set(env) - set(serve_names) == {"RAY_worker_niceness"}
     read = ("import json; from ray.serve._private import constants as c; "
-            f"print(json.dumps({{name: getattr(c, name) for name in {list(env)!r}}}))")
+            f"print(json.dumps({{name: getattr(c, name) for name in {serve_names!r}}}))")
     defaults = {name: value for name, value in os.environ.items() if name not in env}
 
     def serve_constants(environment: dict[str, str]) -> dict:
@@ -164,7 +167,7 @@ def test_node_env_is_read_by_serve():
                                          text=True, check=True).stdout)
 
     ours, serves_own = serve_constants(defaults | env), serve_constants(defaults)
-    assert {name: ours[name] != serves_own[name] for name in env} == dict.fromkeys(env, True)
+    assert {name: ours[name] != serves_own[name] for name in serve_names} == dict.fromkeys(serve_names, True)
 
 
 def test_key_rights_globs_and_expiry():
