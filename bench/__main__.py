@@ -96,7 +96,7 @@ def main() -> None:
     meta = {
         "model": model.id, "input_len": args.input_len, "output_len": args.output_len,
         "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-        "layout": (f"engine threads on cores {','.join(map(str, split.engine))}, everything else on core {split.ray}"
+        "layout": (f"vLLM's processes on cores {','.join(map(str, split.engine))}, everything else on core {split.ray}"
                    if split else "unpinned"),
         "started_in_s": started, "overhead_tokens": overhead_tokens,
     }

@@ -5,8 +5,11 @@ all take them from here; on a cluster of your own, `python -m cluster env` print
 to run before `ray start` on every node."""
 
 import os
+import re
 import shutil
 import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 NODE_ENV = {
@@ -36,9 +39,9 @@ class CoreSplit:
 
 
 def core_split() -> CoreSplit | None:
-    """On a host without a GPU, vLLM's compute threads get every core but the last and Ray's
-    processes (proxy, ingress, controller, ...) the last. Left to the scheduler, they preempt the
-    engine's threads: 7 to 9% of its throughput on a two-core machine."""
+    """On a host without a GPU, vLLM's processes get every core but the last and Ray's processes
+    (proxy, ingress, controller, ...) the last. Left to the scheduler, they preempt the engine's
+    threads: 7 to 9% of its throughput on a two-core machine."""
     cores = sorted(os.sched_getaffinity(0))
     if len(cores) < 2 or has_gpu():
         return None
@@ -54,3 +57,33 @@ def pin(split: CoreSplit) -> None:
     whatever this process starts (Ray, `serve run`, a load generator) inherits both."""
     os.environ["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(map(str, split.engine))
     os.sched_setaffinity(0, {split.ray})
+
+
+def engine_cores() -> set[int] | None:
+    """The cores vLLM's compute threads are bound to, as `pin` left them in the environment that
+    every process of the node inherits; None where vLLM places them itself."""
+    cores: set[int] = set()
+    for part in re.split(r"[,|]", os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "")):
+        first, _, last = part.partition("-")
+        if not (first.isdigit() and (last.isdigit() or not last)):
+            return None
+        cores.update(range(int(first), int(last or first) + 1))
+    return cores
+
+
+@contextmanager
+def on_engine_cores() -> Iterator[None]:
+    """Runs the calling thread, and so every process it starts, on the engine's cores. vLLM's
+    scheduler process (`VLLM::EngineCore`) belongs there: it spin-waits on its workers between
+    steps, and on the core left to Ray's processes it starved the proxy, the replica and local
+    clients (one on that core received whole answers at once, 5 s late)."""
+    cores = engine_cores()
+    if cores is None:
+        yield
+        return
+    own = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, cores)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, own)

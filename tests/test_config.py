@@ -14,7 +14,7 @@ import yaml
 
 from cluster import render
 from cluster.load import ConfigError, load
-from cluster.runtime import NODE_ENV
+from cluster.runtime import NODE_ENV, engine_cores, on_engine_cores
 from cluster.schema import ApiKey, ClusterConfig
 from serve_app.engine import vllm_namespace
 from serve_app.model_server import deployment_options
@@ -168,6 +168,26 @@ def test_node_env_is_read_by_serve():
 
     ours, serves_own = serve_constants(defaults | env), serve_constants(defaults)
     assert {name: ours[name] != serves_own[name] for name in serve_names} == dict.fromkeys(serve_names, True)
+
+
+@pytest.mark.parametrize(("bind", "cores"), [("0", {0}), ("0,2", {0, 2}), ("0-2|5", {0, 1, 2, 5}),
+                                             ("auto", None), ("nobind", None), ("", None)])
+def test_engine_cores_are_read_as_vllm_reads_its_binding(monkeypatch, bind, cores):
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", bind)
+    assert engine_cores() == cores
+
+
+def test_processes_started_on_the_engine_cores_keep_them(monkeypatch):
+    """vLLM's scheduler process is started inside `on_engine_cores`; the starting thread gets its
+    own cores back."""
+    own = os.sched_getaffinity(0)
+    engine = min(own)
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", str(engine))
+    child = [sys.executable, "-c", "import os; print(sorted(os.sched_getaffinity(0)))"]
+    with on_engine_cores():
+        started = subprocess.run(child, capture_output=True, text=True, check=True).stdout
+    assert json.loads(started) == [engine]
+    assert os.sched_getaffinity(0) == own
 
 
 def test_key_rights_globs_and_expiry():
