@@ -64,7 +64,8 @@ def bare_vllm(model: ModelConfig, model_path: str, port: int, log_dir: Path) -> 
         started = time.monotonic()
         url = f"http://127.0.0.1:{port}"
         _wait_ready(url, model.id, None)
-        _scheduler_on_engine_cores()
+        # Our replicas do this themselves (serve_app/engine.py): the same engine layout for all.
+        runtime.schedulers_to_engine_cores()
         yield Running("bare vLLM", url, model.id, None, time.monotonic() - started)
 
 
@@ -120,20 +121,9 @@ def ray_serve_llm(model: ModelConfig, model_path: str, port: int, log_dir: Path)
         started = time.monotonic()
         url = f"http://127.0.0.1:{port}"
         _wait_ready(url, model.id, None)
-        _scheduler_on_engine_cores()
+        # Our replicas do this themselves (serve_app/engine.py): the same engine layout for all.
+        runtime.schedulers_to_engine_cores()
         yield Running("Ray Serve LLM", url, model.id, None, time.monotonic() - started)
-
-
-def _scheduler_on_engine_cores() -> None:
-    """Our replicas start vLLM's scheduler process on the engine's cores (`on_engine_cores` in
-    cluster/runtime.py); the other systems get the same engine layout here, once they are up."""
-    cores = runtime.engine_cores()
-    if cores is None:
-        return
-    for process in psutil.process_iter(["cmdline"]):
-        if (process.info["cmdline"] or [""])[0].startswith("VLLM::EngineCore"):
-            for thread in process.threads():
-                os.sched_setaffinity(thread.id, cores)
 
 
 @contextmanager

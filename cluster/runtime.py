@@ -8,9 +8,10 @@ import os
 import re
 import shutil
 import subprocess
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import suppress
 from dataclasses import dataclass
+
+import psutil
 
 NODE_ENV = {
     # Serve's HTTP proxy reaches the ingress over gRPC rather than Ray actor calls (the ingress
@@ -71,19 +72,18 @@ def engine_cores() -> set[int] | None:
     return cores
 
 
-@contextmanager
-def on_engine_cores() -> Iterator[None]:
-    """Runs the calling thread, and so every process it starts, on the engine's cores. vLLM's
-    scheduler process (`VLLM::EngineCore`) belongs there: it spin-waits on its workers between
-    steps, and on the core left to Ray's processes it starved the proxy, the replica and local
-    clients (one on that core received whole answers at once, 5 s late)."""
+def schedulers_to_engine_cores(started_by: int | None = None) -> None:
+    """Moves vLLM's scheduler processes (`VLLM::EngineCore`; those started by process
+    `started_by`, else all) to the engine's cores. A scheduler inherits the cores of the process
+    that starts it, the one left to Ray's processes; it spin-waits on its workers between steps,
+    and there it starved the proxy, the replica and local clients (one on that core received
+    whole answers at once, 5 s late). Its threads are moved one by one: affinity is per thread."""
     cores = engine_cores()
     if cores is None:
-        yield
         return
-    own = os.sched_getaffinity(0)
-    os.sched_setaffinity(0, cores)
-    try:
-        yield
-    finally:
-        os.sched_setaffinity(0, own)
+    processes = psutil.Process(started_by).children(recursive=True) if started_by else psutil.process_iter()
+    for process in processes:
+        with suppress(psutil.Error):
+            if (process.cmdline() or [""])[0].startswith("VLLM::EngineCore"):
+                for thread in process.threads():
+                    os.sched_setaffinity(thread.id, cores)

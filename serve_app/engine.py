@@ -6,6 +6,7 @@ sampling parameters, tools, logprobs, usage) instead of re-implementing any of i
 """
 
 import logging
+import os
 from collections.abc import AsyncGenerator, Iterator
 from contextlib import contextmanager
 from logging.handlers import MemoryHandler
@@ -17,7 +18,7 @@ from vllm.entrypoints.openai.chat_completion.protocol import (
 )
 from vllm.entrypoints.serve.engine.protocol import ErrorResponse
 
-from cluster.runtime import on_engine_cores
+from cluster.runtime import schedulers_to_engine_cores
 
 ChatResult = AsyncGenerator[str, None] | ChatCompletionResponse | ErrorResponse
 """What vLLM's serving layer returns: SSE lines when streaming, else one response or an error."""
@@ -55,11 +56,11 @@ class VLLMEngine:
 
         with _serve_logs_kept():
             args = vllm_namespace(self._model_id, self._model, self._vllm_args)
-            with on_engine_cores():
-                # vLLM's engine metrics go out through Ray's metrics, labelled with the model's id.
-                self._client = AsyncLLM.from_engine_args(
-                    AsyncEngineArgs.from_cli_args(args), stat_loggers=[RayPrometheusStatLogger]
-                )
+            # vLLM's engine metrics go out through Ray's metrics, labelled with the model's id.
+            self._client = AsyncLLM.from_engine_args(
+                AsyncEngineArgs.from_cli_args(args), stat_loggers=[RayPrometheusStatLogger]
+            )
+            schedulers_to_engine_cores(started_by=os.getpid())
             state = State()
             await init_app_state(
                 self._client, state, args, supported_tasks=await self._client.get_supported_tasks()

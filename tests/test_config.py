@@ -9,12 +9,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import psutil
 import pytest
 import yaml
 
 from cluster import render
 from cluster.load import ConfigError, load
-from cluster.runtime import NODE_ENV, engine_cores, on_engine_cores
+from cluster.runtime import NODE_ENV, engine_cores, schedulers_to_engine_cores
 from cluster.schema import ApiKey, ClusterConfig
 from serve_app.engine import vllm_namespace
 from serve_app.model_server import deployment_options
@@ -177,17 +178,27 @@ def test_engine_cores_are_read_as_vllm_reads_its_binding(monkeypatch, bind, core
     assert engine_cores() == cores
 
 
-def test_processes_started_on_the_engine_cores_keep_them(monkeypatch):
-    """vLLM's scheduler process is started inside `on_engine_cores`; the starting thread gets its
-    own cores back."""
+def test_the_engine_scheduler_alone_is_moved_to_the_engine_cores(monkeypatch):
+    """As a replica does once vLLM has started its scheduler process (named as vLLM names it)."""
     own = os.sched_getaffinity(0)
     engine = min(own)
     monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", str(engine))
-    child = [sys.executable, "-c", "import os; print(sorted(os.sched_getaffinity(0)))"]
-    with on_engine_cores():
-        started = subprocess.run(child, capture_output=True, text=True, check=True).stdout
-    assert json.loads(started) == [engine]
-    assert os.sched_getaffinity(0) == own
+    code = ("import setproctitle, sys, threading, time; setproctitle.setproctitle(sys.argv[1]); "
+            "threading.Thread(target=time.sleep, args=(60,), daemon=True).start(); print(flush=True); time.sleep(60)")
+    children = [subprocess.Popen([sys.executable, "-c", code, title], stdout=subprocess.PIPE)
+                for title in ("VLLM::EngineCore", "VLLM::Worker")]
+    try:
+        for child in children:
+            child.stdout.readline()
+        schedulers_to_engine_cores(started_by=os.getpid())
+        scheduler, worker = (psutil.Process(child.pid) for child in children)
+        assert len(scheduler.threads()) == 2
+        assert {thread.id: os.sched_getaffinity(thread.id) for thread in scheduler.threads()} == {
+            thread.id: {engine} for thread in scheduler.threads()}
+        assert os.sched_getaffinity(worker.pid) == own
+    finally:
+        for child in children:
+            child.kill()
 
 
 def test_key_rights_globs_and_expiry():
