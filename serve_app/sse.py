@@ -12,7 +12,6 @@ import json
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator
 
-
 from serve_app import livepeer
 from serve_app.request_log import CLIENT_CLOSED_REQUEST, RequestRecord
 

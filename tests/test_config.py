@@ -153,7 +153,7 @@ def test_kuberay_manifest_embeds_the_config_and_sizes_the_gpu_group():
 def test_node_env_is_read_by_serve():
     """The Serve exports `python -m cluster env` prints are settings Serve has: each one changes
     what Serve runs with (a misspelt name would be ignored without a word). The one Ray setting,
-    the workers' priority, is checked on the running engine (test_e2e_colocated.py)."""
+    the workers' priority, is checked on the running engine (test_e2e_engine_processes.py)."""
     exports = subprocess.run([sys.executable, "-m", "cluster", "env"], capture_output=True, text=True, check=True).stdout
     env = dict(line.removeprefix("export ").split("=", 1) for line in exports.splitlines())
     assert env == NODE_ENV
@@ -192,9 +192,7 @@ def test_the_engine_scheduler_alone_is_moved_to_the_engine_cores(monkeypatch):
             child.stdout.readline()
         schedulers_to_engine_cores(started_by=os.getpid())
         scheduler, worker = (psutil.Process(child.pid) for child in children)
-        assert len(scheduler.threads()) == 2
-        assert {thread.id: os.sched_getaffinity(thread.id) for thread in scheduler.threads()} == {
-            thread.id: {engine} for thread in scheduler.threads()}
+        assert [os.sched_getaffinity(thread.id) for thread in scheduler.threads()] == [{engine}] * 2
         assert os.sched_getaffinity(worker.pid) == own
     finally:
         for child in children:
