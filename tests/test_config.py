@@ -118,7 +118,7 @@ def test_local_model_takes_no_gpu_and_gets_its_env():
     config = load(ROOT / "configs" / "local.yaml").apps["llm"]
     actor = deployment_options(config.models[0])["ray_actor_options"]
     assert actor["num_gpus"] == 0
-    assert actor["runtime_env"] == {"env_vars": {"VLLM_CPU_KVCACHE_SPACE": "1"}}
+    assert actor["runtime_env"] == {"env_vars": {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_USE_AOT_COMPILE": "0"}}
 
 
 def test_engine_args_reach_vllm_and_unknown_ones_are_named():
