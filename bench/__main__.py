@@ -1,11 +1,13 @@
-"""`make bench` / `python -m bench`: bare vLLM, this stack and Ray Serve LLM on the same model and
-engine settings, one after another on this machine, under the same streaming loads; then the
-stack alone over a zero-cost engine. Writes bench/results/latest.{json,md,png}.
+"""`make bench` / `python -m bench`: this stack and Ray Serve LLM, each beside bare vLLM on the same
+model and engine settings, on this machine, under the same streaming loads; then the stack alone
+over a zero-cost engine. Writes bench/results/latest.{json,md,png}.
 
-Each system runs alone. Measuring them in turns, with bare vLLM kept up beside each Ray system,
-was tried and dropped: the idle neighbour slowed bare vLLM (inter-token latency at concurrency 1
-here: 60 ms alone, 66 ms beside idle Ray Serve LLM, 90 ms beside our idle stack), which
-flattered the Ray systems.
+Bare vLLM stays up for the whole run, and each contender is measured in turns with it (bare,
+contender, contender, bare at each concurrency), the turns pooled: this machine's speed drifts by
+tens of percent over minutes, which one system after the other reads as a difference between
+them; in turns, drift moves both columns alike and their ratio holds. The idle neighbour costs
+the measured system little now that no engine is left spinning and Ray's workers run at normal
+priority (README, Benchmark).
 
 Longer runs on a GPU cluster: --config configs/gpu-cluster.yaml --concurrency 1 8 32 128
 --output-len 256 --prompts-per-stream 16.
@@ -15,10 +17,11 @@ import argparse
 import asyncio
 import os
 import platform
+from collections import defaultdict
 from pathlib import Path
 
 from bench import report, systems
-from bench.load import LoadResult, sse_load, vllm_bench
+from bench.load import LoadResult, Samples, sse_load, vllm_bench
 from cluster import runtime
 from cluster.load import load
 from cluster.schema import ClusterConfig
@@ -35,12 +38,12 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--input-len", type=int, default=64)
     parser.add_argument("--output-len", type=int, default=64)
-    parser.add_argument("--prompts-per-stream", type=int, default=3,
-                        help="requests per concurrent stream at each concurrency (at least 8 in all)")
-    parser.add_argument("--systems", nargs="+", default=["bare", "ours", "ray-llm", "overhead"],
-                        choices=["bare", "ours", "ray-llm", "overhead"])
+    parser.add_argument("--prompts-per-stream", type=int, default=2,
+                        help="requests per concurrent stream in each turn (at least 4 in all)")
+    parser.add_argument("--systems", nargs="+", default=["ours", "ray-llm", "overhead"],
+                        choices=["ours", "ray-llm", "overhead"])
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
-    parser.add_argument("--port", type=int, default=8100)
+    parser.add_argument("--port", type=int, default=8100, help="the contender's; bare vLLM takes the next")
     args = parser.parse_args()
     all_cores = os.sched_getaffinity(0)
     split = runtime.core_split()
@@ -57,27 +60,33 @@ def main() -> None:
     overhead: list[LoadResult] = []
     started: dict[str, float] = {}
 
-    def measure(run: systems.Running, sse_path: str | None) -> None:
-        started[run.name] = run.started_in_s
+    def turns(bare: systems.Running, contender: systems.Running, sse_path: str | None) -> None:
+        started[contender.name] = contender.started_in_s
         for concurrency in args.concurrency:
-            prompts = max(8, args.prompts_per_stream * concurrency)
-            print(f"{run.name}: concurrency {concurrency}, {prompts} requests", flush=True)
-            samples = vllm_bench(run, model_path, concurrency, prompts, args.input_len, args.output_len)
-            results.append(LoadResult.of(run.name, VLLM_BENCH, concurrency, samples))
-            if sse_path:
-                body = _sse_body(sse_path, model.id, args.output_len)
-                samples = asyncio.run(sse_load(run, sse_path, body, concurrency, prompts))
-                results.append(LoadResult.of(run.name, sse_path, concurrency, samples))
+            prompts = max(4, args.prompts_per_stream * concurrency)
+            pooled: dict[tuple[str, str], Samples] = defaultdict(Samples)
+            for run in (bare, contender, contender, bare):
+                print(f"{run.name}: concurrency {concurrency}, {prompts} requests", flush=True)
+                pooled[run.name, VLLM_BENCH] += vllm_bench(run, model_path, concurrency, prompts,
+                                                           args.input_len, args.output_len)
+                if sse_path:
+                    path = sse_path if run is contender else "/v1/chat/completions"
+                    body = _sse_body(path, model.id, args.output_len)
+                    pooled[run.name, path] += asyncio.run(sse_load(run, path, body, concurrency, prompts))
+            results.extend(
+                LoadResult.of(name, api, concurrency, samples, compared_with=contender.name if name == bare.name else "")
+                for (name, api), samples in pooled.items()
+            )
 
-    if "bare" in args.systems:
-        with systems.bare_vllm(model, model_path, args.port, logs) as run:
-            measure(run, "/v1/chat/completions")
-    if "ours" in args.systems:
-        with systems.our_stack(config, args.port, logs) as run:
-            measure(run, "/llm")
-    if "ray-llm" in args.systems:
-        with systems.ray_serve_llm(model, model_path, args.port, logs) as run:
-            measure(run, None)
+    if {"ours", "ray-llm"} & set(args.systems):
+        with systems.bare_vllm(model, model_path, args.port + 1, logs) as bare:
+            started[bare.name] = bare.started_in_s
+            if "ours" in args.systems:
+                with systems.our_stack(config, args.port, logs) as run:
+                    turns(bare, run, "/llm")
+            if "ray-llm" in args.systems:
+                with systems.ray_serve_llm(model, model_path, args.port, logs) as run:
+                    turns(bare, run, None)
     overhead_tokens = 64
     if "overhead" in args.systems:
         # A zero-cost engine needs no core of its own: the stack has them all, as beside a GPU.

@@ -30,12 +30,24 @@ class Samples:
     errors: int = 0
     elapsed_s: float = 0.0
 
+    def __iadd__(self, other: "Samples") -> "Samples":
+        """Turns of the same load pooled: their timings together, their durations summed, so that
+        tokens/s is over all of them."""
+        self.ttfts += other.ttfts
+        self.itls += other.itls
+        self.tokens += other.tokens
+        self.requests += other.requests
+        self.errors += other.errors
+        self.elapsed_s += other.elapsed_s
+        return self
+
 
 @dataclass
 class LoadResult:
     system: str
     api: str
     concurrency: int
+    compared_with: str
     requests: int
     errors: int
     output_tokens_per_s: float
@@ -46,9 +58,11 @@ class LoadResult:
     itl_p99_ms: float
 
     @classmethod
-    def of(cls, system: str, api: str, concurrency: int, samples: Samples) -> "LoadResult":
+    def of(cls, system: str, api: str, concurrency: int, samples: Samples, compared_with: str = "") -> "LoadResult":
+        """`compared_with`: on a baseline's result, the system it was measured in turns with."""
         return cls(
-            system=system, api=api, concurrency=concurrency, requests=samples.requests, errors=samples.errors,
+            system=system, api=api, concurrency=concurrency, compared_with=compared_with,
+            requests=samples.requests, errors=samples.errors,
             output_tokens_per_s=samples.tokens / samples.elapsed_s, requests_per_s=samples.requests / samples.elapsed_s,
             ttft_p50_ms=percentile_ms(samples.ttfts, 50), ttft_p99_ms=percentile_ms(samples.ttfts, 99),
             itl_p50_ms=percentile_ms(samples.itls, 50), itl_p99_ms=percentile_ms(samples.itls, 99),

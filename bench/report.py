@@ -21,7 +21,8 @@ def write(results: list[LoadResult], overhead: list[LoadResult], meta: dict, out
 def markdown(results: list[LoadResult], overhead: list[LoadResult], meta: dict) -> str:
     lines = [
         f"Model `{meta['model']}`, {meta['input_len']}-token prompts, {meta['output_len']} output tokens, "
-        f"greedy; {meta['machine']}; {meta['layout']}; each system alone, one after another. Start-up to first answer: "
+        f"greedy; {meta['machine']}; {meta['layout']}; each contender measured in turns with bare vLLM "
+        "(bare, it, it, bare at each concurrency), the turns pooled. Start-up to first answer: "
         + ", ".join(f"{name} {seconds:.0f} s" for name, seconds in meta["started_in_s"].items()) + ".",
         "",
         "| load | system | conc. | output tok/s | TTFT p50 / p99 ms | ITL p50 / p99 ms | errors | tok/s vs bare | TTFT p50 vs bare |",
@@ -32,7 +33,7 @@ def markdown(results: list[LoadResult], overhead: list[LoadResult], meta: dict) 
         ratio = f"{r.output_tokens_per_s / base.output_tokens_per_s:.3f}×" if base else ""
         delta = f"{r.ttft_p50_ms - base.ttft_p50_ms:+.1f} ms" if base else ""
         lines.append(
-            f"| {r.api} | {r.system} | {r.concurrency} | {r.output_tokens_per_s:.1f} | "
+            f"| {r.api} | {_label(r)} | {r.concurrency} | {r.output_tokens_per_s:.1f} | "
             f"{r.ttft_p50_ms:.1f} / {r.ttft_p99_ms:.1f} | {r.itl_p50_ms:.1f} / {r.itl_p99_ms:.1f} | "
             f"{r.errors} | {ratio} | {delta} |"
         )
@@ -53,13 +54,18 @@ def markdown(results: list[LoadResult], overhead: list[LoadResult], meta: dict) 
     return "\n".join(lines) + "\n"
 
 
+def _label(r: LoadResult) -> str:
+    return f"{r.system} (in turns with {r.compared_with})" if r.compared_with else r.system
+
+
 def _baseline(results: list[LoadResult], r: LoadResult) -> LoadResult | None:
-    """Bare vLLM under the same load generator: `/llm` is compared with bare `/v1` driven by the
-    same SSE client and the same greedy prompt."""
+    """Bare vLLM in the turns of the same run, under the same load generator: `/llm` is compared
+    with bare `/v1` driven by the same SSE client and the same greedy prompt."""
     if r.system == BASELINE:
         return None
     api = "/v1/chat/completions" if r.api == "/llm" else r.api
-    return next((b for b in results if b.system == BASELINE and b.api == api and b.concurrency == r.concurrency), None)
+    return next((b for b in results if b.system == BASELINE and b.compared_with == r.system
+                 and b.api == api and b.concurrency == r.concurrency), None)
 
 
 def plot(results: list[LoadResult], path: Path) -> None:
@@ -69,10 +75,10 @@ def plot(results: list[LoadResult], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     figure, (ttft, throughput) = plt.subplots(1, 2, figsize=(11, 4.2))
-    series = sorted({(r.system, r.api) for r in results})
-    for system, api in series:
-        points = sorted((r for r in results if (r.system, r.api) == (system, api)), key=lambda r: r.concurrency)
-        label = f"{system} {api}"
+    series = sorted({(_label(r), r.api) for r in results})
+    for name, api in series:
+        points = sorted((r for r in results if (_label(r), r.api) == (name, api)), key=lambda r: r.concurrency)
+        label = f"{name} {api}"
         xs = [r.concurrency for r in points]
         ttft.plot(xs, [r.ttft_p50_ms for r in points], marker="o", label=label)
         throughput.plot(xs, [r.output_tokens_per_s for r in points], marker="o", label=label)
