@@ -29,6 +29,7 @@ from serve_app import model_source
 
 GREEDY_LONG_ANSWER = "Write a long, detailed story about a lighthouse keeper and a storm."
 VLLM_BENCH = "/v1 (vllm bench)"
+FIRST_TOKEN = ", 1-token answers"
 
 
 def main() -> None:
@@ -40,6 +41,8 @@ def main() -> None:
     parser.add_argument("--output-len", type=int, default=64)
     parser.add_argument("--prompts-per-stream", type=int, default=2,
                         help="requests per concurrent stream in each turn (at least 4 in all)")
+    parser.add_argument("--first-token-requests", type=int, default=24,
+                        help="one-token requests in each turn at concurrency 1, for the time to first token")
     parser.add_argument("--systems", nargs="+", default=["ours", "ray-llm", "overhead"],
                         choices=["ours", "ray-llm", "overhead"])
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
@@ -64,19 +67,26 @@ def main() -> None:
         started[contender.name] = contender.started_in_s
         for concurrency in args.concurrency:
             prompts = max(4, args.prompts_per_stream * concurrency)
-            pooled: dict[tuple[str, str], Samples] = defaultdict(Samples)
-            for run in (bare, contender, contender, bare):
-                print(f"{run.name}: concurrency {concurrency}, {prompts} requests", flush=True)
-                pooled[run.name, VLLM_BENCH] += vllm_bench(run, model_path, concurrency, prompts,
-                                                           args.input_len, args.output_len)
-                if sse_path:
-                    path = sse_path if run is contender else "/v1/chat/completions"
-                    body = _sse_body(path, model.id, args.output_len)
-                    pooled[run.name, path] += asyncio.run(sse_load(run, path, body, concurrency, prompts))
-            results.extend(
-                LoadResult.of(name, api, concurrency, samples, compared_with=contender.name if name == bare.name else "")
-                for (name, api), samples in pooled.items()
-            )
+            in_turns(bare, contender, sse_path, concurrency, prompts, args.output_len, "")
+        # The first token at concurrency 1 is the figure a 10 ms gap is read on; whole answers
+        # give too few of them in a run this short.
+        in_turns(bare, contender, sse_path, 1, args.first_token_requests, 1, FIRST_TOKEN)
+
+    def in_turns(bare: systems.Running, contender: systems.Running, sse_path: str | None,
+                 concurrency: int, prompts: int, output_len: int, label: str) -> None:
+        pooled: dict[tuple[str, str], Samples] = defaultdict(Samples)
+        for run in (bare, contender, contender, bare):
+            print(f"{run.name}: concurrency {concurrency}, {prompts} requests{label}", flush=True)
+            pooled[run.name, VLLM_BENCH + label] += vllm_bench(run, model_path, concurrency, prompts,
+                                                               args.input_len, output_len)
+            if sse_path:
+                path = sse_path if run is contender else "/v1/chat/completions"
+                body = _sse_body(path, model.id, output_len)
+                pooled[run.name, path + label] += asyncio.run(sse_load(run, path, body, concurrency, prompts))
+        results.extend(
+            LoadResult.of(name, api, concurrency, samples, compared_with=contender.name if name == bare.name else "")
+            for (name, api), samples in pooled.items()
+        )
 
     if {"ours", "ray-llm"} & set(args.systems):
         with systems.bare_vllm(model, model_path, args.port + 1, logs) as bare:

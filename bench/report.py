@@ -1,6 +1,7 @@
 """Writing a run's figures: raw JSON, a Markdown table with ours/bare ratios, and a plot."""
 
 import json
+import math
 from pathlib import Path
 
 from bench.load import LoadResult
@@ -34,7 +35,7 @@ def markdown(results: list[LoadResult], overhead: list[LoadResult], meta: dict) 
         delta = f"{r.ttft_p50_ms - base.ttft_p50_ms:+.1f} ms" if base else ""
         lines.append(
             f"| {r.api} | {_label(r)} | {r.concurrency} | {r.output_tokens_per_s:.1f} | "
-            f"{r.ttft_p50_ms:.1f} / {r.ttft_p99_ms:.1f} | {r.itl_p50_ms:.1f} / {r.itl_p99_ms:.1f} | "
+            f"{r.ttft_p50_ms:.1f} / {r.ttft_p99_ms:.1f} | {_pair_ms(r.itl_p50_ms, r.itl_p99_ms)} | "
             f"{r.errors} | {ratio} | {delta} |"
         )
     if overhead:
@@ -54,6 +55,11 @@ def markdown(results: list[LoadResult], overhead: list[LoadResult], meta: dict) 
     return "\n".join(lines) + "\n"
 
 
+def _pair_ms(p50: float, p99: float) -> str:
+    """One-token answers have no inter-token latency."""
+    return "–" if math.isnan(p50) else f"{p50:.1f} / {p99:.1f}"
+
+
 def _label(r: LoadResult) -> str:
     return f"{r.system} (in turns with {r.compared_with})" if r.compared_with else r.system
 
@@ -63,7 +69,7 @@ def _baseline(results: list[LoadResult], r: LoadResult) -> LoadResult | None:
     with bare `/v1` driven by the same SSE client and the same greedy prompt."""
     if r.system == BASELINE:
         return None
-    api = "/v1/chat/completions" if r.api == "/llm" else r.api
+    api = r.api.replace("/llm", "/v1/chat/completions")
     return next((b for b in results if b.system == BASELINE and b.compared_with == r.system
                  and b.api == api and b.concurrency == r.concurrency), None)
 
@@ -78,6 +84,8 @@ def plot(results: list[LoadResult], path: Path) -> None:
     series = sorted({(_label(r), r.api) for r in results})
     for name, api in series:
         points = sorted((r for r in results if (_label(r), r.api) == (name, api)), key=lambda r: r.concurrency)
+        if len(points) < 2:
+            continue  # a load at one concurrency (one-token answers) is in the table only
         label = f"{name} {api}"
         xs = [r.concurrency for r in points]
         ttft.plot(xs, [r.ttft_p50_ms for r in points], marker="o", label=label)
