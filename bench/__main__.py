@@ -41,7 +41,7 @@ def main() -> None:
     parser.add_argument("--output-len", type=int, default=64)
     parser.add_argument("--prompts-per-stream", type=int, default=2,
                         help="requests per concurrent stream in each turn (at least 4 in all)")
-    parser.add_argument("--first-token-requests", type=int, default=24,
+    parser.add_argument("--first-token-requests", type=int, default=16,
                         help="one-token requests in each turn at concurrency 1, for the time to first token")
     parser.add_argument("--systems", nargs="+", default=["ours", "ray-llm", "overhead"],
                         choices=["ours", "ray-llm", "overhead"])
@@ -101,16 +101,18 @@ def main() -> None:
     if "overhead" in args.systems:
         # A zero-cost engine needs no core of its own: the stack has them all, as beside a GPU.
         os.sched_setaffinity(0, all_cores)
-        with systems.our_stack(_overhead_config(), args.port, logs, name="ours, zero-cost engine",
-                               import_path="bench.overhead:build_app") as run:
+        configs = _overhead_configs()
+        with systems.our_apps(configs, args.port, logs, name="zero-cost engine",
+                              import_path="bench.overhead:build_app") as runs:
             words = " ".join(f"w{i}" for i in range(overhead_tokens))
             for concurrency in sorted({*args.concurrency, 64}):
                 prompts = max(50, 10 * concurrency)
-                for path in ("/llm", "/v1/chat/completions"):
-                    body = {"model": run.model, "messages": [{"role": "user", "content": words}],
-                            "max_tokens": overhead_tokens, "stream": True}
-                    samples = asyncio.run(sse_load(run, path, body, concurrency, prompts))
-                    overhead.append(LoadResult.of(run.name, path, concurrency, samples))
+                for prefix, run in zip(configs, runs):
+                    for path in ("/llm", "/v1/chat/completions"):
+                        body = {"model": run.model, "messages": [{"role": "user", "content": words}],
+                                "max_tokens": overhead_tokens, "stream": True}
+                        samples = asyncio.run(sse_load(run, path, body, concurrency, prompts))
+                        overhead.append(LoadResult.of(OVERHEAD_LAYOUTS[prefix], path, concurrency, samples))
 
     meta = {
         "model": model.id, "input_len": args.input_len, "output_len": args.output_len,
@@ -130,12 +132,21 @@ def _sse_body(path: str, model_id: str, output_len: int) -> dict:
     return body if path == "/llm" else body | {"model": model_id}
 
 
-def _overhead_config() -> ClusterConfig:
-    return ClusterConfig.model_validate({
+OVERHEAD_LAYOUTS = {"colocated": "colocated, as configs/local.yaml", "two-deployments": "ingress and model apart"}
+
+
+def _overhead_configs() -> dict[str, ClusterConfig]:
+    """The two layouts our configs take, side by side in one Serve instance: the one model's engine
+    in the ingress's replica, and the ingress calling a model deployment."""
+    config = {
         "auth": {"keys": [{"name": "bench", "env": "LLM_API_KEY"}]},
         "models": [{"id": "zero-cost", "source": {"path": "/nonexistent"},
                     "deployment": {"num_cpus": 0.1, "max_ongoing_requests": 1024}}],
-    })
+    }
+    return {
+        "colocated": ClusterConfig.model_validate(config | {"ingress": {"colocate": True}}),
+        "two-deployments": ClusterConfig.model_validate(config),
+    }
 
 
 if __name__ == "__main__":

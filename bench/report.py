@@ -44,12 +44,12 @@ def markdown(results: list[LoadResult], overhead: list[LoadResult], meta: dict) 
             "Ingress overhead alone (our stack over a zero-cost test engine streaming "
             f"{meta['overhead_tokens']} tokens per request, every core open to it):",
             "",
-            "| route | conc. | requests/s | time to first chunk p50 / p99 ms | per chunk p50 / p99 ms | errors |",
-            "|---|---:|---:|---:|---:|---:|",
+            "| layout | route | conc. | requests/s | time to first chunk p50 / p99 ms | per chunk p50 / p99 ms | errors |",
+            "|---|---|---:|---:|---:|---:|---:|",
         ]
         for r in overhead:
             lines.append(
-                f"| {r.api} | {r.concurrency} | {r.requests_per_s:.1f} | {r.ttft_p50_ms:.2f} / {r.ttft_p99_ms:.2f} | "
+                f"| {r.system} | {r.api} | {r.concurrency} | {r.requests_per_s:.1f} | {r.ttft_p50_ms:.2f} / {r.ttft_p99_ms:.2f} | "
                 f"{r.itl_p50_ms:.3f} / {r.itl_p99_ms:.3f} | {r.errors} |"
             )
     return "\n".join(lines) + "\n"
