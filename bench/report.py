@@ -1,10 +1,9 @@
 """Writing a run's figures: raw JSON, a Markdown table with ours/bare ratios, and a plot."""
 
 import json
-import math
 from pathlib import Path
 
-from bench.load import LoadResult
+from bench.load import FIRST_TOKEN, LoadResult
 
 BASELINE = "bare vLLM"
 
@@ -31,11 +30,12 @@ def markdown(results: list[LoadResult], overhead: list[LoadResult], meta: dict) 
     ]
     for r in results:
         base = _baseline(results, r)
-        ratio = f"{r.output_tokens_per_s / base.output_tokens_per_s:.3f}×" if base else ""
+        one_token = FIRST_TOKEN in r.api
+        ratio = f"{r.output_tokens_per_s / base.output_tokens_per_s:.3f}×" if base and not one_token else ""
         delta = f"{r.ttft_p50_ms - base.ttft_p50_ms:+.1f} ms" if base else ""
         lines.append(
             f"| {r.api} | {_label(r)} | {r.concurrency} | {r.output_tokens_per_s:.1f} | "
-            f"{r.ttft_p50_ms:.1f} / {r.ttft_p99_ms:.1f} | {_pair_ms(r.itl_p50_ms, r.itl_p99_ms)} | "
+            f"{r.ttft_p50_ms:.1f} / {r.ttft_p99_ms:.1f} | {'–' if one_token else f'{r.itl_p50_ms:.1f} / {r.itl_p99_ms:.1f}'} | "
             f"{r.errors} | {ratio} | {delta} |"
         )
     if overhead:
@@ -53,11 +53,6 @@ def markdown(results: list[LoadResult], overhead: list[LoadResult], meta: dict) 
                 f"{r.itl_p50_ms:.3f} / {r.itl_p99_ms:.3f} | {r.errors} |"
             )
     return "\n".join(lines) + "\n"
-
-
-def _pair_ms(p50: float, p99: float) -> str:
-    """One-token answers have no inter-token latency."""
-    return "–" if math.isnan(p50) else f"{p50:.1f} / {p99:.1f}"
 
 
 def _label(r: LoadResult) -> str:
@@ -81,11 +76,9 @@ def plot(results: list[LoadResult], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     figure, (ttft, throughput) = plt.subplots(1, 2, figsize=(11, 4.2))
-    series = sorted({(_label(r), r.api) for r in results})
+    series = sorted({(_label(r), r.api) for r in results if FIRST_TOKEN not in r.api})
     for name, api in series:
         points = sorted((r for r in results if (_label(r), r.api) == (name, api)), key=lambda r: r.concurrency)
-        if len(points) < 2:
-            continue  # a load at one concurrency (one-token answers) is in the table only
         label = f"{name} {api}"
         xs = [r.concurrency for r in points]
         ttft.plot(xs, [r.ttft_p50_ms for r in points], marker="o", label=label)
