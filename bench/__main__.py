@@ -28,7 +28,10 @@ from serve_app import model_source
 
 GREEDY_LONG_ANSWER = "Write a long, detailed story about a lighthouse keeper and a storm."
 VLLM_BENCH = "/v1 (vllm bench)"
-OVERHEAD_LAYOUTS = {"colocated": "colocated, as configs/local.yaml", "two-deployments": "ingress and model apart"}
+OVERHEAD_LAYOUTS = {  # route prefix: (the table's label, whether the ingress holds the engine)
+    "colocated": ("colocated, as configs/local.yaml", True),
+    "two-deployments": ("ingress and model apart", False),
+}
 
 
 def main() -> None:
@@ -112,7 +115,7 @@ def main() -> None:
                         body = {"model": run.model, "messages": [{"role": "user", "content": words}],
                                 "max_tokens": overhead_tokens, "stream": True}
                         samples = asyncio.run(sse_load(run, path, body, concurrency, prompts))
-                        overhead.append(LoadResult.of(OVERHEAD_LAYOUTS[prefix], path, concurrency, samples))
+                        overhead.append(LoadResult.of(OVERHEAD_LAYOUTS[prefix][0], path, concurrency, samples))
 
     meta = {
         "model": model.id, "input_len": args.input_len, "output_len": args.output_len,
@@ -132,7 +135,6 @@ def _sse_body(path: str, model_id: str, output_len: int) -> dict:
     return body if path == "/llm" else body | {"model": model_id}
 
 
-
 def _overhead_configs() -> dict[str, ClusterConfig]:
     """The two layouts our configs take, side by side in one Serve instance: the one model's engine
     in the ingress's replica, and the ingress calling a model deployment."""
@@ -141,10 +143,8 @@ def _overhead_configs() -> dict[str, ClusterConfig]:
         "models": [{"id": "zero-cost", "source": {"path": "/nonexistent"},
                     "deployment": {"num_cpus": 0.1, "max_ongoing_requests": 1024}}],
     }
-    return {
-        "colocated": ClusterConfig.model_validate(config | {"ingress": {"colocate": True}}),
-        "two-deployments": ClusterConfig.model_validate(config),
-    }
+    return {prefix: ClusterConfig.model_validate(config | {"ingress": {"colocate": colocate}})
+            for prefix, (_, colocate) in OVERHEAD_LAYOUTS.items()}
 
 
 if __name__ == "__main__":

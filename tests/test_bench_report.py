@@ -4,6 +4,8 @@ vLLM it was measured in turns with, not the one measured beside another contende
 from bench.load import LoadResult, Samples
 from bench.report import markdown
 
+META = {"model": "m", "input_len": 8, "output_len": 10, "machine": "x", "layout": "y", "started_in_s": {}}
+
 
 def _samples(ttfts: list[float], tokens: int, elapsed_s: float) -> Samples:
     return Samples(ttfts=ttfts, itls=[0.05] * tokens, tokens=tokens, requests=len(ttfts), elapsed_s=elapsed_s)
@@ -25,8 +27,7 @@ def test_each_contender_is_compared_with_its_own_turns_of_bare_vllm():
         LoadResult.of("bare vLLM", api, 1, _samples([0.1], 10, 0.5), compared_with="Ray Serve LLM"),
         LoadResult.of("Ray Serve LLM", api, 1, _samples([0.1], 10, 0.5)),
     ]
-    meta = {"model": "m", "input_len": 8, "output_len": 10, "machine": "x", "layout": "y", "started_in_s": {}}
-    rows = {line.split(" | ")[1]: line for line in markdown(results, [], meta).splitlines() if line.startswith("| /v1")}
+    rows = {line.split(" | ")[1]: line for line in markdown(results, [], META).splitlines() if line.startswith("| /v1")}
     assert rows["ours"].endswith("| 0.500× | +50.0 ms |")
     assert rows["Ray Serve LLM"].endswith("| 1.000× | +0.0 ms |")
     assert rows["bare vLLM (in turns with ours)"].endswith("|  |  |")
@@ -37,6 +38,5 @@ def test_llm_is_compared_with_bare_vllm_under_the_same_client():
         LoadResult.of("bare vLLM", "/v1/chat/completions, 1-token answers", 1, _samples([0.1], 1, 1.0), compared_with="ours"),
         LoadResult.of("ours", "/llm, 1-token answers", 1, _samples([0.12], 1, 1.0)),
     ]
-    meta = {"model": "m", "input_len": 8, "output_len": 1, "machine": "x", "layout": "y", "started_in_s": {}}
-    [ours] = [line for line in markdown(results, [], meta).splitlines() if line.startswith("| /llm")]
+    [ours] = [line for line in markdown(results, [], META).splitlines() if line.startswith("| /llm")]
     assert ours.endswith("| – | 0 |  | +20.0 ms |")  # no inter-token latency, no token rate to compare
