@@ -207,10 +207,13 @@ class AuthConfig(StrictModel):
 class UsageSettings(StrictModel):
     """The usage ledger: one row per request that reached an engine. The database is a SQLAlchemy
     URL; SQLite (the default) lives on the head node, where the ledger's single writer runs, and
-    `~` means that node's home folder. A `postgresql+psycopg://…` URL needs the `postgres` extra."""
+    `~` means that node's home folder. A `postgresql+psycopg://…` URL needs the `postgres` extra.
+    Each ingress replica sends its rows once per `flush_interval_s`, in one call; a replica that
+    dies loses the rows of that last interval."""
 
     enabled: bool = True
     database: str = Field(default="sqlite:///~/.local/state/llm-serve/usage.sqlite", min_length=1)
+    flush_interval_s: float = Field(default=1.0, gt=0, le=60)
 
     @field_validator("database")
     @classmethod

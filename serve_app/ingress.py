@@ -207,7 +207,7 @@ class Ingress:
         self._router = Router(config, handles | self._runners)
         self._metrics = IngressMetrics()
         self._gate = LimitGate(limiter)
-        self._ledger = LedgerClient(ledger)
+        self._ledger = LedgerClient(ledger, config.usage.flush_interval_s)
 
     @app.post("/llm", response_model=LLMResponse)
     @app.post("/llm/", include_in_schema=False)
@@ -329,6 +329,9 @@ class Ingress:
         return sum(runner.num_unfinished_requests() for runner in self._runners.values())
 
     def __del__(self) -> None:
+        """Serve calls this on a graceful stop, once requests have drained."""
+        if hasattr(self, "_ledger"):
+            self._ledger.flush()
         for runner in getattr(self, "_runners", {}).values():
             runner.shutdown()
 

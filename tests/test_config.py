@@ -72,6 +72,7 @@ def test_errors_name_the_file_and_each_bad_field(tmp_path):
          "auth.keys.0.limits.requests_per_minute"),
         ({"models": [_model()], "auth": {"keys": [{"name": "k", "env": "K", "expires_at": "soon"}]}}, "auth.keys.0.expires_at"),
         ({"models": [_model()], "usage": {"database": "mysql://db/usage"}}, "usage.database: must be a sqlite"),
+        ({"models": [_model()], "usage": {"flush_interval_s": 0}}, "usage.flush_interval_s"),
     ],
 )
 def test_invalid_configs_are_refused_with_a_reason(tmp_path, args, complaint):

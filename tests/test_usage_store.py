@@ -1,9 +1,12 @@
-"""The ledger's store on a real SQLite file: rows once, totals by key and model over a range."""
+"""The ledger's store on a real SQLite file: rows once, totals by key and model over a range; the
+ingress's side batches its rows."""
 
+import asyncio
 import sqlite3
 import uuid
 
-from serve_app.usage import UsageRow, UsageStore
+from serve_app.request_log import RequestRecord
+from serve_app.usage import LedgerClient, UsageRow, UsageStore
 
 
 def _row(key: str, model: str, at: float, prompt: int, completion: int, status: int = 200) -> UsageRow:
@@ -16,9 +19,10 @@ def test_totals_per_key_and_model_over_a_range(tmp_path):
     store = UsageStore(f"sqlite:///{tmp_path}/ledger/usage.sqlite")
     rows = [_row("a", "m1", 100, 3, 4), _row("a", "m1", 150, 5, 6, status=499), _row("a", "m2", 160, 1, 1),
             _row("b", "m1", 170, 7, 8), _row("a", "m1", 300, 100, 100)]
-    for row in rows:
-        store.add(row)
-    store.add(rows[0])  # a retried call: still one row
+    store.add(rows[:2])
+    store.add(rows[2:])
+    store.add(rows[:1])  # a retried call: still one row
+    store.add([])
     totals = store.totals(since=100, until=300)
     assert totals == [
         {"key": "a", "model": "m1", "requests": 2, "failed_requests": 1, "prompt_tokens": 8,
@@ -33,7 +37,51 @@ def test_totals_per_key_and_model_over_a_range(tmp_path):
 
 def test_rows_are_in_a_plain_sqlite_file_that_a_new_store_reads(tmp_path):
     url = f"sqlite:///{tmp_path}/usage.sqlite"
-    UsageStore(url).add(_row("a", "m", 1, 2, 3))
+    UsageStore(url).add([_row("a", "m", 1, 2, 3)])
     assert UsageStore(url).totals(None, None)[0]["total_tokens"] == 5
     with sqlite3.connect(tmp_path / "usage.sqlite") as db:
         assert db.execute("select key, prompt_tokens, completion_tokens from usage").fetchall() == [("a", 2, 3)]
+
+
+class _Method:
+    def __init__(self, calls: list, name: str) -> None:
+        self._calls, self._name = calls, name
+
+    def remote(self, *args):
+        self._calls.append((self._name, args))
+        future = asyncio.get_running_loop().create_future()
+        future.set_result([] if self._name == "totals" else None)
+        return future
+
+
+class _Ledger:
+    """A ledger handle that notes its calls."""
+
+    def __init__(self) -> None:
+        self.calls: list = []
+        self.add, self.totals = _Method(self.calls, "add"), _Method(self.calls, "totals")
+
+
+def _finished(request_id: str, reached_engine: bool = True) -> RequestRecord:
+    return RequestRecord(request_id=request_id, endpoint="/llm", metrics=None, model="m", reached_engine=reached_engine)
+
+
+def test_the_ingress_sends_the_rows_of_an_interval_in_one_call():
+    async def scenario():
+        ledger = _Ledger()
+        client = LedgerClient(ledger, flush_interval_s=0.05)
+        for request_id in ("a", "b"):
+            client.record(_finished(request_id))
+        client.record(_finished("never-reached-an-engine", reached_engine=False))
+        assert ledger.calls == []
+        await asyncio.sleep(0.2)
+        client.record(_finished("c"))
+        await client.totals(None, None, None, None)
+        return ledger.calls
+
+    calls = asyncio.run(scenario())
+    assert [(name, [row.request_id for row in args[0]] if name == "add" else args) for name, args in calls] == [
+        ("add", ["a", "b"]),
+        ("add", ["c"]),  # held rows are stored before the totals are read
+        ("totals", (None, None, None, None)),
+    ]
