@@ -4,15 +4,18 @@ A request's path: `_admit` names it and checks its token and scope before the bo
 body is validated into a chat request, the router picks the model's handle among those the key
 may use, `_start` takes a lease from the rate limiter and calls the model, and the first item the
 model returns decides between an error status, one JSON body, or an SSE stream written by `sse`.
-When the request ends, its record releases the lease and sends its row to the usage ledger.
+When the request ends, its record releases the lease and hands its row to the usage ledger's
+client, which sends the rows of each flush interval together.
 """
 
 import asyncio
 import logging
 import time
 import uuid
+from collections.abc import Coroutine
 from datetime import datetime, timezone
 from importlib.metadata import version
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -311,7 +314,7 @@ class Ingress:
         self, route: Route, chat: ChatCompletionRequest, record: RequestRecord, caller: Caller
     ) -> tuple[ModelOutput, ModelStream, dict[str, str]]:
         """The last check, the rate limits, then the model. From here on the request counts: its
-        lease is released and its ledger row written when it ends, however it ends."""
+        lease is released and its ledger row kept when it ends, however it ends."""
         reserve = (chat.max_completion_tokens or chat.max_tokens or 0) * (chat.n or 1)
         admission = await self._gate.admit(caller, reserve)
         if admission is not None:
@@ -328,12 +331,14 @@ class Ingress:
     def num_unfinished_requests(self) -> int:
         return sum(runner.num_unfinished_requests() for runner in self._runners.values())
 
-    def __del__(self) -> None:
-        """Serve calls this on a graceful stop, once requests have drained."""
-        if hasattr(self, "_ledger"):
-            self._ledger.flush()
+    def __del__(self) -> Coroutine[Any, Any, None] | None:
+        """Serve calls this on a graceful stop, once requests have drained, and awaits what it
+        returns: the ledger rows this replica holds, stored before it goes. Python may call it too
+        (an ingress whose engine failed to start), where the engines' shutdown is what matters."""
         for runner in getattr(self, "_runners", {}).values():
             runner.shutdown()
+        ledger: LedgerClient | None = getattr(self, "_ledger", None)
+        return ledger.close() if ledger is not None and ledger.holds_rows else None
 
     def _capped(self, chat: ChatCompletionRequest) -> ChatCompletionRequest:
         """An honest max_tokens cap matters to operators: Livepeer prices by max_tokens."""

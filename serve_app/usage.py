@@ -1,7 +1,7 @@
 """The usage ledger: one durable row per request that reached an engine, the record operators
 bill and audit from.
 
-Every ingress replica sends its rows, fire and forget and a second's worth at a time, to one
+Every ingress replica sends its rows, fire and forget, a flush interval's worth at a time, to one
 `UsageLedger` replica: the single writer, so SQLite needs no cross-process locking, and a row
 already sent survives the restart of the ingress replica that sent it. The store is SQLAlchemy
 Core over a URL: SQLite on the head node by default (WAL journal, a commit per batch), or any
@@ -68,7 +68,7 @@ _usage = sa.Table(
 
 
 class UsageStore:
-    """The one interface to the database: add a row, total a time range."""
+    """The one interface to the database: add rows, total a time range."""
 
     def __init__(self, url: str) -> None:
         self._engine = sa.create_engine(_local_path(url))
@@ -154,11 +154,10 @@ def ledger_options(settings: UsageSettings) -> dict[str, Any]:
 
 class LedgerClient:
     """The ingress's side. A finished request's row (unless it never reached an engine) waits here
-    up to `flush_interval_s` and goes with the others of that time in one call. A call per row
-    cost the ingress's replica and the ledger more CPU per request than all the rest of the
-    ingress's work, on the core where the next request is read and the engine's outputs are
-    relayed (README, Benchmark). A replica that dies loses the rows it holds; one that stops
-    gracefully sends them."""
+    up to `flush_interval_s` and goes with the others of that time in one call: a handle call per
+    row was the largest item in the colocated replica's profile, and sending rows per request
+    rather than once a second cost the first token 6 to 8 ms (`python -m bench.ledger_flush`). A replica that
+    dies loses the rows it holds; one that stops gracefully stores them first."""
 
     def __init__(self, ledger: DeploymentHandle | None, flush_interval_s: float) -> None:
         self._ledger = ledger
@@ -169,6 +168,10 @@ class LedgerClient:
     @property
     def enabled(self) -> bool:
         return self._ledger is not None
+
+    @property
+    def holds_rows(self) -> bool:
+        return bool(self._held)
 
     def record(self, record: RequestRecord) -> None:
         if self._ledger is None or not record.reached_engine:
@@ -182,14 +185,23 @@ class LedgerClient:
         if rows:
             fire_and_forget.send(self._ledger, "add", rows)
 
+    async def close(self) -> None:
+        """Stores the rows held, for a replica about to stop."""
+        await self._store(self._take())
+
     async def totals(
         self, since: float | None, until: float | None, key: str | None, model: str | None
     ) -> list[dict[str, Any]]:
-        """The rows this replica holds are counted too: they are sent, and stored, first."""
-        rows = self._take()
-        if rows:
-            await self._ledger.add.remote(rows)
+        """The rows this replica holds are counted too: they are stored first. Those other ingress
+        replicas hold are not, until their next flush."""
+        await self._store(self._take())
         return await self._ledger.totals.remote(since, until, key, model)
+
+    async def _store(self, rows: list[UsageRow]) -> None:
+        """Awaited, yet a call of its own: a caller cancelled meanwhile (its client left) does not
+        take the rows with it."""
+        if rows:
+            await asyncio.shield(fire_and_forget.send(self._ledger, "add", rows))
 
     def _take(self) -> list[UsageRow]:
         if self._timer is not None:

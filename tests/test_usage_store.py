@@ -2,6 +2,7 @@
 ingress's side batches its rows."""
 
 import asyncio
+import contextvars
 import sqlite3
 import uuid
 
@@ -43,30 +44,43 @@ def test_rows_are_in_a_plain_sqlite_file_that_a_new_store_reads(tmp_path):
         assert db.execute("select key, prompt_tokens, completion_tokens from usage").fetchall() == [("a", 2, 3)]
 
 
+_REQUEST: contextvars.ContextVar[str | None] = contextvars.ContextVar("request", default=None)
+"""Stands for the serving request's context, which Serve reads to make a handle call its child."""
+
+
 class _Method:
-    def __init__(self, calls: list, name: str) -> None:
-        self._calls, self._name = calls, name
+    def __init__(self, ledger: "_Ledger", name: str) -> None:
+        self._ledger, self._name = ledger, name
 
     def remote(self, *args):
-        self._calls.append((self._name, args))
+        self._ledger.calls.append((self._name, args, _REQUEST.get()))
         future = asyncio.get_running_loop().create_future()
-        future.set_result([] if self._name == "totals" else None)
+        self._ledger.replies.append(future)
+        if not self._ledger.hold_replies:
+            future.set_result([] if self._name == "totals" else None)
         return future
 
 
 class _Ledger:
-    """A ledger handle that notes its calls."""
+    """A ledger handle that notes its calls, and the request context each was made in."""
 
-    def __init__(self) -> None:
+    def __init__(self, hold_replies: bool = False) -> None:
         self.calls: list = []
-        self.add, self.totals = _Method(self.calls, "add"), _Method(self.calls, "totals")
+        self.replies: list[asyncio.Future] = []
+        self.hold_replies = hold_replies
+        self.add, self.totals = _Method(self, "add"), _Method(self, "totals")
+
+    def sent(self) -> list:
+        return [(name, [row.request_id for row in args[0]] if name == "add" else args, context)
+                for name, args, context in self.calls]
 
 
 def _finished(request_id: str, reached_engine: bool = True) -> RequestRecord:
+    _REQUEST.set(request_id)
     return RequestRecord(request_id=request_id, endpoint="/llm", metrics=None, model="m", reached_engine=reached_engine)
 
 
-def test_the_ingress_sends_the_rows_of_an_interval_in_one_call():
+def test_the_ingress_sends_the_rows_of_an_interval_in_one_call_outside_any_request():
     async def scenario():
         ledger = _Ledger()
         client = LedgerClient(ledger, flush_interval_s=0.05)
@@ -77,11 +91,32 @@ def test_the_ingress_sends_the_rows_of_an_interval_in_one_call():
         await asyncio.sleep(0.2)
         client.record(_finished("c"))
         await client.totals(None, None, None, None)
-        return ledger.calls
+        client.record(_finished("d"))
+        assert client.holds_rows
+        await client.close()
+        assert not client.holds_rows
+        return ledger.sent()
 
-    calls = asyncio.run(scenario())
-    assert [(name, [row.request_id for row in args[0]] if name == "add" else args) for name, args in calls] == [
-        ("add", ["a", "b"]),
-        ("add", ["c"]),  # held rows are stored before the totals are read
-        ("totals", (None, None, None, None)),
+    assert asyncio.run(scenario()) == [
+        ("add", ["a", "b"], None),
+        ("add", ["c"], None),  # held rows are stored before the totals are read
+        ("totals", (None, None, None, None), "c"),
+        ("add", ["d"], None),  # and before the replica stops
     ]
+
+
+def test_held_rows_sent_for_the_totals_are_stored_even_if_the_admin_client_leaves():
+    async def scenario():
+        ledger = _Ledger(hold_replies=True)
+        client = LedgerClient(ledger, flush_interval_s=60)
+        client.record(_finished("a"))
+        asking = asyncio.create_task(client.totals(None, None, None, None))
+        await asyncio.sleep(0.01)
+        asking.cancel()
+        await asyncio.gather(asking, return_exceptions=True)
+        return ledger, client
+
+    ledger, client = asyncio.run(scenario())
+    assert ledger.sent() == [("add", ["a"], None)]
+    assert not ledger.replies[0].cancelled()
+    assert not client.holds_rows
