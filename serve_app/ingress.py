@@ -12,10 +12,8 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Coroutine
 from datetime import datetime, timezone
 from importlib.metadata import version
-from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -331,14 +329,14 @@ class Ingress:
     def num_unfinished_requests(self) -> int:
         return sum(runner.num_unfinished_requests() for runner in self._runners.values())
 
-    def __del__(self) -> Coroutine[Any, Any, None] | None:
-        """Serve calls this on a graceful stop, once requests have drained, and awaits what it
-        returns: the ledger rows this replica holds, stored before it goes. Python may call it too
-        (an ingress whose engine failed to start), where the engines' shutdown is what matters."""
+    async def __del__(self) -> None:
+        """Serve awaits this on a graceful stop, once requests have drained (its ingress wrapper
+        awaits a coroutine `__del__`, and only calls a plain one): the ledger rows this replica
+        holds are stored before it goes."""
+        if hasattr(self, "_ledger"):
+            await self._ledger.close()
         for runner in getattr(self, "_runners", {}).values():
             runner.shutdown()
-        ledger: LedgerClient | None = getattr(self, "_ledger", None)
-        return ledger.close() if ledger is not None and ledger.holds_rows else None
 
     def _capped(self, chat: ChatCompletionRequest) -> ChatCompletionRequest:
         """An honest max_tokens cap matters to operators: Livepeer prices by max_tokens."""

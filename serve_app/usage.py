@@ -169,10 +169,6 @@ class LedgerClient:
     def enabled(self) -> bool:
         return self._ledger is not None
 
-    @property
-    def holds_rows(self) -> bool:
-        return bool(self._held)
-
     def record(self, record: RequestRecord) -> None:
         if self._ledger is None or not record.reached_engine:
             return

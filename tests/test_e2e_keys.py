@@ -253,3 +253,29 @@ def test_the_ledger_survives_restarts_of_an_ingress_replica_and_of_the_ledger(ke
     assert _usage(keys_url, key="open", since=since) == before
     assert _post(keys_url, "open", "/llm", _ask()).status_code == 200
     until(lambda: _usage(keys_url, key="open", since=since)["requests"] == 4, 15, "the new ledger replica to record")
+
+
+def test_an_ingress_replica_stopped_gracefully_stores_the_rows_it_holds(serve_url, tmp_path_factory):
+    """Rows wait in the ingress for `usage.flush_interval_s`; an ingress replaced by a redeploy
+    stores them before it goes, while the ledger stays up."""
+    from serve_app.usage import UsageStore
+
+    usage = ledger_in(tmp_path_factory.mktemp("held")).model_copy(update={"flush_interval_s": 60})
+    deployment = {"num_cpus": 0.05, "num_replicas": 1}
+    config = ClusterConfig.model_validate({
+        "usage": usage.model_dump(),
+        "auth": {"keys": [_key("open")]},
+        "ingress": {"num_cpus": 0.05},
+        "models": [{"id": "fake-held", "source": {"path": "/nonexistent"}, "deployment": deployment}],
+    })
+    store = UsageStore(usage.database)
+    serve_fake(config, "held")
+    try:
+        assert _post(f"{serve_url}/held", "open", "/llm", _ask()).status_code == 200
+        assert store.totals(None, None) == []  # held in the ingress, not yet sent
+        # A new ingress version (its config differs) replaces the replica; the ledger is unchanged.
+        serve_fake(config.model_copy(update={"ingress": config.ingress.model_copy(update={"max_tokens_limit": 99})}), "held")
+        stored = until(lambda: store.totals(None, None), 30, "the replaced ingress's row to be stored")
+        assert [(row["key"], row["model"], row["requests"]) for row in stored] == [("open", "fake-held", 1)]
+    finally:
+        serve.delete("held")
