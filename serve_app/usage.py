@@ -156,8 +156,8 @@ class LedgerClient:
     """The ingress's side. A finished request's row (unless it never reached an engine) waits here
     up to `flush_interval_s` and goes with the others of that time in one call: a handle call per
     row was the largest item in the colocated replica's profile, and sending rows per request
-    rather than once a second cost the first token 6 to 8 ms (`python -m bench.ledger_flush`). A replica that
-    dies loses the rows it holds; one that stops gracefully stores them first."""
+    rather than once a second cost the first token 6 to 8 ms (`python -m bench.ledger_flush`).
+    A replica that dies loses the rows it holds; one that stops gracefully stores them first."""
 
     def __init__(self, ledger: DeploymentHandle | None, flush_interval_s: float) -> None:
         self._ledger = ledger
