@@ -75,14 +75,15 @@ class UsageStore:
         if self._engine.dialect.name == "sqlite":
             sa.event.listen(self._engine, "connect", _sqlite_pragmas)
         _metadata.create_all(self._engine)
-        self._insert = (sqlite.insert if self._engine.dialect.name == "sqlite" else postgresql.insert)(_usage)
+        insert = sqlite.insert if self._engine.dialect.name == "sqlite" else postgresql.insert
+        self._insert = insert(_usage).on_conflict_do_nothing(index_elements=["id"])
 
     def add(self, rows: list[UsageRow]) -> None:
         """One transaction. Idempotent by row id, so a retried call never counts a request twice."""
         if not rows:
             return
         with self._engine.begin() as connection:
-            connection.execute(self._insert.on_conflict_do_nothing(index_elements=["id"]), [asdict(row) for row in rows])
+            connection.execute(self._insert, [asdict(row) for row in rows])
 
     def totals(
         self, since: float | None, until: float | None, key: str | None = None, model: str | None = None
