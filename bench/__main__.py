@@ -20,7 +20,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from bench import report, systems
-from bench.load import FIRST_TOKEN, LoadResult, Samples, sse_load, vllm_bench
+from bench.load import FIRST_TOKEN, LoadResult, Samples, first_tokens, sse_load, vllm_bench
 from cluster import runtime
 from cluster.load import load
 from cluster.schema import ClusterConfig
@@ -43,8 +43,9 @@ def main() -> None:
     parser.add_argument("--output-len", type=int, default=64)
     parser.add_argument("--prompts-per-stream", type=int, default=2,
                         help="requests per concurrent stream in each turn (at least 4 per turn)")
-    parser.add_argument("--first-token-requests", type=int, default=16,
-                        help="one-token requests in each turn at concurrency 1, for the time to first token (0: none)")
+    parser.add_argument("--first-token-blocks", type=int, default=8,
+                        help="blocks of one-token requests per system and route, for the time to first token at "
+                             "concurrency 1 (0: none)")
     parser.add_argument("--systems", nargs="+", default=["ours", "ray-llm", "overhead"],
                         choices=["ours", "ray-llm", "overhead"])
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
@@ -68,24 +69,32 @@ def main() -> None:
     def turns(bare: systems.Running, contender: systems.Running, sse_path: str | None) -> None:
         started[contender.name] = contender.started_in_s
         for concurrency in args.concurrency:
-            prompts = max(4, args.prompts_per_stream * concurrency)
-            in_turns(bare, contender, sse_path, concurrency, prompts, args.output_len, "")
+            in_turns(bare, contender, sse_path, concurrency)
         # The first token at concurrency 1 is the figure a 10 ms gap is read on; whole answers
         # give too few of them in a run this short.
-        if args.first_token_requests:
-            in_turns(bare, contender, sse_path, 1, args.first_token_requests, 1, FIRST_TOKEN)
+        if args.first_token_blocks:
+            routes = ["/v1/chat/completions", *([sse_path] if sse_path else [])]
+            print(f"{bare.name} and {contender.name}: first tokens", flush=True)
+            pooled = first_tokens([(bare, routes[0]), *((contender, route) for route in routes)],
+                                  args.first_token_blocks)
+            results.extend(
+                LoadResult.of(name, route + FIRST_TOKEN, 1, samples,
+                              compared_with=contender.name if name == bare.name else "")
+                for (name, route), samples in pooled.items()
+            )
 
     def in_turns(bare: systems.Running, contender: systems.Running, sse_path: str | None,
-                 concurrency: int, prompts: int, output_len: int, label: str) -> None:
+                 concurrency: int) -> None:
+        prompts = max(4, args.prompts_per_stream * concurrency)
         pooled: dict[tuple[str, str], Samples] = defaultdict(Samples)
         for run in (bare, contender, contender, bare):
-            print(f"{run.name}: concurrency {concurrency}, {prompts} requests{label}", flush=True)
-            pooled[run.name, VLLM_BENCH + label] += vllm_bench(run, model_path, concurrency, prompts,
-                                                               args.input_len, output_len)
+            print(f"{run.name}: concurrency {concurrency}, {prompts} requests", flush=True)
+            pooled[run.name, VLLM_BENCH] += vllm_bench(run, model_path, concurrency, prompts,
+                                                       args.input_len, args.output_len)
             if sse_path:
                 path = sse_path if run is contender else "/v1/chat/completions"
-                body = _sse_body(path, model.id, output_len)
-                pooled[run.name, path + label] += asyncio.run(sse_load(run, path, body, concurrency, prompts))
+                body = _sse_body(path, model.id, args.output_len)
+                pooled[run.name, path] += asyncio.run(sse_load(run, path, body, concurrency, prompts))
         results.extend(
             LoadResult.of(name, api, concurrency, samples, compared_with=contender.name if name == bare.name else "")
             for (name, api), samples in pooled.items()

@@ -2,49 +2,29 @@
 stack as `configs/local.yaml` runs it, once with rows sent as each request ends (a flush interval
 of 1 ms) and once with the default interval, both applications side by side in one Serve instance.
 One-token streamed requests at concurrency 1 (`/llm` for ours, `/v1/chat/completions` for bare
-vLLM, the same client), in blocks taken from each system in turn; the first requests of a block are
-not counted: right after the other engine has answered, the first requests to an engine on the same
-core are slow (README, Benchmark). Prints each system's median time to the first chunk and its
-difference from bare vLLM's.
+vLLM), in blocks taken from each system in turn, as `make bench` reads the first token
+(`bench.load.first_tokens`). Prints each system's median time to the first token and its difference
+from bare vLLM's.
 
     python -m bench.ledger_flush [--blocks 12]
 """
 
 import argparse
 import json
-import time
-import uuid
 from pathlib import Path
 
-import httpx
-
 from bench import systems
-from bench.load import percentile_ms
+from bench.load import first_tokens, percentile_ms
 from cluster import runtime
 from cluster.load import load
 from cluster.schema import ClusterConfig
 from serve_app import model_source
 
 RESULTS = Path(__file__).resolve().parent / "results" / "ledger_flush.json"
-PROMPT = "Write a long story about a lighthouse"
 
 
 def _with_interval(config: ClusterConfig, seconds: float) -> ClusterConfig:
     return config.model_copy(update={"usage": config.usage.model_copy(update={"flush_interval_s": seconds})})
-
-
-def _first_chunk_s(client: httpx.Client, run: systems.Running, route: str) -> float:
-    # A fresh prompt each time: vLLM's prefix cache would otherwise skip the prefill.
-    body = {"model": run.model, "messages": [{"role": "user", "content": f"{PROMPT} {uuid.uuid4().hex[:8]}"}],
-            "max_tokens": 1, "stream": True}
-    headers = {"Authorization": f"Bearer {run.api_key}"} if run.api_key else {}
-    started = time.perf_counter()
-    with client.stream("POST", run.base_url + route, json=body, headers=headers) as response:
-        response.raise_for_status()
-        for line in response.iter_lines():
-            if line.startswith("data: "):
-                return time.perf_counter() - started
-    raise RuntimeError(f"{run.name}: no chunk")
 
 
 def main() -> None:
@@ -66,12 +46,8 @@ def main() -> None:
     with systems.bare_vllm(model, model_source.resolve(model.source), args.port + 1, logs) as bare, \
             systems.our_apps(configs, args.port, logs, "ledger") as ours:
         runs = [(bare, "/v1/chat/completions"), *((run, "/llm") for run in ours)]
-        samples: dict[str, list[float]] = {run.name: [] for run, _ in runs}
-        with httpx.Client(timeout=60) as client:
-            for block in range(args.blocks):
-                for run, route in runs[block % len(runs):] + runs[: block % len(runs)]:
-                    times = [_first_chunk_s(client, run, route) for _ in range(args.block)]
-                    samples[run.name] += times[args.dropped:]
+        measured = first_tokens(runs, args.blocks, args.block, args.dropped)
+    samples = {name: pooled.ttfts for (name, _), pooled in measured.items()}
     medians = {name: percentile_ms(times, 50) for name, times in samples.items()}
     summary = {
         name: {"median_ms": medians[name], "p90_ms": percentile_ms(times, 90),

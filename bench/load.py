@@ -13,6 +13,7 @@ import json
 import os
 import statistics
 import time
+import uuid
 from dataclasses import asdict, dataclass, field
 
 import httpx
@@ -163,6 +164,60 @@ async def sse_load(run: Running, path: str, body: dict, concurrency: int, prompt
         await asyncio.gather(*(worker(client) for _ in range(concurrency)))
         samples.elapsed_s = time.perf_counter() - started
     return samples
+
+
+FIRST_TOKEN_PROMPT = "Write a long story about a lighthouse"
+
+
+def first_tokens(runs: list[tuple[Running, str]], blocks: int, block: int = 12,
+                 dropped: int = 4) -> dict[tuple[str, str], Samples]:
+    """The time to first token at concurrency 1, read closely enough for a gap of a few ms: one-token
+    streamed requests, one at a time, in blocks taken from each (system, route) in turn, keyed so.
+
+    A fresh prompt each time (vLLM's prefix cache would otherwise skip the prefill) and requests
+    back to back: on a CPU host a request after a second or two idle takes twice as long to its
+    first token, on any system. The first `dropped` of a block are not counted: right after
+    another engine on the same core has answered, an engine's first requests are slow (README,
+    Benchmark). `elapsed_s` sums the counted requests' whole durations."""
+    samples = {(run.name, route): Samples() for run, route in runs}
+    with httpx.Client(timeout=60) as client:
+        for turn in range(blocks):
+            for run, route in runs[turn % len(runs):] + runs[: turn % len(runs)]:
+                into = samples[run.name, route]
+                for n in range(block):
+                    counted = into if n >= dropped else Samples()
+                    started = time.perf_counter()
+                    first = _first_token_s(client, run, route)
+                    counted.elapsed_s += time.perf_counter() - started
+                    counted.requests += 1
+                    if first is None:
+                        counted.errors += 1
+                    else:
+                        counted.ttfts.append(first)
+                        counted.tokens += 1
+    return samples
+
+
+def _first_token_s(client: httpx.Client, run: Running, route: str) -> float | None:
+    """Seconds to the first chunk that carries content, the stream read to its end (a client leaving
+    early would make the server clean up during the next request); None if the request failed."""
+    body = {"model": run.model, "messages": [{"role": "user", "content": f"{FIRST_TOKEN_PROMPT} {uuid.uuid4().hex[:8]}"}],
+            "max_tokens": 1, "temperature": 0, "stream": True}
+    headers = {"Authorization": f"Bearer {run.api_key}"} if run.api_key else {}
+    first = None
+    started = time.perf_counter()
+    try:
+        with client.stream("POST", run.base_url + route, json=body, headers=headers) as response:
+            if response.status_code != 200:
+                return None
+            for line in response.iter_lines():
+                if first is None and line.startswith("data: ") and line != "data: [DONE]":
+                    choices = json.loads(line[6:]).get("choices") or []
+                    if choices and (choices[0].get("delta") or {}).get("content"):
+                        first = time.perf_counter() - started
+    except httpx.HTTPError:
+        return None
+    return first
 
 
 def percentile_ms(values: list[float], q: int) -> float:

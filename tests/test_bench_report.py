@@ -40,3 +40,24 @@ def test_llm_is_compared_with_bare_vllm_under_the_same_client():
     ]
     [ours] = [line for line in markdown(results, [], META).splitlines() if line.startswith("| /llm")]
     assert ours.endswith("| – | 0 |  | +20.0 ms |")  # no inter-token latency, no token rate to compare
+
+
+def test_first_tokens_rotate_blocks_drop_warm_ups_and_count_failures(monkeypatch):
+    import bench.load
+    from bench.systems import Running
+
+    runs = [(Running(name, "http://x", "m", None, 0.0), "/r") for name in ("a", "b")]
+    calls: list[str] = []
+
+    def first_token_s(client, run, route):
+        calls.append(run.name)
+        n = calls.count(run.name)
+        return None if n == 5 else n / 10  # each system's 5th request fails
+
+    monkeypatch.setattr(bench.load, "_first_token_s", first_token_s)
+    samples = bench.load.first_tokens(runs, blocks=2, block=3, dropped=1)
+    assert calls == ["a"] * 3 + ["b"] * 3 + ["b"] * 3 + ["a"] * 3
+    a = samples["a", "/r"]
+    assert (a.ttfts, a.requests, a.errors, a.tokens) == ([0.2, 0.3, 0.6], 4, 1, 3)
+    b = samples["b", "/r"]
+    assert (b.ttfts, b.requests, b.errors) == ([0.2, 0.3, 0.6], 4, 1)
