@@ -39,10 +39,26 @@ def load(path: str | Path) -> LoadedConfig:
         if not isinstance(app, dict) or app.get("import_path") != IMPORT_PATH:
             continue
         where = f"applications[{index}].args"
+        _check_json(app.get("args") or {}, f"{path}: {where}")
         apps[app.get("name", "default")] = validate(app.get("args") or {}, f"{path}: {where}")
     if not apps:
         raise ConfigError(f"{path}: no application has import_path {IMPORT_PATH!r}")
     return LoadedConfig(path=path, serve_config=raw, apps=apps)
+
+
+def _check_json(value: Any, where: str) -> None:
+    """`serve deploy` sends the file to Ray's dashboard as JSON, and YAML reads an unquoted date or
+    time (`expires_at: 2027-06-30`) as a date object, which JSON cannot carry: `serve run` would
+    accept the file and `serve deploy` fail with a TypeError."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _check_json(item, f"{where}.{key}")
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            _check_json(item, f"{where}.{index}")
+    elif not isinstance(value, (str, int, float, bool, type(None))):
+        raise ConfigError(f"{where}: YAML reads {value} as a {type(value).__name__}, which a Serve config "
+                          "cannot carry: put it in quotes")
 
 
 def validate(args: dict[str, Any], where: str) -> ClusterConfig:

@@ -114,6 +114,8 @@ class DeploymentSettings(StrictModel):
     def _one_scaling_mode(self) -> "DeploymentSettings":
         if self.num_replicas is not None and self.autoscaling is not None:
             raise ValueError("set either num_replicas or autoscaling, not both")
+        if self.max_queued_requests == 0:
+            raise ValueError("max_queued_requests: -1 (no bound) or at least 1; Serve refuses 0")
         return self
 
 
@@ -131,6 +133,11 @@ class ModelConfig(StrictModel):
             raise ValueError(
                 f"with tensor/pipeline parallelism ({world} workers) num_gpus is per worker: "
                 f"use 1, not {self.deployment.num_gpus}"
+            )
+        if world > 1 and self.deployment.num_cpus == 0:
+            raise ValueError(
+                f"with tensor/pipeline parallelism ({world} workers) the replica's placement group "
+                "bundle needs num_cpus above 0 (Ray refuses a bundle of zeros)"
             )
         return self
 
@@ -269,6 +276,14 @@ class ClusterConfig(StrictModel):
     def _names_resolve(self) -> "ClusterConfig":
         names = [name for model in self.models for name in (model.id, *model.aliases)]
         _reject_duplicates("model id or alias", names)
+        deployments: dict[str, str] = {}
+        for model in self.models:
+            other = deployments.setdefault(deployment_name(model.id), model.id)
+            if other != model.id:
+                raise ValueError(
+                    f"model ids {other!r} and {model.id!r} would share the Serve deployment name "
+                    f"{deployment_name(model.id)!r}: rename one"
+                )
         if self.default_model is not None and self.default_model not in names:
             raise ValueError(
                 f"default_model {self.default_model!r} is not a model id or alias "

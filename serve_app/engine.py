@@ -69,13 +69,15 @@ class VLLMEngine:
 
     async def chat(self, request: ChatCompletionRequest) -> ChatResult:
         """Client mistakes found while rendering the prompt (too long for the context, a bad
-        template argument) are raised, not returned; they become vLLM's own 4xx ErrorResponse."""
+        template argument) and the engine's own refusals (its queue full, under `extra_args`'
+        `max_num_queued_reqs`) are raised, not returned; they become the ErrorResponse with the
+        status vLLM's server would give them. Anything else is a failure of ours or the engine's."""
         from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
-        from vllm.exceptions import VLLMClientError
+        from vllm.exceptions import VLLMError
 
         try:
             return await self._serving_chat.create_chat_completion(request)
-        except (ValueError, TypeError, VLLMClientError) as error:
+        except (ValueError, TypeError, OverflowError, NotImplementedError, VLLMError) as error:
             return create_error_response(error)
 
     async def check_health(self) -> None:

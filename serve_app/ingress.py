@@ -21,6 +21,7 @@ from pydantic import ValidationError
 from ray import serve
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
+from vllm.exceptions import VLLMClientError
 
 from cluster.schema import ClusterConfig, Scope
 from serve_app import livepeer, sse
@@ -80,14 +81,24 @@ def _request_id(request: Request) -> str:
 
 
 def _parse(model, body: bytes):
+    """vLLM's request model raises its own error for checks across fields (stream_options
+    without stream, an empty tools list); pydantic does not wrap it."""
     try:
         return model.model_validate_json(body)
     except ValidationError as error:
         raise from_validation(error, "request body") from None
+    except VLLMClientError as error:
+        raise BadRequest(f"invalid request body: {error}") from None
 
 
-def _check_messages(chat: ChatCompletionRequest) -> None:
-    """vLLM's model accepts custom roles and an empty list; neither makes a chat prompt."""
+def _check_chat(chat: ChatCompletionRequest) -> None:
+    """vLLM's model accepts custom roles, an empty list of messages, and counts below 1 (its
+    sampling parameters refuse those later, after a negative reservation against the key's
+    tokens-per-minute budget would have let other requests through)."""
+    for name in ("n", "max_tokens", "max_completion_tokens"):
+        value = getattr(chat, name)
+        if value is not None and value < 1:
+            raise BadRequest(f"invalid request body: {name}: must be at least 1, not {value}")
     if not chat.messages:
         raise BadRequest("invalid request body: messages: must hold at least one message")
     for index, message in enumerate(chat.messages):
@@ -229,7 +240,7 @@ class Ingress:
     async def chat_completions(self, request: Request):
         record, caller = self._admit(request, "/v1/chat/completions", "chat")
         chat = _parse(ChatCompletionRequest, await request.body())
-        _check_messages(chat)
+        _check_chat(chat)
         route = self._router.resolve(chat.model, caller)
         record.route_to(route.model_id)
         asked = chat.stream_options or StreamOptions()

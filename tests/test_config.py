@@ -73,6 +73,11 @@ def test_errors_name_the_file_and_each_bad_field(tmp_path):
         ({"models": [_model()], "auth": {"keys": [{"name": "k", "env": "K", "expires_at": "soon"}]}}, "auth.keys.0.expires_at"),
         ({"models": [_model()], "usage": {"database": "mysql://db/usage"}}, "usage.database: must be a sqlite"),
         ({"models": [_model()], "usage": {"flush_interval_s": 0}}, "usage.flush_interval_s"),
+        ({"models": [_model(deployment={"max_queued_requests": 0})]}, "max_queued_requests: -1 (no bound) or at least 1"),
+        ({"models": [_model(engine={"tensor_parallel_size": 2}, deployment={"num_gpus": 1, "num_cpus": 0})]},
+         "needs num_cpus above 0"),
+        ({"models": [_model(id="qwen2.5-7b"), _model(id="qwen2-5-7b")]},
+         "'qwen2.5-7b' and 'qwen2-5-7b' would share the Serve deployment name 'model-qwen2-5-7b'"),
     ],
 )
 def test_invalid_configs_are_refused_with_a_reason(tmp_path, args, complaint):
@@ -225,3 +230,15 @@ def test_keys_new_prints_a_token_and_lines_that_validate():
     assert key.sha256 == hashlib.sha256(token.encode()).hexdigest() and token not in yaml.safe_dump(entry)
     assert key.models == ["llama-*"] and key.scopes == ["chat", "admin"]
     assert (key.limits.requests_per_minute, key.limits.tokens_per_minute, key.limits.concurrent_requests) == (60, 1000, 2)
+
+
+def test_an_unquoted_date_is_refused_since_serve_deploy_could_not_send_it(tmp_path):
+    path = tmp_path / "dated.yaml"
+    args = {"models": [_model()], "auth": {"keys": [{"name": "k", "env": "K", "expires_at": "DATE"}]}}
+    text = yaml.safe_dump({"applications": [{"name": "llm", "import_path": "serve_app.app:build_app", "args": args}]})
+    path.write_text(text.replace("DATE", "2027-06-30T00:00:00Z"))
+    with pytest.raises(ConfigError, match=r"auth\.keys\.0\.expires_at: YAML reads .* put it in quotes"):
+        load(path)
+    path.write_text(text.replace("DATE", '"2027-06-30T00:00:00Z"'))
+    [key] = load(path).apps["llm"].auth.keys
+    assert key.expires_at.year == 2027
