@@ -11,7 +11,7 @@ from cluster.schema import ClusterConfig
 from serve_app.engine import vllm_namespace
 from serve_app.ingress import Ingress
 from serve_app.limiter import LIMITER_OPTIONS, RateLimiter
-from serve_app.model_server import EngineFactory, ModelServer, deployment_options, vllm_engine
+from serve_app.model_server import EngineFactory, ModelServer, colocated_options, deployment_options, vllm_engine
 from serve_app.usage import UsageLedger, ledger_options
 
 
@@ -43,7 +43,7 @@ def build_graph(config: ClusterConfig, engine_factory: EngineFactory) -> Applica
         )
     ingress = config.ingress
     if ingress.colocate:
-        options = deployment_options(config.models[0])
+        options = colocated_options(config.models[0])
         return Ingress.options(**options, logging_config=logging_config).bind(config, {}, limiter, ledger, engine_factory)
     return Ingress.options(
         num_replicas=ingress.num_replicas,

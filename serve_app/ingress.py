@@ -17,6 +17,7 @@ from importlib.metadata import version
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException
 from pydantic import ValidationError
 from ray import serve
 from ray.serve.exceptions import BackPressureError
@@ -40,7 +41,7 @@ from serve_app.hardware import hardware_info
 from serve_app.limiter import LimitGate
 from serve_app.model_state import livepeer_health, model_states
 from serve_app.metrics import IngressMetrics
-from serve_app.model_server import EngineFactory, ModelOutput, ModelRunner
+from serve_app.model_server import EngineFactory, ModelOutput, ModelRunner, colocated_slots
 from serve_app.protocol import (
     ChatCompletionRequest,
     ErrorResponse,
@@ -67,6 +68,16 @@ async def _api_error(request: Request, error: APIError) -> JSONResponse:
     path = request.url.path.removeprefix(request.scope.get("root_path", ""))
     api = "openai" if path.startswith("/v1/") else "livepeer"
     return error_response(api, error, request_id)
+
+
+@app.exception_handler(HTTPException)
+async def _no_route(request: Request, error: HTTPException) -> JSONResponse:
+    """FastAPI's own answers (no such path, a method the path does not take) in the endpoint's
+    shape too, instead of `{"detail": "Not Found"}`."""
+    cls = NotFound if error.status_code == 404 else APIError
+    api_error = cls(f"{request.method} {request.url.path}: {error.detail}", headers=dict(error.headers or {}))
+    api_error.status = error.status_code
+    return await _api_error(request, api_error)
 
 
 # Helpers sit above the class: serve.ingress pickles the app, and with it the routes' globals,
@@ -140,6 +151,10 @@ async def _first_output(
         outputs.cancel()
         raise EngineFailure(f"the model engine failed (request id {record.request_id})") from None
     record.reached_engine = True
+    if isinstance(first, str) and first.startswith('{"error"'):
+        # vLLM's stream reports a failure before its first token as an error event.
+        outputs.cancel()
+        first = ErrorResponse.model_validate_json(first)
     if isinstance(first, ErrorResponse):
         raise from_vllm(first)
     return first, outputs
@@ -213,7 +228,9 @@ class Ingress:
         self._keys = KeyRing(config.auth)
         self._runners: dict[str, ModelRunner] = {}
         if colocated_engine is not None:
-            self._runners = {model.id: ModelRunner(model, colocated_engine) for model in config.models}
+            self._runners = {
+                model.id: ModelRunner(model, colocated_engine, colocated_slots(model)) for model in config.models
+            }
             for runner in self._runners.values():
                 await runner.start()
         self._router = Router(config, handles | self._runners)
@@ -260,9 +277,19 @@ class Ingress:
     @app.get("/v1/models")
     async def models(self, request: Request):
         _, caller = self._admit(request, "/v1/models")
+        return {"object": "list", "data": await self._model_entries(self._router.models_for(caller))}
+
+    @app.get("/v1/models/{name:path}")
+    async def model(self, request: Request, name: str):
+        """One model by id or alias, as OpenAI's SDK retrieves it."""
+        _, caller = self._admit(request, "/v1/models")
+        [entry] = await self._model_entries([self._router.resolve(name, caller).model_id])
+        return entry
+
+    async def _model_entries(self, model_ids: list[str]) -> list[dict]:
         created = int(time.time())
-        states = await model_states(self._router.models_for(caller))
-        data = [
+        states = await model_states(model_ids)
+        return [
             {
                 "id": model_id,
                 "object": "model",
@@ -276,7 +303,6 @@ class Ingress:
             | ({"message": state.message} if state.state != "ready" and state.message else {})
             for model_id, state in states.items()
         ]
-        return {"object": "list", "data": data}
 
     @app.get("/health")
     async def health(self):

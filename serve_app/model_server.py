@@ -9,7 +9,10 @@ gets a JSON body, an error status or an SSE stream.
 import asyncio
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from contextlib import asynccontextmanager, nullcontext
 from typing import Any
+
+from ray.serve.exceptions import BackPressureError
 
 from cluster.schema import ModelConfig, deployment_name
 from serve_app.engine import ChatEngine, ChatResult, VLLMEngine
@@ -30,29 +33,61 @@ def vllm_engine(model: ModelConfig) -> ChatEngine:
     return VLLMEngine(model.id, model_source.resolve(model.source), vllm_args)
 
 
-class ModelRunner:
-    """One engine, its metrics and its output stream per request."""
+class Slots:
+    """A colocated model's bounds, kept by the replica itself: at most `running` requests in the
+    engine, at most `waiting` (-1: no bound) waiting for one of those places, the rest refused at
+    once. Serve's own bounds would count `/health` and every other route's requests in the same
+    places (an orchestrator's health poll would wait behind chat requests), and Serve's proxy
+    refuses in plain text, not in the endpoint's error shape."""
 
-    def __init__(self, model: ModelConfig, engine_factory: EngineFactory) -> None:
+    def __init__(self, running: int, waiting: int) -> None:
+        self._free = asyncio.Semaphore(running)
+        self._max_waiting = waiting
+        self._waiting = 0
+
+    @asynccontextmanager
+    async def taken(self) -> AsyncIterator[None]:
+        """Refused as Serve refuses past a deployment's queue bound, so that the ingress answers
+        both layouts alike."""
+        if self._free.locked() and 0 <= self._max_waiting <= self._waiting:
+            raise BackPressureError(num_queued_requests=self._waiting, max_queued_requests=self._max_waiting)
+        self._waiting += 1
+        try:
+            await self._free.acquire()
+        finally:
+            self._waiting -= 1
+        try:
+            yield
+        finally:
+            self._free.release()
+
+
+class ModelRunner:
+    """One engine, its metrics and its output stream per request; with `slots`, its own bounds on
+    the requests it takes (colocated: Serve bounds a model deployment's requests itself)."""
+
+    def __init__(self, model: ModelConfig, engine_factory: EngineFactory, slots: Slots | None = None) -> None:
         self._tags = {"model": model.id}
         self._metrics = EngineMetrics()
         self._engine = engine_factory(model)
+        self._slots = slots
 
     async def start(self) -> None:
         await self._engine.start()
 
     async def chat(self, request: ChatCompletionRequest) -> AsyncGenerator[ModelOutput, None]:
-        started = time.perf_counter()
-        first = True
-        try:
-            async for output in _outputs(await self._engine.chat(request)):
-                if first:
-                    # A whole answer's one output is its first output too, as the ingress counts it.
-                    self._metrics.ttft.observe(time.perf_counter() - started, self._tags)
-                    first = False
-                yield output
-        finally:
-            self._metrics.duration.observe(time.perf_counter() - started, self._tags)
+        async with self._slots.taken() if self._slots else nullcontext():
+            started = time.perf_counter()
+            first = True
+            try:
+                async for output in _outputs(await self._engine.chat(request)):
+                    if first:
+                        # A whole answer's one output is its first output too, as the ingress counts it.
+                        self._metrics.ttft.observe(time.perf_counter() - started, self._tags)
+                        first = False
+                    yield output
+            finally:
+                self._metrics.duration.observe(time.perf_counter() - started, self._tags)
 
     async def check_health(self) -> None:
         await self._engine.check_health()
@@ -118,6 +153,30 @@ async def _outputs(result: ChatResult) -> AsyncIterator[ModelOutput]:
         payload = line.removeprefix("data: ").rstrip()
         if payload != "[DONE]":
             yield payload
+
+
+CONTROL_PLACES = 32
+"""Places in a colocated replica for requests that never reach the engine: `/health`, `/version`,
+`/v1/models`, refusals."""
+
+UNBOUNDED_WAITING = 1000
+"""Places in a colocated replica for requests waiting for the engine when the model's queue has no
+bound (`max_queued_requests: -1`); past them requests wait in Serve's proxy, as before."""
+
+
+def colocated_options(model: ModelConfig) -> dict[str, Any]:
+    """Serve options for the ingress replica that holds the model: the model's own, with room for
+    its running and waiting requests (which `Slots` bounds) and for the other routes on top."""
+    settings = model.deployment
+    waiting = settings.max_queued_requests if settings.max_queued_requests >= 0 else UNBOUNDED_WAITING
+    return deployment_options(model) | {
+        "max_ongoing_requests": settings.max_ongoing_requests + waiting + CONTROL_PLACES,
+        "max_queued_requests": -1,
+    }
+
+
+def colocated_slots(model: ModelConfig) -> Slots:
+    return Slots(model.deployment.max_ongoing_requests, model.deployment.max_queued_requests)
 
 
 def deployment_options(model: ModelConfig) -> dict[str, Any]:

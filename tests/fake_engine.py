@@ -2,6 +2,7 @@
 message echoed back, in vLLM's own response and chunk shapes. Never used outside `tests/`.
 
 Prompts steer it: "FAIL MIDSTREAM" raises after two chunks, "FAIL AT START" raises before any,
+"RETRYABLE" streams only vLLM's error event for a request to retry (503) before any token,
 "STALL" streams two chunks and then nothing until it is cancelled, "WAIT <path> …" holds the
 request while that file exists (and touches `<path>.waiting` to say it has arrived).
 Like vLLM, it puts usage on every chunk only when asked (`continuous_usage_stats`), and sends the
@@ -69,6 +70,12 @@ class FakeEngine:
         prompt_tokens = len(prompt.split())
         options = request.stream_options
         try:
+            if "RETRYABLE" in prompt:
+                error = {"message": "the engine is draining; retry", "type": "ServiceUnavailableError",
+                         "param": None, "code": 503}
+                yield f"data: {json.dumps({'error': error})}\n\n"
+                yield "data: [DONE]\n\n"
+                return
             for index, word in enumerate(reply):
                 if index == 2 and "FAIL MIDSTREAM" in prompt:
                     raise RuntimeError("fake engine crashed mid-stream")

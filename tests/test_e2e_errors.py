@@ -60,6 +60,16 @@ def test_openai_bad_input_is_400_with_error_object(client, case, body, mentions)
     assert error["type"] and error["code"] == 400
 
 
+def test_no_such_route_or_method_answers_in_the_endpoints_shape(client):
+    wrong_method = client.get("/llm")
+    assert wrong_method.status_code == 405
+    assert "GET /llm" in wrong_method.json()["detail"]["msg"]
+    assert wrong_method.headers["allow"] == "POST"
+    no_route = client.get("/v1/completions")
+    assert no_route.status_code == 404
+    assert no_route.json()["error"]["type"] == "not_found_error"
+
+
 def test_llm_unknown_model_names_the_models(client):
     response = client.post("/llm", json={"messages": USER, "model": "llama-70b"})
     assert response.status_code == 404

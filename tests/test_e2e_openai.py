@@ -52,6 +52,12 @@ def test_models_lists_the_configured_model(sdk):
     assert [m.id for m in sdk.models.list()] == ["smollm2-135m-instruct"]
 
 
+def test_a_model_is_retrieved_by_id_or_alias(sdk):
+    assert sdk.models.retrieve("smollm2").id == "smollm2-135m-instruct"
+    with pytest.raises(openai.NotFoundError):
+        sdk.models.retrieve("gpt-9")
+
+
 def test_unknown_model_is_404_naming_models(sdk):
     with pytest.raises(openai.NotFoundError) as raised:
         sdk.chat.completions.create(model="gpt-9", messages=FRANCE)

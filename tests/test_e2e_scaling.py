@@ -1,7 +1,7 @@
 """Scaling and overload through HTTP on the test engine, each scenario its own application on the
-session's Ray cluster: fast 503s past a model's queue bound while admitted requests complete,
-a first request to a model at zero replicas, the bound on that wait, and two models scaling up
-and down independently under load."""
+session's Ray cluster: fast 503s past a model's queue bound while admitted requests complete and
+`/health` still answers (in both layouts), a first request to a model at zero replicas, the bound
+on that wait, and two models scaling up and down independently under load."""
 
 import asyncio
 import time
@@ -18,8 +18,8 @@ from tests.polling import until
 pytestmark = pytest.mark.e2e
 
 
-def _app(*models: dict):
-    config = ClusterConfig.model_validate({"usage": {"enabled": False}, "models": [
+def _app(*models: dict, colocate: bool = False):
+    config = ClusterConfig.model_validate({"usage": {"enabled": False}, "ingress": {"colocate": colocate}, "models": [
         {"source": {"path": "/models/fake"}} | m | {"deployment": {"num_cpus": 0.05} | m.get("deployment", {})}
         for m in models
     ]})
@@ -46,11 +46,12 @@ def _message(response: httpx.Response) -> str:
     return body["detail"]["msg"] if "detail" in body else body["error"]["message"]
 
 
-async def test_overload_gets_fast_503s_and_admitted_requests_complete(serve_url, fake_url, tmp_path):
+@pytest.mark.parametrize("colocate", [False, True], ids=["two deployments", "colocated"])
+async def test_overload_gets_fast_503s_and_admitted_requests_complete(serve_url, fake_url, tmp_path, colocate):
     hold = tmp_path / "hold"
     hold.touch()
-    serve.run(_app({"id": "busy", "deployment": {"max_ongoing_requests": 1, "max_queued_requests": 1}}),
-              name="overload", route_prefix="/overload")
+    serve.run(_app({"id": "busy", "deployment": {"max_ongoing_requests": 1, "max_queued_requests": 1}},
+                   colocate=colocate), name="overload", route_prefix="/overload")
     held = _ask(f"WAIT {hold} one two")
     try:
         async with httpx.AsyncClient(base_url=serve_url + "/overload", timeout=60) as client:
@@ -68,6 +69,9 @@ async def test_overload_gets_fast_503s_and_admitted_requests_complete(serve_url,
                 refused_while_held += response.status_code == 503
                 if refused_while_held == 3:
                     break
+            # An orchestrator's health poll is not a chat request: it is answered meanwhile.
+            health = await client.get("/health")
+            assert (health.status_code, health.json()["status"]) == (200, "OK")
             hold.unlink()
             results = await asyncio.gather(first, *others)
     finally:

@@ -51,6 +51,15 @@ def test_engine_failure_before_output_is_500_without_traceback(fake_client, path
     assert response.headers["x-request-id"] == "trace-me-42"
 
 
+@pytest.mark.parametrize("path, shape", [("/llm", "detail"), ("/v1/chat/completions", "error")])
+def test_an_error_event_before_any_token_is_a_real_status(fake_client, path, shape):
+    response = fake_client.post(path, json=_ask("RETRYABLE one two", model="a", stream=True))
+    assert response.status_code == 503, response.text
+    assert response.headers["retry-after"] == "1"
+    body = response.json()
+    assert "retry" in (body["detail"]["msg"] if shape == "detail" else body["error"]["message"])
+
+
 def test_max_tokens_above_the_limit_is_refused(fake_client):
     response = fake_client.post("/llm", json=_ask("one two", max_tokens=65))
     assert response.status_code == 400

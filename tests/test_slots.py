@@ -1,0 +1,61 @@
+"""A colocated model's own bounds (`Slots`): running places, a bounded wait, refusals at once, and
+places given back by requests that end or leave while waiting."""
+
+import asyncio
+
+import pytest
+from ray.serve.exceptions import BackPressureError
+
+from serve_app.model_server import Slots
+
+
+async def _hold(slots: Slots, release: asyncio.Event, entered: asyncio.Event) -> None:
+    async with slots.taken():
+        entered.set()
+        await release.wait()
+
+
+async def test_past_the_running_and_waiting_places_requests_are_refused_at_once():
+    slots = Slots(running=1, waiting=1)
+    release, first_in, second_in = asyncio.Event(), asyncio.Event(), asyncio.Event()
+    first = asyncio.create_task(_hold(slots, release, first_in))
+    await first_in.wait()
+    second = asyncio.create_task(_hold(slots, release, second_in))
+    await asyncio.sleep(0)  # the second request takes the waiting place
+    with pytest.raises(BackPressureError):
+        async with slots.taken():
+            pass
+    release.set()
+    await asyncio.wait_for(asyncio.gather(first, second), 5)
+    assert second_in.is_set()
+
+
+async def test_a_request_that_leaves_while_waiting_gives_its_place_back():
+    slots = Slots(running=1, waiting=1)
+    release, first_in = asyncio.Event(), asyncio.Event()
+    first = asyncio.create_task(_hold(slots, release, first_in))
+    await first_in.wait()
+    leaving = asyncio.create_task(_hold(slots, release, asyncio.Event()))
+    await asyncio.sleep(0)
+    leaving.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await leaving
+    third_in = asyncio.Event()
+    third = asyncio.create_task(_hold(slots, release, third_in))  # not refused: the place is free
+    await asyncio.sleep(0)
+    assert not third.done()
+    release.set()
+    await asyncio.wait_for(asyncio.gather(first, third), 5)
+    assert third_in.is_set()
+
+
+async def test_without_a_waiting_bound_nothing_is_refused():
+    slots = Slots(running=1, waiting=-1)
+    release = asyncio.Event()
+    entered = [asyncio.Event() for _ in range(20)]
+    tasks = [asyncio.create_task(_hold(slots, release, event)) for event in entered]
+    await asyncio.sleep(0)
+    assert sum(event.is_set() for event in entered) == 1
+    release.set()
+    await asyncio.wait_for(asyncio.gather(*tasks), 5)
+    assert all(event.is_set() for event in entered)
