@@ -71,13 +71,14 @@ class VLLMEngine:
         """Client mistakes found while rendering the prompt (too long for the context, a bad
         template argument) and the engine's own refusals (its queue full, under `extra_args`'
         `max_num_queued_reqs`) are raised, not returned; they become the ErrorResponse with the
-        status vLLM's server would give them. Anything else is a failure of ours or the engine's."""
+        status vLLM's server would give them. Anything else (a dead engine included) is a failure,
+        logged with the request's id by the ingress."""
         from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
-        from vllm.exceptions import VLLMError
+        from vllm.exceptions import GracefulHTTPError, VLLMClientError
 
         try:
             return await self._serving_chat.create_chat_completion(request)
-        except (ValueError, TypeError, OverflowError, NotImplementedError, VLLMError) as error:
+        except (ValueError, TypeError, OverflowError, NotImplementedError, VLLMClientError, GracefulHTTPError) as error:
             return create_error_response(error)
 
     async def check_health(self) -> None:

@@ -74,7 +74,7 @@ async def _api_error(request: Request, error: APIError) -> JSONResponse:
 async def _no_route(request: Request, error: HTTPException) -> JSONResponse:
     """FastAPI's own answers (no such path, a method the path does not take) in the endpoint's
     shape too, instead of `{"detail": "Not Found"}`."""
-    cls = NotFound if error.status_code == 404 else APIError
+    cls = NotFound if error.status_code == 404 else BadRequest if error.status_code < 500 else APIError
     api_error = cls(f"{request.method} {request.url.path}: {error.detail}", headers=dict(error.headers or {}))
     api_error.status = error.status_code
     return await _api_error(request, api_error)
@@ -283,6 +283,8 @@ class Ingress:
     async def model(self, request: Request, name: str):
         """One model by id or alias, as OpenAI's SDK retrieves it."""
         _, caller = self._admit(request, "/v1/models")
+        if not name:  # the router reads an empty name as the default model's
+            raise NotFound("name a model after /v1/models/, or GET /v1/models for the list")
         [entry] = await self._model_entries([self._router.resolve(name, caller).model_id])
         return entry
 

@@ -12,10 +12,11 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import asynccontextmanager, nullcontext
 from typing import Any
 
+from ray.serve.config import BackpressureConfig
 from ray.serve.exceptions import BackPressureError
 
 from cluster.schema import ModelConfig, deployment_name
-from serve_app.engine import ChatEngine, ChatResult, VLLMEngine
+from serve_app.engine import ChatEngine, VLLMEngine
 from serve_app.metrics import EngineMetrics
 from serve_app.protocol import ChatCompletionRequest, ChatCompletionResponse, ErrorResponse
 
@@ -44,6 +45,7 @@ class Slots:
         self._free = asyncio.Semaphore(running)
         self._max_waiting = waiting
         self._waiting = 0
+        self.places = running + max(waiting, 0)
 
     @asynccontextmanager
     async def taken(self) -> AsyncIterator[None]:
@@ -76,18 +78,26 @@ class ModelRunner:
         await self._engine.start()
 
     async def chat(self, request: ChatCompletionRequest) -> AsyncGenerator[ModelOutput, None]:
+        """A whole answer or an error gives its place back before it is handed on: the engine is
+        done with it, and the caller need not read on for the place to be free."""
         async with self._slots.taken() if self._slots else nullcontext():
             started = time.perf_counter()
-            first = True
             try:
-                async for output in _outputs(await self._engine.chat(request)):
-                    if first:
-                        # A whole answer's one output is its first output too, as the ingress counts it.
-                        self._metrics.ttft.observe(time.perf_counter() - started, self._tags)
-                        first = False
-                    yield output
+                result = await self._engine.chat(request)
+                if isinstance(result, (ChatCompletionResponse, ErrorResponse)):
+                    # A whole answer's one output is its first output too, as the ingress counts it.
+                    self._metrics.ttft.observe(time.perf_counter() - started, self._tags)
+                else:
+                    first = True
+                    async for payload in _payloads(result):
+                        if first:
+                            self._metrics.ttft.observe(time.perf_counter() - started, self._tags)
+                            first = False
+                        yield payload
+                    return
             finally:
                 self._metrics.duration.observe(time.perf_counter() - started, self._tags)
+        yield result
 
     async def check_health(self) -> None:
         await self._engine.check_health()
@@ -144,12 +154,9 @@ class InProcessStream:
         task.add_done_callback(self._closing.discard)
 
 
-async def _outputs(result: ChatResult) -> AsyncIterator[ModelOutput]:
-    """A response or an error as it is; a stream as its chunks' JSON, without SSE framing."""
-    if isinstance(result, (ChatCompletionResponse, ErrorResponse)):
-        yield result
-        return
-    async for line in result:
+async def _payloads(stream: AsyncIterator[str]) -> AsyncIterator[str]:
+    """A stream's chunks as their JSON, without SSE framing."""
+    async for line in stream:
         payload = line.removeprefix("data: ").rstrip()
         if payload != "[DONE]":
             yield payload
@@ -160,23 +167,36 @@ CONTROL_PLACES = 32
 `/v1/models`, refusals."""
 
 UNBOUNDED_WAITING = 1000
-"""Places in a colocated replica for requests waiting for the engine when the model's queue has no
-bound (`max_queued_requests: -1`); past them requests wait in Serve's proxy, as before."""
+"""The bound on requests waiting for the engine in a colocated replica when the model's queue has
+none (`max_queued_requests: -1`): past it they are refused, and the control places stay free."""
 
 
 def colocated_options(model: ModelConfig) -> dict[str, Any]:
-    """Serve options for the ingress replica that holds the model: the model's own, with room for
-    its running and waiting requests (which `Slots` bounds) and for the other routes on top."""
+    """Serve options for the ingress replica that holds the model: the model's own and, when its
+    bounds are the replica's (`colocated_slots`), room for its running and waiting requests and
+    for the other routes on top."""
+    options = deployment_options(model)
+    slots = colocated_slots(model)
+    if slots is None:
+        return options
+    return options | {"max_ongoing_requests": slots.places + CONTROL_PLACES, "max_queued_requests": -1}
+
+
+def colocated_slots(model: ModelConfig) -> Slots | None:
+    """The replica's own bounds when it is the model's only replica; with more, Serve's proxy
+    keeps one queue for all of them (a replica's own queue would hold its requests while another
+    replica, a new one say, sits idle, and Serve's router prefers the replicas on its own node
+    until they refuse)."""
+    if not single_replica(model):
+        return None
     settings = model.deployment
     waiting = settings.max_queued_requests if settings.max_queued_requests >= 0 else UNBOUNDED_WAITING
-    return deployment_options(model) | {
-        "max_ongoing_requests": settings.max_ongoing_requests + waiting + CONTROL_PLACES,
-        "max_queued_requests": -1,
-    }
+    return Slots(settings.max_ongoing_requests, waiting)
 
 
-def colocated_slots(model: ModelConfig) -> Slots:
-    return Slots(model.deployment.max_ongoing_requests, model.deployment.max_queued_requests)
+def single_replica(model: ModelConfig) -> bool:
+    scaling = model.deployment.autoscaling
+    return scaling.max_replicas == 1 if scaling is not None else (model.deployment.num_replicas or 1) == 1
 
 
 def deployment_options(model: ModelConfig) -> dict[str, Any]:
@@ -186,6 +206,8 @@ def deployment_options(model: ModelConfig) -> dict[str, Any]:
         "name": deployment_name(model.id),
         "max_ongoing_requests": settings.max_ongoing_requests,
         "max_queued_requests": settings.max_queued_requests,
+        # Where Serve's proxy refuses (a colocated model with several replicas), as we refuse.
+        "backpressure_config": BackpressureConfig(retry_after_s=1),
         "health_check_period_s": settings.health_check_period_s,
         "health_check_timeout_s": settings.health_check_timeout_s,
     }

@@ -68,6 +68,9 @@ def test_no_such_route_or_method_answers_in_the_endpoints_shape(client):
     no_route = client.get("/v1/completions")
     assert no_route.status_code == 404
     assert no_route.json()["error"]["type"] == "not_found_error"
+    openai_wrong_method = client.get("/v1/chat/completions")
+    assert openai_wrong_method.status_code == 405
+    assert openai_wrong_method.json()["error"]["type"] == "invalid_request_error"
 
 
 def test_llm_unknown_model_names_the_models(client):

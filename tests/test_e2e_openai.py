@@ -1,5 +1,6 @@
 """The OpenAI-compatible API through the official `openai` SDK, on the real engine and model."""
 
+import httpx
 import openai
 import pytest
 
@@ -56,6 +57,12 @@ def test_a_model_is_retrieved_by_id_or_alias(sdk):
     assert sdk.models.retrieve("smollm2").id == "smollm2-135m-instruct"
     with pytest.raises(openai.NotFoundError):
         sdk.models.retrieve("gpt-9")
+
+
+def test_models_with_a_trailing_slash_names_no_model(llm_url):
+    response = httpx.get(llm_url + "/v1/models/", headers={"Authorization": f"Bearer {API_KEY}"})
+    assert response.status_code == 404
+    assert "GET /v1/models" in response.json()["error"]["message"]
 
 
 def test_unknown_model_is_404_naming_models(sdk):

@@ -7,6 +7,7 @@ import pytest
 from ray.serve.exceptions import BackPressureError
 
 from serve_app.model_server import Slots
+from serve_app.protocol import ChatCompletionRequest
 
 
 async def _hold(slots: Slots, release: asyncio.Event, entered: asyncio.Event) -> None:
@@ -59,3 +60,39 @@ async def test_without_a_waiting_bound_nothing_is_refused():
     release.set()
     await asyncio.wait_for(asyncio.gather(*tasks), 5)
     assert all(event.is_set() for event in entered)
+
+
+async def test_a_whole_answer_gives_its_place_back_before_it_is_read_on():
+    from cluster.schema import ModelConfig
+    from serve_app.model_server import ModelRunner
+    from tests.fake_engine import fake_engine
+
+    model = ModelConfig.model_validate({"id": "m", "source": {"path": "/m"}})
+    runner = ModelRunner(model, fake_engine, Slots(running=1, waiting=0))
+    request = ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "one two"}])
+    held = runner.chat(request)
+    answer = await held.__anext__()  # and never read on, as the ingress does with a whole answer
+    assert answer.choices[0].message.content == "one two"
+    again = await runner.chat(request).__anext__()  # not refused: the place is free
+    assert again.choices[0].message.content == "one two"
+
+
+@pytest.mark.parametrize("deployment, own_bounds", [
+    ({"num_replicas": 1, "max_ongoing_requests": 8, "max_queued_requests": 4}, True),
+    ({"autoscaling": {"min_replicas": 1, "max_replicas": 1}}, True),
+    ({"num_replicas": 2, "max_ongoing_requests": 8, "max_queued_requests": 4}, False),
+    ({"autoscaling": {"min_replicas": 1, "max_replicas": 3}}, False),
+])
+def test_a_colocated_model_keeps_its_own_bounds_only_as_its_one_replica(deployment, own_bounds):
+    from cluster.schema import ModelConfig
+    from serve_app.model_server import CONTROL_PLACES, colocated_options, colocated_slots, deployment_options
+
+    model = ModelConfig.model_validate({"id": "m", "source": {"path": "/m"}, "deployment": deployment})
+    options = colocated_options(model)
+    if own_bounds:
+        slots = colocated_slots(model)
+        assert options["max_queued_requests"] == -1
+        assert options["max_ongoing_requests"] == slots.places + CONTROL_PLACES
+    else:
+        assert colocated_slots(model) is None
+        assert options == deployment_options(model)
