@@ -5,6 +5,8 @@ without vLLM. The vLLM implementation reuses vLLM's own OpenAI serving layer (ch
 sampling parameters, tools, logprobs, usage) instead of re-implementing any of it.
 """
 
+import argparse
+import json
 import logging
 import os
 from collections.abc import AsyncGenerator, Iterator
@@ -108,17 +110,48 @@ def _serve_logs_kept() -> Iterator[None]:
 
 def vllm_namespace(model_id: str, model: str, vllm_args: dict[str, Any]):
     """The flat argument namespace `vllm serve` would build, so engine and front-end defaults are
-    vLLM's own; raises ValueError naming any argument vLLM does not know."""
+    vLLM's own; raises ValueError naming any argument vLLM does not know, or a value its flag
+    would not take (at build time, rather than in every replica as it starts)."""
     from vllm.entrypoints.launchers.cli_args import make_arg_parser
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
-    args = make_arg_parser(FlexibleArgumentParser()).parse_args([model])
+    parser = make_arg_parser(FlexibleArgumentParser())
+    args = parser.parse_args([model])
     unknown = sorted(name for name in vllm_args if not hasattr(args, name))
     if unknown:
         raise ValueError(f"unknown vLLM argument(s) for model {model_id!r}: {', '.join(unknown)}")
     args.model = model
     args.served_model_name = [model_id]
     args.disable_uvicorn_access_log = True
+    actions = {action.dest: action for action in parser._actions}
     for name, value in vllm_args.items():
-        setattr(args, name, value)
+        try:
+            setattr(args, name, _as_flag_reads(actions.get(name), value))
+        except (ValueError, TypeError, argparse.ArgumentTypeError) as error:
+            raise ValueError(f"vLLM argument {name} of model {model_id!r}: {value!r} is not a value "
+                             f"its flag takes ({error})") from None
     return args
+
+
+def _as_flag_reads(action: argparse.Action | None, value: Any) -> Any:
+    """A config value read as vLLM's parser reads its flag's text ("4k" tokens, a JSON object for
+    a config, one of the flag's choices), so that a config takes what `vllm serve` takes."""
+    if action is None or value is None:
+        return value
+    if action.nargs == 0:
+        if not isinstance(value, bool):
+            raise TypeError("a switch: true or false")
+        return value
+    if action.nargs in ("*", "+"):
+        if not isinstance(value, list):
+            raise TypeError("a list")
+        return [_one_flag_value(action, item) for item in value]
+    return _one_flag_value(action, value)
+
+
+def _one_flag_value(action: argparse.Action, value: Any) -> Any:
+    if action.type is not None:
+        value = action.type(json.dumps(value) if isinstance(value, (dict, list)) else str(value))
+    if action.choices is not None and value not in action.choices:
+        raise ValueError(f"one of {', '.join(map(str, action.choices))}")
+    return value

@@ -138,6 +138,19 @@ def test_engine_args_reach_vllm_and_unknown_ones_are_named():
         vllm_namespace("m", "/models/m", {"max_model_lenght": 1})
 
 
+@pytest.mark.parametrize("name, value, complaint", [
+    ("max_num_batched_tokens", "lots", "invalid literal for int"),
+    ("kv_cache_dtype", "fp7", "one of auto, "),
+    ("enable_chunked_prefill", "yes", "a switch: true or false"),
+])
+def test_engine_args_are_read_as_their_flags_and_bad_values_named(name, value, complaint):
+    with pytest.raises(ValueError, match=f"vLLM argument {name} of model 'm': {value!r} is not a value") as raised:
+        vllm_namespace("m", "/models/m", {name: value})
+    assert complaint in str(raised.value)
+    args = vllm_namespace("m", "/models/m", {"max_num_batched_tokens": "8k", "hf_overrides": {"a": 1}})
+    assert (args.max_num_batched_tokens, args.hf_overrides) == (8000, {"a": 1})
+
+
 def test_kuberay_manifest_embeds_the_config_and_sizes_the_gpu_group():
     loaded = load(ROOT / "configs" / "gpu-cluster.yaml")
     result = subprocess.run([sys.executable, "-m", "cluster", "render", "kuberay", str(loaded.path)],
