@@ -136,13 +136,12 @@ async def sse_load(run: Running, path: str, body: dict, concurrency: int, prompt
                     into.errors += 1
                     return
                 async for line in response.aiter_lines():
-                    if not line.startswith("data: ") or line == "data: [DONE]":
+                    chunk = _data(line)
+                    if chunk is None:
                         continue
-                    chunk = json.loads(line[6:])
                     if "error" in chunk:
                         into.errors += 1
-                    choices = chunk.get("choices") or []
-                    if choices and (choices[0].get("delta") or {}).get("content"):
+                    if _carries_content(chunk):
                         now = time.perf_counter()
                         if last is None:
                             into.ttfts.append(now - started)
@@ -211,13 +210,23 @@ def _first_token_s(client: httpx.Client, run: Running, route: str) -> float | No
             if response.status_code != 200:
                 return None
             for line in response.iter_lines():
-                if first is None and line.startswith("data: ") and line != "data: [DONE]":
-                    choices = json.loads(line[6:]).get("choices") or []
-                    if choices and (choices[0].get("delta") or {}).get("content"):
-                        first = time.perf_counter() - started
+                if first is None and (chunk := _data(line)) is not None and _carries_content(chunk):
+                    first = time.perf_counter() - started
     except httpx.HTTPError:
         return None
     return first
+
+
+def _data(line: str) -> dict | None:
+    """An SSE line's chunk; None for any other line and for the closing `[DONE]`."""
+    if not line.startswith("data: ") or line == "data: [DONE]":
+        return None
+    return json.loads(line[6:])
+
+
+def _carries_content(chunk: dict) -> bool:
+    choices = chunk.get("choices") or []
+    return bool(choices and (choices[0].get("delta") or {}).get("content"))
 
 
 def percentile_ms(values: list[float], q: int) -> float:

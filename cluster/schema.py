@@ -278,11 +278,11 @@ class ClusterConfig(StrictModel):
         _reject_duplicates("model id or alias", names)
         deployments: dict[str, str] = {}
         for model in self.models:
-            other = deployments.setdefault(deployment_name(model.id), model.id)
+            name = deployment_name(model.id)
+            other = deployments.setdefault(name, model.id)
             if other != model.id:
                 raise ValueError(
-                    f"model ids {other!r} and {model.id!r} would share the Serve deployment name "
-                    f"{deployment_name(model.id)!r}: rename one"
+                    f"model ids {other!r} and {model.id!r} would share the Serve deployment name {name!r}: rename one"
                 )
         if self.default_model is not None and self.default_model not in names:
             raise ValueError(

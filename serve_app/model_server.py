@@ -45,7 +45,6 @@ class Slots:
         self._free = asyncio.Semaphore(running)
         self._max_waiting = waiting
         self._waiting = 0
-        self.places = running + max(waiting, 0)
 
     @asynccontextmanager
     async def taken(self) -> AsyncIterator[None]:
@@ -173,30 +172,31 @@ none (`max_queued_requests: -1`): past it they are refused, and the control plac
 
 def colocated_options(model: ModelConfig) -> dict[str, Any]:
     """Serve options for the ingress replica that holds the model: the model's own and, when its
-    bounds are the replica's (`colocated_slots`), room for its running and waiting requests and
-    for the other routes on top."""
+    bounds are the replica's, room for its running and waiting requests and for the other routes
+    on top."""
     options = deployment_options(model)
-    slots = colocated_slots(model)
-    if slots is None:
+    bounds = _replica_bounds(model)
+    if bounds is None:
         return options
-    return options | {"max_ongoing_requests": slots.places + CONTROL_PLACES, "max_queued_requests": -1}
+    return options | {"max_ongoing_requests": sum(bounds) + CONTROL_PLACES, "max_queued_requests": -1}
 
 
 def colocated_slots(model: ModelConfig) -> Slots | None:
-    """The replica's own bounds when it is the model's only replica; with more, Serve's proxy
-    keeps one queue for all of them (a replica's own queue would hold its requests while another
-    replica, a new one say, sits idle, and Serve's router prefers the replicas on its own node
-    until they refuse)."""
-    if not single_replica(model):
-        return None
+    bounds = _replica_bounds(model)
+    return None if bounds is None else Slots(*bounds)
+
+
+def _replica_bounds(model: ModelConfig) -> tuple[int, int] | None:
+    """The requests a colocated replica keeps running and waiting itself, when it is the model's
+    only replica; with more, Serve's proxy keeps one queue for all of them (a replica's own queue
+    would hold its requests while another replica, a new one say, sits idle, and Serve's router
+    prefers the replicas on its own node until they refuse)."""
     settings = model.deployment
+    replicas = settings.autoscaling.max_replicas if settings.autoscaling is not None else settings.num_replicas or 1
+    if replicas != 1:
+        return None
     waiting = settings.max_queued_requests if settings.max_queued_requests >= 0 else UNBOUNDED_WAITING
-    return Slots(settings.max_ongoing_requests, waiting)
-
-
-def single_replica(model: ModelConfig) -> bool:
-    scaling = model.deployment.autoscaling
-    return scaling.max_replicas == 1 if scaling is not None else (model.deployment.num_replicas or 1) == 1
+    return settings.max_ongoing_requests, waiting
 
 
 def deployment_options(model: ModelConfig) -> dict[str, Any]:

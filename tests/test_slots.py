@@ -77,22 +77,22 @@ async def test_a_whole_answer_gives_its_place_back_before_it_is_read_on():
     assert again.choices[0].message.content == "one two"
 
 
-@pytest.mark.parametrize("deployment, own_bounds", [
-    ({"num_replicas": 1, "max_ongoing_requests": 8, "max_queued_requests": 4}, True),
-    ({"autoscaling": {"min_replicas": 1, "max_replicas": 1}}, True),
-    ({"num_replicas": 2, "max_ongoing_requests": 8, "max_queued_requests": 4}, False),
-    ({"autoscaling": {"min_replicas": 1, "max_replicas": 3}}, False),
+@pytest.mark.parametrize("deployment, places", [
+    ({"num_replicas": 1, "max_ongoing_requests": 8, "max_queued_requests": 4}, 8 + 4 + 32),
+    ({"autoscaling": {"min_replicas": 1, "max_replicas": 1}}, 64 + 1000 + 32),  # no queue bound: 1,000 waiting
+    ({"num_replicas": 2, "max_ongoing_requests": 8, "max_queued_requests": 4}, None),
+    ({"autoscaling": {"min_replicas": 1, "max_replicas": 3}}, None),
 ])
-def test_a_colocated_model_keeps_its_own_bounds_only_as_its_one_replica(deployment, own_bounds):
+def test_a_colocated_model_keeps_its_own_bounds_only_as_its_one_replica(deployment, places):
     from cluster.schema import ModelConfig
-    from serve_app.model_server import CONTROL_PLACES, colocated_options, colocated_slots, deployment_options
+    from serve_app.model_server import colocated_options, colocated_slots, deployment_options
 
     model = ModelConfig.model_validate({"id": "m", "source": {"path": "/m"}, "deployment": deployment})
     options = colocated_options(model)
-    if own_bounds:
-        slots = colocated_slots(model)
+    if places is not None:
+        assert isinstance(colocated_slots(model), Slots)
         assert options["max_queued_requests"] == -1
-        assert options["max_ongoing_requests"] == slots.places + CONTROL_PLACES
+        assert options["max_ongoing_requests"] == places
     else:
         assert colocated_slots(model) is None
         assert options == deployment_options(model)
