@@ -15,6 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 MODEL_ID = r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$"
 ENV_VAR = r"^[A-Za-z_][A-Za-z0-9_]*$"
+# Serve's default is 20 s; an LLM's answer streams for longer, and a redeploy should not cut it.
+GRACEFUL_SHUTDOWN_S = 60.0
 
 
 class StrictModel(BaseModel):
@@ -108,6 +110,11 @@ class DeploymentSettings(StrictModel):
         default=300,
         description="how long a request may wait for the model's first output, a start from zero "
         "replicas included; past it the client gets 503 with Retry-After",
+    )
+    graceful_shutdown_timeout_s: Annotated[float, Field(ge=0)] = Field(
+        default=GRACEFUL_SHUTDOWN_S,
+        description="how long a replica being replaced (a redeploy, a scale-down) lets its "
+        "streams finish before it is stopped",
     )
 
     @model_validator(mode="after")
@@ -239,6 +246,11 @@ class IngressSettings(StrictModel):
     max_ongoing_requests: Annotated[int, Field(ge=1)] = 1024
     max_tokens_limit: Annotated[int, Field(ge=1)] | None = Field(
         default=None, description="reject requests asking for more output tokens than this"
+    )
+    graceful_shutdown_timeout_s: Annotated[float, Field(ge=0)] = Field(
+        default=GRACEFUL_SHUTDOWN_S,
+        description="how long an ingress replica being replaced lets its streams finish and "
+        "stores the usage rows it holds before it is stopped",
     )
     colocate: bool = Field(
         default=False,

@@ -48,6 +48,7 @@ def build_graph(config: ClusterConfig, engine_factory: EngineFactory) -> Applica
     return Ingress.options(
         num_replicas=ingress.num_replicas,
         max_ongoing_requests=ingress.max_ongoing_requests,
+        graceful_shutdown_timeout_s=ingress.graceful_shutdown_timeout_s,
         ray_actor_options={"num_cpus": ingress.num_cpus},
         logging_config=logging_config,
     ).bind(config, models, limiter, ledger)

@@ -4,12 +4,15 @@
 `error.message`. Both bodies carry the request id so a user can quote it to an operator.
 """
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
-from serve_app.protocol import ErrorResponse
+if TYPE_CHECKING:
+    # Only named here: the rate limiter's and the ledger's replicas import this module and would
+    # otherwise load vLLM, seconds of each replica's start.
+    from serve_app.protocol import ErrorResponse
 
 Api = Literal["livepeer", "openai"]
 
@@ -68,7 +71,7 @@ class EngineFailure(APIError):
     kind = "internal_error"
 
 
-def from_vllm(error: ErrorResponse) -> APIError:
+def from_vllm(error: "ErrorResponse") -> APIError:
     """vLLM's serving layer reports client mistakes (bad parameters, a prompt longer than the
     context) as an ErrorResponse carrying the status it chose."""
     code = error.error.code

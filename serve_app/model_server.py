@@ -210,6 +210,7 @@ def deployment_options(model: ModelConfig) -> dict[str, Any]:
         "backpressure_config": BackpressureConfig(retry_after_s=1),
         "health_check_period_s": settings.health_check_period_s,
         "health_check_timeout_s": settings.health_check_timeout_s,
+        "graceful_shutdown_timeout_s": settings.graceful_shutdown_timeout_s,
     }
     if settings.autoscaling is not None:
         options["autoscaling_config"] = settings.autoscaling.model_dump()

@@ -108,6 +108,7 @@ def test_tensor_parallel_model_gets_one_node_placement_group():
     assert options["placement_group_bundles"] == [{"CPU": 4}, {"GPU": 1}, {"GPU": 1}]
     assert options["placement_group_strategy"] == "STRICT_PACK"
     assert options["num_replicas"] == 1
+    assert options["graceful_shutdown_timeout_s"] == 300
 
 
 def test_autoscaled_gpu_model_options():
@@ -118,6 +119,7 @@ def test_autoscaled_gpu_model_options():
     assert options["autoscaling_config"]["max_replicas"] == 4
     assert options["ray_actor_options"] == {"num_cpus": 4, "num_gpus": 1}
     assert options["max_queued_requests"] == 256
+    assert options["graceful_shutdown_timeout_s"] == 60  # not Serve's 20 s: answers stream for longer
 
 
 def test_local_model_takes_no_gpu_and_gets_its_env():

@@ -257,7 +257,7 @@ def test_the_ledger_survives_restarts_of_an_ingress_replica_and_of_the_ledger(ke
 
 def test_an_ingress_replica_stopped_gracefully_stores_the_rows_it_holds(serve_url, tmp_path_factory):
     """Rows wait in the ingress for `usage.flush_interval_s`; an ingress replaced by a redeploy
-    stores them before it goes, while the ledger stays up."""
+    stores them before it goes, in the ledger that replaces the old one at the same time."""
     from serve_app.usage import UsageStore
 
     usage = ledger_in(tmp_path_factory.mktemp("held")).model_copy(update={"flush_interval_s": 60})
@@ -273,7 +273,8 @@ def test_an_ingress_replica_stopped_gracefully_stores_the_rows_it_holds(serve_ur
     try:
         assert _post(f"{serve_url}/held", "open", "/llm", _ask()).status_code == 200
         assert store.totals(None, None) == []  # held in the ingress, not yet sent
-        # A new ingress version (its config differs) replaces the replica; the ledger is unchanged.
+        # A redeploy replaces every replica, the ledger's too (Serve versions them by the app's
+        # args, and a `serve.run` anew), so the old ingress must wait for the new ledger.
         serve_fake(config.model_copy(update={"ingress": config.ingress.model_copy(update={"max_tokens_limit": 99})}), "held")
         stored = until(lambda: store.totals(None, None), 30, "the replaced ingress's row to be stored")
         assert [(row["key"], row["model"], row["requests"]) for row in stored] == [("open", "fake-held", 1)]
