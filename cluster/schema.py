@@ -136,7 +136,8 @@ class ModelConfig(StrictModel):
     @model_validator(mode="after")
     def _gpus_cover_parallelism(self) -> "ModelConfig":
         world = self.engine.world_size
-        if world > 1 and self.deployment.num_gpus not in (0, 1):
+        # Each worker is a Ray actor on one GPU of its placement group; 0 would still ask GPUs.
+        if world > 1 and self.deployment.num_gpus != 1:
             raise ValueError(
                 f"with tensor/pipeline parallelism ({world} workers) num_gpus is per worker: "
                 f"use 1, not {self.deployment.num_gpus}"
