@@ -114,7 +114,14 @@ class DeploymentSettings(StrictModel):
     graceful_shutdown_timeout_s: Annotated[float, Field(ge=0)] = Field(
         default=GRACEFUL_SHUTDOWN_S,
         description="how long a replica being replaced (a redeploy, a scale-down) lets its "
-        "streams finish before it is stopped",
+        "streams finish before it is stopped; the ingress, which relays every model's streams, "
+        "takes the longest of the models'",
+    )
+    max_surge_percent: Annotated[int, Field(ge=0, le=100)] = Field(
+        default=0,
+        description="replicas a redeploy may start beyond the target, as a percentage of it: "
+        "with room for them, old replicas serve until their successors are ready; 0 stops old "
+        "replicas first",
     )
 
     @model_validator(mode="after")
@@ -140,7 +147,7 @@ class ModelConfig(StrictModel):
         if world > 1 and self.deployment.num_gpus != 1:
             raise ValueError(
                 f"with tensor/pipeline parallelism ({world} workers) num_gpus is per worker: "
-                f"use 1, not {self.deployment.num_gpus}"
+                f"use 1, not {self.deployment.num_gpus:g}"
             )
         if world > 1 and self.deployment.num_cpus == 0:
             raise ValueError(
@@ -247,11 +254,6 @@ class IngressSettings(StrictModel):
     max_ongoing_requests: Annotated[int, Field(ge=1)] = 1024
     max_tokens_limit: Annotated[int, Field(ge=1)] | None = Field(
         default=None, description="reject requests asking for more output tokens than this"
-    )
-    graceful_shutdown_timeout_s: Annotated[float, Field(ge=0)] = Field(
-        default=GRACEFUL_SHUTDOWN_S,
-        description="how long an ingress replica being replaced lets its streams finish and "
-        "stores the usage rows it holds before it is stopped",
     )
     colocate: bool = Field(
         default=False,

@@ -4,6 +4,8 @@ Keep `from __future__ import annotations` out of this module: Ray validates a co
 against the `ClusterConfig` annotation only when it is a real class.
 """
 
+from typing import Any
+
 from ray import serve
 from ray.serve import Application
 
@@ -41,14 +43,19 @@ def build_graph(config: ClusterConfig, engine_factory: EngineFactory) -> Applica
         ledger = serve.deployment(UsageLedger, **ledger_options(config.usage), logging_config=logging_config).bind(
             config.usage.database
         )
-    ingress = config.ingress
-    if ingress.colocate:
+    if config.ingress.colocate:
         options = colocated_options(config.models[0])
         return Ingress.options(**options, logging_config=logging_config).bind(config, {}, limiter, ledger, engine_factory)
-    return Ingress.options(
-        num_replicas=ingress.num_replicas,
-        max_ongoing_requests=ingress.max_ongoing_requests,
-        graceful_shutdown_timeout_s=ingress.graceful_shutdown_timeout_s,
-        ray_actor_options={"num_cpus": ingress.num_cpus},
-        logging_config=logging_config,
-    ).bind(config, models, limiter, ledger)
+    return Ingress.options(**ingress_options(config), logging_config=logging_config).bind(config, models, limiter, ledger)
+
+
+def ingress_options(config: ClusterConfig) -> dict[str, Any]:
+    """Serve options for the ingress when the models have deployments of their own."""
+    ingress = config.ingress
+    return {
+        "num_replicas": ingress.num_replicas,
+        "max_ongoing_requests": ingress.max_ongoing_requests,
+        # Its streams are the models' streams, and it stores its held usage rows as it stops.
+        "graceful_shutdown_timeout_s": max(model.deployment.graceful_shutdown_timeout_s for model in config.models),
+        "ray_actor_options": {"num_cpus": ingress.num_cpus},
+    }

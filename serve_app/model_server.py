@@ -211,6 +211,7 @@ def deployment_options(model: ModelConfig) -> dict[str, Any]:
         "health_check_period_s": settings.health_check_period_s,
         "health_check_timeout_s": settings.health_check_timeout_s,
         "graceful_shutdown_timeout_s": settings.graceful_shutdown_timeout_s,
+        "max_surge_percent": settings.max_surge_percent,
     }
     if settings.autoscaling is not None:
         options["autoscaling_config"] = settings.autoscaling.model_dump()

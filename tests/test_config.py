@@ -17,6 +17,7 @@ from cluster import render
 from cluster.load import ConfigError, load
 from cluster.runtime import NODE_ENV, engine_cores, schedulers_to_engine_cores
 from cluster.schema import ApiKey, ClusterConfig
+from serve_app.app import ingress_options
 from serve_app.engine import vllm_namespace
 from serve_app.model_server import deployment_options
 
@@ -123,6 +124,14 @@ def test_autoscaled_gpu_model_options():
     assert options["ray_actor_options"] == {"num_cpus": 4, "num_gpus": 1}
     assert options["max_queued_requests"] == 256
     assert options["graceful_shutdown_timeout_s"] == 60  # not Serve's 20 s: answers stream for longer
+    assert options["max_surge_percent"] == 25
+
+
+def test_the_ingress_lets_the_longest_streams_finish_when_replaced():
+    config = load(ROOT / "configs" / "gpu-cluster.yaml").apps["llm"]
+    options = ingress_options(config)
+    assert options["graceful_shutdown_timeout_s"] == 300  # the 32B model's, not the 8B's 60
+    assert (options["num_replicas"], options["ray_actor_options"]) == (2, {"num_cpus": 1})
 
 
 def test_local_model_takes_no_gpu_and_gets_its_env():
