@@ -1,6 +1,6 @@
 """Livepeer health states driven through real deployment lifecycles on the test engine:
 LOADING while the default model starts, then OK; ERROR with its reason when it cannot load;
-IDLE when it is scaled to zero."""
+IDLE when it is scaled to zero. And what a redeploy leaves serving while a new replica loads."""
 
 import time
 
@@ -12,6 +12,7 @@ from ray.serve.api import _run as deploy_without_waiting
 import tests.fake_engine
 from cluster.schema import ClusterConfig
 from serve_app.app import build_graph
+from tests.polling import until
 
 pytestmark = pytest.mark.e2e
 
@@ -69,3 +70,36 @@ def test_scaled_to_zero_is_idle(serve_url, fake_url):
         _health_until(serve_url + "/idle", "IDLE")
     finally:
         serve.delete("idle")
+
+
+def _model_replicas(app: str) -> dict[str, int]:
+    states = serve.status().applications[app].deployments["model-lifecycle"].replica_states
+    return {state: states.get(state, 0) for state in ("STARTING", "RUNNING")}
+
+
+@pytest.mark.parametrize("surge, old_ones_serving", [(0, 0), (100, 1)])
+def test_a_redeploy_keeps_the_old_replica_serving_only_with_surge(serve_url, fake_url, tmp_path, surge, old_ones_serving):
+    """Every redeploy replaces the model's replicas (a new version); with `max_surge_percent` the
+    old one answers until its successor has loaded, without it the model waits for the new one."""
+    source = tmp_path / "weights"
+    hold = tmp_path / "weights.hold"
+    name = f"surge{surge}"
+    deploy_without_waiting(_app(str(source), num_replicas=1, max_surge_percent=surge), name=name,
+                           route_prefix=f"/{name}", _blocking=False)
+    try:
+        _health_until(f"{serve_url}/{name}", "OK")
+        hold.touch()  # the next replica keeps loading
+        deploy_without_waiting(_app(str(source), num_replicas=1, max_surge_percent=surge), name=name,
+                               route_prefix=f"/{name}", _blocking=False)
+        wanted = {"STARTING": 1, "RUNNING": old_ones_serving}
+        until(lambda: _model_replicas(name) == wanted, 60, f"the new replica loading beside {old_ones_serving} old")
+        if old_ones_serving:
+            answer = httpx.post(f"{serve_url}/{name}/llm", json={"messages": [{"role": "user", "content": "still here"}]},
+                                timeout=30)
+            assert (answer.status_code, answer.json()["choices"][0]["message"]["content"]) == (200, "still here")
+            assert _model_replicas(name) == wanted  # answered by the old replica: the new one still loads
+        hold.unlink()
+        until(lambda: _model_replicas(name) == {"STARTING": 0, "RUNNING": 1}, 60, "the new replica alone")
+    finally:
+        hold.unlink(missing_ok=True)
+        serve.delete(name)
