@@ -15,8 +15,6 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 MODEL_ID = r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$"
 ENV_VAR = r"^[A-Za-z_][A-Za-z0-9_]*$"
-# Serve's default is 20 s; an LLM's answer streams for longer, and a redeploy should not cut it.
-GRACEFUL_SHUTDOWN_S = 60.0
 
 
 class StrictModel(BaseModel):
@@ -112,7 +110,8 @@ class DeploymentSettings(StrictModel):
         "replicas included; past it the client gets 503 with Retry-After",
     )
     graceful_shutdown_timeout_s: Annotated[float, Field(ge=0)] = Field(
-        default=GRACEFUL_SHUTDOWN_S,
+        # Serve's default is 20 s; an LLM's answer streams for longer, and a redeploy should not cut it.
+        default=60,
         description="how long a replica being replaced (a redeploy, a scale-down) lets its "
         "streams finish before it is stopped; the ingress, which relays every model's streams, "
         "takes the longest of the models'",

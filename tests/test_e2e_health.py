@@ -84,13 +84,13 @@ def test_a_redeploy_keeps_the_old_replica_serving_only_with_surge(serve_url, fak
     source = tmp_path / "weights"
     hold = tmp_path / "weights.hold"
     name = f"surge{surge}"
-    deploy_without_waiting(_app(str(source), num_replicas=1, max_surge_percent=surge), name=name,
-                           route_prefix=f"/{name}", _blocking=False)
+    app = _app(str(source), num_replicas=1, max_surge_percent=surge)
+    deploy_without_waiting(app, name=name, route_prefix=f"/{name}", _blocking=False)
     try:
         _health_until(f"{serve_url}/{name}", "OK")
         hold.touch()  # the next replica keeps loading
-        deploy_without_waiting(_app(str(source), num_replicas=1, max_surge_percent=surge), name=name,
-                               route_prefix=f"/{name}", _blocking=False)
+        # The same application again: each deploy of it is a new version, as a changed config is.
+        deploy_without_waiting(app, name=name, route_prefix=f"/{name}", _blocking=False)
         wanted = {"STARTING": 1, "RUNNING": old_ones_serving}
         until(lambda: _model_replicas(name) == wanted, 60, f"the new replica loading beside {old_ones_serving} old")
         if old_ones_serving:
