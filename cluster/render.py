@@ -4,6 +4,7 @@ remote build task needs no file or environment of the submitting machine), and i
 
 import copy
 import math
+from importlib.metadata import version
 from typing import Any
 
 import yaml
@@ -12,11 +13,14 @@ from cluster.load import IMPORT_PATH, LoadedConfig
 from cluster.runtime import NODE_ENV
 from cluster.schema import ClusterConfig, ModelConfig
 
-RAY_VERSION = "2.60.0"
+# KubeRay's `rayVersion`: the Ray this project is installed with (pyproject.toml pins it), as in
+# the image built from it.
+RAY_VERSION = version("ray")
+SERVE_PORT = 8000
 
 
 def serve_config(
-    config: ClusterConfig, *, app_name: str = "llm", host: str = "0.0.0.0", port: int = 8000
+    config: ClusterConfig, *, app_name: str = "llm", host: str = "0.0.0.0", port: int = SERVE_PORT
 ) -> dict[str, Any]:
     """A one-application Serve config for a config built in code."""
     return {
@@ -41,15 +45,19 @@ def kuberay(loaded: LoadedConfig, *, name: str, image: str, gpus_per_node: int |
     group sized from the models' replica bounds, scaled by KubeRay's in-tree autoscaler."""
     models = [model for config in loaded.apps.values() for model in config.models]
     per_node = gpus_per_node or max(1, *(m.engine.tensor_parallel_size for m in models))
-    min_gpus = sum(_gpus(m) * _replica_bounds(m)[0] for m in models)
-    max_gpus = sum(_gpus(m) * _replica_bounds(m)[1] for m in models)
+    min_gpus = sum(_gpus(m) * _replica_range(m)[0] for m in models)
+    max_gpus = sum(_gpus(m) * _replica_range(m)[1] for m in models)
     # Ray's and Serve's settings, as `make serve` runs it.
     env = [{"name": name, "value": value} for name, value in NODE_ENV.items()] + [
         {"name": key.env, "valueFrom": {"secretKeyRef": {"name": f"{name}-api-keys", "key": key.env}}}
         for config in loaded.apps.values() for key in config.auth.keys if key.env
     ]
     serve_document = normalized(loaded)
-    serve_document.get("http_options", {}).update({"host": "0.0.0.0"})
+    # A pod is reached on its own address: the proxy listens on every interface, whatever the
+    # file says (or leaves to Serve), and the head pod exposes the port it listens on.
+    http = serve_document.setdefault("http_options", {})
+    http["host"] = "0.0.0.0"
+    port = http.get("port", SERVE_PORT)
     return {
         "apiVersion": "ray.io/v1",
         "kind": "RayService",
@@ -61,7 +69,7 @@ def kuberay(loaded: LoadedConfig, *, name: str, image: str, gpus_per_node: int |
                 "enableInTreeAutoscaling": True,
                 "headGroupSpec": {
                     "rayStartParams": {"num-gpus": "0", "dashboard-host": "0.0.0.0", "metrics-export-port": "8080"},
-                    "template": _pod("ray-head", image, env, {"cpu": "8", "memory": "32Gi"}, head=True),
+                    "template": _pod("ray-head", image, env, {"cpu": "8", "memory": "32Gi"}, serve_port=port),
                 },
                 "workerGroupSpecs": [
                     {
@@ -107,7 +115,7 @@ def _gpus(model: ModelConfig) -> float:
     return world if world > 1 else model.deployment.num_gpus
 
 
-def _replica_bounds(model: ModelConfig) -> tuple[int, int]:
+def _replica_range(model: ModelConfig) -> tuple[int, int]:
     scaling = model.deployment.autoscaling
     if scaling is not None:
         return scaling.min_replicas, scaling.max_replicas
@@ -115,11 +123,13 @@ def _replica_bounds(model: ModelConfig) -> tuple[int, int]:
     return count, count
 
 
-def _pod(name: str, image: str, env: list[dict], resources: dict[str, str], head: bool = False) -> dict[str, Any]:
+def _pod(name: str, image: str, env: list[dict], resources: dict[str, str],
+         serve_port: int | None = None) -> dict[str, Any]:
+    """`serve_port` for the head: the ports KubeRay's services route to."""
     ports = [{"containerPort": 8080, "name": "metrics"}]
-    if head:
+    if serve_port is not None:
         ports += [{"containerPort": 6379, "name": "gcs"}, {"containerPort": 8265, "name": "dashboard"},
-                  {"containerPort": 8000, "name": "serve"}]
+                  {"containerPort": serve_port, "name": "serve"}]
     return {"spec": {"containers": [{
         "name": name, "image": image, "env": env, "ports": ports,
         "resources": {"limits": resources, "requests": resources},
