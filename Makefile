@@ -5,7 +5,7 @@ STAMP  := $(VENV)/.installed
 CONFIG ?= configs/local.yaml
 TOKEN_FILE := .llm_api_key
 
-.PHONY: install serve test bench clean
+.PHONY: install serve test unit docs bench clean
 
 install: $(STAMP)
 
@@ -37,6 +37,15 @@ serve: $(STAMP) $(TOKEN_FILE)
 
 test: $(STAMP)
 	$(PY) -m pytest -v
+
+# The fast tier: every test that starts no Ray cluster and loads no model.
+unit: $(STAMP)
+	$(PY) -m pytest -q -m "not e2e"
+
+# docs/configuration.md from the field descriptions in cluster/schema.py (a unit test fails when
+# the page is out of date).
+docs: $(STAMP)
+	$(PY) -m cluster docs --write
 
 BENCH_STAMP := $(VENV)/.installed-bench
 
