@@ -24,7 +24,7 @@ from bench.load import FIRST_TOKEN, LoadResult, Samples, first_tokens, sse_load,
 from cluster import runtime
 from cluster.load import load
 from cluster.schema import ClusterConfig
-from serve_app import model_source
+from serve_app.models import sources as model_source
 
 GREEDY_LONG_ANSWER = "Write a long, detailed story about a lighthouse keeper and a storm."
 VLLM_BENCH = "/v1 (vllm bench)"

@@ -18,7 +18,7 @@ from bench.load import first_tokens, percentile_ms
 from cluster import runtime
 from cluster.load import load
 from cluster.schema import ClusterConfig
-from serve_app import model_source
+from serve_app.models import sources as model_source
 
 RESULTS = Path(__file__).resolve().parent / "results" / "ledger_flush.json"
 

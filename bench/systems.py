@@ -64,7 +64,7 @@ def bare_vllm(model: ModelConfig, model_path: str, port: int, log_dir: Path) -> 
         started = time.monotonic()
         url = f"http://127.0.0.1:{port}"
         _wait_ready(url, model.id, None)
-        # Our replicas do this themselves (serve_app/engine.py): the same engine layout for all.
+        # Our replicas do this themselves (serve_app/models/engine.py): the same engine layout for all.
         runtime.schedulers_to_engine_cores()
         yield Running("bare vLLM", url, model.id, None, time.monotonic() - started)
 
@@ -121,7 +121,7 @@ def ray_serve_llm(model: ModelConfig, model_path: str, port: int, log_dir: Path)
         started = time.monotonic()
         url = f"http://127.0.0.1:{port}"
         _wait_ready(url, model.id, None)
-        # Our replicas do this themselves (serve_app/engine.py): the same engine layout for all.
+        # Our replicas do this themselves (serve_app/models/engine.py): the same engine layout for all.
         runtime.schedulers_to_engine_cores()
         yield Running("Ray Serve LLM", url, model.id, None, time.monotonic() - started)
 

@@ -15,7 +15,7 @@ import psutil
 
 NODE_ENV = {
     # Serve's HTTP proxy reaches the ingress over gRPC rather than Ray actor calls (the ingress
-    # reaches the models over gRPC too, in code: serve_app/router.py).
+    # reaches the models over gRPC too, in code: serve_app/routing/router.py).
     "RAY_SERVE_PROXY_USE_GRPC": "1",
     # Requests, replica routing and user code on one event loop per process instead of three
     # threads handing every request and every streamed chunk to each other.

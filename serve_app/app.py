@@ -10,11 +10,11 @@ from ray import serve
 from ray.serve import Application
 
 from cluster.schema import ClusterConfig
-from serve_app.engine import vllm_namespace
 from serve_app.ingress import Ingress
-from serve_app.limiter import LIMITER_OPTIONS, RateLimiter
-from serve_app.model_server import EngineFactory, ModelServer, colocated_options, deployment_options, vllm_engine
-from serve_app.usage import UsageLedger, ledger_options
+from serve_app.models.deployment import ModelServer, colocated_options, deployment_options
+from serve_app.models.engine import EngineFactory, vllm_engine, vllm_namespace
+from serve_app.tenancy.ledger import UsageLedger, ledger_options
+from serve_app.tenancy.limiter import LIMITER_OPTIONS, RateLimiter
 
 
 def build_app(args: ClusterConfig) -> Application:

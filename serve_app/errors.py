@@ -4,15 +4,10 @@
 `error.message`. Both bodies carry the request id so a user can quote it to an operator.
 """
 
-from typing import TYPE_CHECKING, Literal
+from typing import Any, Literal
 
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
-
-if TYPE_CHECKING:
-    # Only named here: the rate limiter's and the ledger's replicas import this module and would
-    # otherwise load vLLM, seconds of each replica's start.
-    from serve_app.protocol import ErrorResponse
 
 Api = Literal["livepeer", "openai"]
 
@@ -71,16 +66,16 @@ class EngineFailure(APIError):
     kind = "internal_error"
 
 
-def from_vllm(error: "ErrorResponse") -> APIError:
-    """vLLM's serving layer reports client mistakes (bad parameters, a prompt longer than the
-    context) as an ErrorResponse carrying the status it chose."""
-    code = error.error.code
-    cls = {400: BadRequest, 404: NotFound, 503: Overloaded}.get(code)
-    if cls is None:
-        err = APIError(error.error.message)
-        err.status = code if 400 <= code < 600 else 500
-        return err
-    return cls(error.error.message)
+def for_status(status: int, message: str) -> APIError:
+    """The error for a status another layer chose: vLLM's serving layer reports client mistakes
+    (bad parameters, a prompt longer than the context) and refusals with the status its own
+    server would answer; FastAPI answers unknown paths and methods with theirs."""
+    cls = {400: BadRequest, 401: Unauthorized, 403: Forbidden, 404: NotFound, 503: Overloaded}.get(status)
+    if cls is not None:
+        return cls(message)
+    error = BadRequest(message) if 400 <= status < 500 else APIError(message)
+    error.status = status if 400 <= status < 600 else 500
+    return error
 
 
 def from_validation(error: ValidationError, what: str) -> BadRequest:
@@ -95,18 +90,21 @@ def from_validation(error: ValidationError, what: str) -> BadRequest:
     return BadRequest(f"invalid {what}: " + "; ".join(problems))
 
 
-def error_response(api: Api, error: APIError, request_id: str) -> JSONResponse:
+def api_of(path: str) -> Api:
+    """Which shape a route's errors take: OpenAI's under `/v1/`, the Livepeer runner's elsewhere."""
+    return "openai" if path.startswith("/v1/") else "livepeer"
+
+
+def error_body(api: Api, error: APIError, request_id: str) -> dict[str, Any]:
+    """Also the body of an error event inside an OpenAI stream whose 200 already went out."""
     if api == "livepeer":
-        body: dict = {"detail": {"msg": error.message, "request_id": request_id}}
-    else:
-        body = {
-            "error": {
-                "message": error.message,
-                "type": error.kind,
-                "param": None,
-                "code": error.status,
-            },
-            "request_id": request_id,
-        }
-    return JSONResponse(body, status_code=error.status, headers=error.headers)
+        return {"detail": {"msg": error.message, "request_id": request_id}}
+    return {
+        "error": {"message": error.message, "type": error.kind, "param": None, "code": error.status},
+        "request_id": request_id,
+    }
+
+
+def error_response(api: Api, error: APIError, request_id: str) -> JSONResponse:
+    return JSONResponse(error_body(api, error, request_id), status_code=error.status, headers=error.headers)
 

@@ -26,7 +26,7 @@ from vllm.entrypoints.openai.chat_completion.protocol import (
 from vllm.entrypoints.serve.engine.protocol import UsageInfo
 
 from cluster.schema import ModelConfig
-from serve_app.protocol import ChatCompletionRequest
+from serve_app.apis.openai.protocol import ChatCompletionRequest
 
 
 class FakeEngine:

@@ -3,7 +3,7 @@ import hashlib
 import pytest
 
 from cluster.schema import AuthConfig
-from serve_app.auth import KeyRing
+from serve_app.tenancy.keys import KeyRing
 from serve_app.errors import Forbidden, Unauthorized
 
 

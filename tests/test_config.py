@@ -18,8 +18,8 @@ from cluster.load import ConfigError, load
 from cluster.runtime import NODE_ENV, engine_cores, schedulers_to_engine_cores
 from cluster.schema import ApiKey, ClusterConfig
 from serve_app.app import ingress_options
-from serve_app.engine import vllm_namespace
-from serve_app.model_server import deployment_options
+from serve_app.models.engine import vllm_namespace
+from serve_app.models.deployment import deployment_options
 
 ROOT = Path(__file__).resolve().parent.parent
 

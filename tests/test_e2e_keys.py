@@ -258,7 +258,7 @@ def test_the_ledger_survives_restarts_of_an_ingress_replica_and_of_the_ledger(ke
 def test_an_ingress_replica_stopped_gracefully_stores_the_rows_it_holds(serve_url, tmp_path_factory):
     """Rows wait in the ingress for `usage.flush_interval_s`; an ingress replaced by a redeploy
     stores them before it goes, in the ledger that replaces the old one at the same time."""
-    from serve_app.usage import UsageStore
+    from serve_app.tenancy.usage_store import UsageStore
 
     usage = ledger_in(tmp_path_factory.mktemp("held")).model_copy(update={"flush_interval_s": 60})
     deployment = {"num_cpus": 0.05, "num_replicas": 1}

@@ -3,8 +3,10 @@
 import pytest
 from pydantic import ValidationError
 
-from serve_app import livepeer
-from serve_app.protocol import ChatCompletionResponse, LLMRequest
+from serve_app.apis.chat_policy import capped_max_tokens, for_engine
+from serve_app.apis.livepeer import chunks as livepeer
+from serve_app.apis.livepeer.protocol import LLM_DEFAULTS, LLMRequest
+from serve_app.apis.openai.protocol import ChatCompletionResponse
 
 USER = [{"role": "user", "content": "hi"}]
 
@@ -16,20 +18,26 @@ def test_defaults_apply_when_absent_or_null():
             "", 0.7, 256, 1.0, -1, False)
 
 
+def _for_engine(body: dict, limit: int | None):
+    request = LLMRequest.model_validate(body)
+    max_tokens = capped_max_tokens(request.asked_max_tokens, LLM_DEFAULTS["max_tokens"], limit)
+    return for_engine(request.to_chat_request(), "m", max_tokens)
+
+
 def test_conversion_to_a_vllm_request():
-    chat = LLMRequest.model_validate({"messages": USER, "top_k": 5, "stream": True}).to_chat_request("m", None)
+    chat = _for_engine({"messages": USER, "top_k": 5, "stream": True}, None)
     assert (chat.model, chat.top_k, chat.max_tokens, chat.temperature) == ("m", 5, 256, 0.7)
     assert chat.stream_options.include_usage and chat.stream_options.continuous_usage_stats
 
 
 def test_default_max_tokens_bows_to_the_limit_but_an_explicit_one_is_kept():
-    assert LLMRequest.model_validate({"messages": USER}).to_chat_request("m", 64).max_tokens == 64
-    assert LLMRequest.model_validate({"messages": USER, "max_tokens": 100}).to_chat_request("m", 64).max_tokens == 100
+    assert _for_engine({"messages": USER}, 64).max_tokens == 64
+    assert _for_engine({"messages": USER, "max_tokens": 50}, 64).max_tokens == 50
 
 
 def test_text_parts_are_joined():
     request = LLMRequest.model_validate({"messages": [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]})
-    assert request.to_chat_request("m", None).messages[0]["content"] == "ab"
+    assert request.to_chat_request().messages[0]["content"] == "ab"
 
 
 @pytest.mark.parametrize("field, value", [("temperature", 2.5), ("temperature", -0.1), ("top_p", 0), ("top_p", 1.5), ("max_tokens", 0), ("top_k", 0), ("top_k", -2)])
@@ -58,7 +66,7 @@ def test_stream_chunks_follow_the_contract():
 def test_error_chunk_is_a_well_formed_final_chunk():
     state = livepeer.StreamState()
     livepeer.stream_chunks(_vllm_chunk("a", None, 1), state)
-    [final] = livepeer.stream_chunks({"error": {"message": "boom", "code": 500}}, state)
+    final = livepeer.failure_chunk(state, "boom")
     assert final["choices"] == [{"index": 0, "finish_reason": "error", "delta": {"role": "assistant", "content": ""}}]
     assert final["error"] == {"message": "boom"} and final["usage"]["completion_tokens"] == 1
 

@@ -3,7 +3,7 @@
 import pytest
 
 from cluster.schema import KeyLimits
-from serve_app.rate_limits import LEASE_TTL_S, RateLimits
+from serve_app.tenancy.quotas import LEASE_TTL_S, RateLimits
 
 
 class Clock:

@@ -6,8 +6,8 @@ import asyncio
 import pytest
 from ray.serve.exceptions import BackPressureError
 
-from serve_app.model_server import Slots
-from serve_app.protocol import ChatCompletionRequest
+from serve_app.apis.openai.protocol import ChatCompletionRequest
+from serve_app.models.bounds import Slots
 
 
 async def _hold(slots: Slots, release: asyncio.Event, entered: asyncio.Event) -> None:
@@ -64,7 +64,7 @@ async def test_without_a_waiting_bound_nothing_is_refused():
 
 async def test_a_whole_answer_gives_its_place_back_before_it_is_read_on():
     from cluster.schema import ModelConfig
-    from serve_app.model_server import ModelRunner
+    from serve_app.models.runner import ModelRunner
     from tests.fake_engine import fake_engine
 
     model = ModelConfig.model_validate({"id": "m", "source": {"path": "/m"}})
@@ -85,7 +85,8 @@ async def test_a_whole_answer_gives_its_place_back_before_it_is_read_on():
 ])
 def test_a_colocated_model_keeps_its_own_bounds_only_as_its_one_replica(deployment, places):
     from cluster.schema import ModelConfig
-    from serve_app.model_server import colocated_options, colocated_slots, deployment_options
+    from serve_app.models.bounds import colocated_slots
+    from serve_app.models.deployment import colocated_options, deployment_options
 
     model = ModelConfig.model_validate({"id": "m", "source": {"path": "/m"}, "deployment": deployment})
     options = colocated_options(model)

@@ -6,8 +6,9 @@ import contextvars
 import sqlite3
 import uuid
 
-from serve_app.request_log import RequestRecord
-from serve_app.usage import LedgerClient, UsageRow, UsageStore
+from serve_app.telemetry.record import FinishedRequest
+from serve_app.tenancy.ledger import LedgerClient
+from serve_app.tenancy.usage_store import UsageRow, UsageStore
 
 
 def _row(key: str, model: str, at: float, prompt: int, completion: int, status: int = 200) -> UsageRow:
@@ -75,9 +76,13 @@ class _Ledger:
                 for name, args, context in self.calls]
 
 
-def _finished(request_id: str, reached_engine: bool = True) -> RequestRecord:
+def _finished(request_id: str, reached_engine: bool = True) -> FinishedRequest:
     _REQUEST.set(request_id)
-    return RequestRecord(request_id=request_id, endpoint="/llm", metrics=None, model="m", reached_engine=reached_engine)
+    return FinishedRequest(
+        request_id=request_id, endpoint="/llm", key_name=None, model="m", status=200, prompt_tokens=1,
+        completion_tokens=2, finish_reason="stop", started_at=0.0, duration_s=0.1, ttft_s=0.01,
+        mean_token_gap_s=None, reached_engine=reached_engine,
+    )
 
 
 def test_the_ingress_sends_the_rows_of_an_interval_in_one_call_outside_any_request():

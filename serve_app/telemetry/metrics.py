@@ -6,12 +6,10 @@ The ingress records what clients see; the model replicas record the engine's sha
 """
 
 from collections import Counter as Tally
-from typing import TYPE_CHECKING
 
 from ray.util.metrics import Counter, Gauge, Histogram
 
-if TYPE_CHECKING:
-    from serve_app.request_log import RequestRecord
+from serve_app.telemetry.record import FinishedRequest
 
 LATENCY_S = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300]
 TOKEN_GAP_S = [0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56]
@@ -19,6 +17,9 @@ REQUEST_TAGS = ("model", "key", "endpoint")
 
 
 class IngressMetrics:
+    """A listener of the ingress's requests: told when one is routed to a model (in flight) and
+    when it has ended, from its frozen record."""
+
     def __init__(self) -> None:
         self.requests = Counter(
             "llm_requests", "Requests answered, by final HTTP status.", tag_keys=(*REQUEST_TAGS, "status")
@@ -32,7 +33,8 @@ class IngressMetrics:
             boundaries=LATENCY_S, tag_keys=REQUEST_TAGS,
         )
         self.itl = Histogram(
-            "llm_inter_token_latency_seconds", "Time between consecutive streamed tokens.",
+            "llm_inter_token_latency_seconds",
+            "Mean time between consecutive streamed chunks of text, one observation per request.",
             boundaries=TOKEN_GAP_S, tag_keys=REQUEST_TAGS,
         )
         self.duration = Histogram(
@@ -42,26 +44,27 @@ class IngressMetrics:
         self.in_flight = Gauge("llm_requests_in_flight", "Requests being answered now.", tag_keys=("model",))
         self._in_flight: Tally[str] = Tally()
 
-    def request_started(self, model: str) -> None:
+    def request_routed(self, model: str) -> None:
         self._in_flight[model] += 1
         self.in_flight.set(self._in_flight[model], {"model": model})
 
-    def request_finished(self, record: "RequestRecord", ttft_s: float | None, total_s: float) -> None:
-        tags = {"model": record.model or "-", "key": record.key_name or "-", "endpoint": record.endpoint}
-        self.requests.inc(1, tags | {"status": str(record.status)})
-        self.duration.observe(total_s, tags)
-        if record.model is None:
+    def request_finished(self, request: FinishedRequest) -> None:
+        """One observation per request, never per token: this runs on the loop that relays tokens."""
+        tags = {"model": request.model or "-", "key": request.key_name or "-", "endpoint": request.endpoint}
+        self.requests.inc(1, tags | {"status": str(request.status)})
+        self.duration.observe(request.duration_s, tags)
+        if request.model is None:
             return
-        self._in_flight[record.model] -= 1
-        self.in_flight.set(self._in_flight[record.model], {"model": record.model})
-        if ttft_s is not None:
-            self.ttft.observe(ttft_s, tags)
-        for gap in record.token_gaps:
-            self.itl.observe(gap, tags)
-        if record.prompt_tokens:
-            self.prompt_tokens.inc(record.prompt_tokens, tags)
-        if record.completion_tokens:
-            self.completion_tokens.inc(record.completion_tokens, tags)
+        self._in_flight[request.model] -= 1
+        self.in_flight.set(self._in_flight[request.model], {"model": request.model})
+        if request.ttft_s is not None:
+            self.ttft.observe(request.ttft_s, tags)
+        if request.mean_token_gap_s is not None:
+            self.itl.observe(request.mean_token_gap_s, tags)
+        if request.prompt_tokens:
+            self.prompt_tokens.inc(request.prompt_tokens, tags)
+        if request.completion_tokens:
+            self.completion_tokens.inc(request.completion_tokens, tags)
 
 
 class EngineMetrics:

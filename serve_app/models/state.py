@@ -10,7 +10,6 @@ from ray.serve.schema import DeploymentStatusOverview
 from cluster.schema import deployment_name
 
 FAILED = {"DEPLOY_FAILED", "UNHEALTHY"}
-LIVEPEER_STATUS = {"ready": "OK", "starting": "LOADING", "scaled_to_zero": "IDLE", "failed": "ERROR"}
 
 
 @dataclass(frozen=True)
@@ -43,14 +42,3 @@ def state_of(deployment: DeploymentStatusOverview | None) -> ModelState:
     else:
         state = "starting"
     return ModelState(state, running, deployment.message)
-
-
-def livepeer_health(default_model: str, states: dict[str, ModelState]) -> dict:
-    """`status` speaks for the default model, as a single-model runner's would; `models` tells
-    the rest. Serve's own account of a failure is the `reason`."""
-    default = states[default_model]
-    body: dict = {"status": LIVEPEER_STATUS[default.state]}
-    if default.state == "failed" and default.message:
-        body["reason"] = default.message
-    body["models"] = {model_id: s.state for model_id, s in states.items()}
-    return body

@@ -21,9 +21,9 @@ from ray.actor import ActorHandle
 from ray.serve.handle import DeploymentHandle
 
 from cluster.schema import ApiKey
-from serve_app.auth import Caller
+from serve_app.tenancy.keys import Caller
 from serve_app.errors import BadRequest, Overloaded, RateLimited
-from serve_app.rate_limits import Decision, RateLimits
+from serve_app.tenancy.quotas import Decision, RateLimits
 
 logger = logging.getLogger("ray.serve")
 

@@ -13,5 +13,5 @@ from typing import Any
 from ray.serve.handle import DeploymentHandle, DeploymentResponse
 
 
-def send(handle: DeploymentHandle, method: str, *args: Any) -> DeploymentResponse:
+def call(handle: DeploymentHandle, method: str, *args: Any) -> DeploymentResponse:
     return contextvars.Context().run(lambda: getattr(handle, method).remote(*args))

@@ -9,7 +9,7 @@ import argparse
 import json
 import logging
 import os
-from collections.abc import AsyncGenerator, Iterator
+from collections.abc import AsyncGenerator, Callable, Iterator
 from contextlib import contextmanager
 from logging.handlers import MemoryHandler
 from typing import Any, Protocol
@@ -21,6 +21,7 @@ from vllm.entrypoints.openai.chat_completion.protocol import (
 from vllm.entrypoints.serve.engine.protocol import ErrorResponse
 
 from cluster.runtime import schedulers_to_engine_cores
+from cluster.schema import ModelConfig
 
 ChatResult = AsyncGenerator[str, None] | ChatCompletionResponse | ErrorResponse
 """What vLLM's serving layer returns: SSE lines when streaming, else one response or an error."""
@@ -155,3 +156,16 @@ def _one_flag_value(action: argparse.Action, value: Any) -> Any:
     if action.choices is not None and value not in action.choices:
         raise ValueError(f"one of {', '.join(map(str, action.choices))}")
     return value
+
+
+EngineFactory = Callable[[ModelConfig], ChatEngine]
+
+
+def vllm_engine(model: ModelConfig) -> ChatEngine:
+    from serve_app.models import sources
+
+    vllm_args = model.engine.to_vllm_args()
+    if model.engine.world_size > 1:
+        # Workers beyond the first GPU run as Ray actors in this replica's placement group.
+        vllm_args.setdefault("distributed_executor_backend", "ray")
+    return VLLMEngine(model.id, sources.resolve(model.source), vllm_args)

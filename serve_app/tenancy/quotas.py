@@ -2,7 +2,7 @@
 count when the request ends) and requests in flight.
 
 Pure bookkeeping in one process's memory, with no I/O and no awaits, so that one call costs
-microseconds; `limiter` hosts it in the cluster's single limiter replica. Memory is bounded by
+microseconds; `serve_app.tenancy.limiter` hosts it in the cluster's single limiter replica. Memory is bounded by
 the requests of the last minute plus those in flight.
 """
 

@@ -6,12 +6,13 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from ray.serve.handle import DeploymentHandle
+from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
 
 from cluster.schema import ClusterConfig
-from serve_app.auth import Caller
 from serve_app.errors import Forbidden, NotFound
-from serve_app.model_server import InProcessStream, ModelOutput, ModelRunner
-from serve_app.protocol import ChatCompletionRequest
+from serve_app.models.outputs import ModelOutput
+from serve_app.models.runner import InProcessStream, ModelRunner
+from serve_app.tenancy.keys import Caller
 
 
 class ModelStream(Protocol):
@@ -36,8 +37,8 @@ def _call(model: DeploymentHandle | ModelRunner) -> Callable[[ChatCompletionRequ
     if isinstance(model, ModelRunner):
         return lambda request: InProcessStream(model.chat(request))
     # One streaming handle per model, made once: `.options()` per request is costly. Calls go
-    # over Serve's gRPC transport rather than Ray actor calls: a third less time to first token
-    # and per token through the ingress (bench/results, "Ingress overhead alone").
+    # over Serve's gRPC transport rather than Ray actor calls, which cost more per request and
+    # per token through the ingress (docs/benchmarks.md, "Ingress overhead alone").
     return model.options(stream=True, _by_reference=False).chat.remote
 
 

@@ -1,0 +1,39 @@
+"""What both chat APIs do to a request before it goes to its model, in one place: the server's
+`max_tokens` cap, usage asked of vLLM on every stream chunk, and the tokens a key's budget
+reserves for it."""
+
+from vllm.entrypoints.generate.base.protocol import StreamOptions
+from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+
+from serve_app.errors import BadRequest
+
+
+def capped_max_tokens(asked: int | None, default: int | None, limit: int | None) -> int | None:
+    """An honest cap matters to operators: Livepeer prices by `max_tokens`. A client's own value
+    above the cap is refused; the API's default (`/llm` has one, OpenAI's has none) bows to it."""
+    if asked is not None:
+        if limit is not None and asked > limit:
+            raise BadRequest(f"max_tokens is {asked}, above this server's limit of {limit}")
+        return asked
+    if limit is None:
+        return default
+    return limit if default is None else min(default, limit)
+
+
+def for_engine(chat: ChatCompletionRequest, model_id: str, max_tokens: int | None) -> ChatCompletionRequest:
+    """Streams ask vLLM for usage on every chunk, whatever the client asked: the request log and
+    the ledger then count even an abandoned stream's tokens, and the Livepeer gateway takes usage
+    from the last chunk. Each API forwards only as much of it as its client asked for."""
+    update: dict = {"model": model_id}
+    if max_tokens is not None and chat.max_completion_tokens is None:
+        update["max_tokens"] = max_tokens
+    if chat.stream:
+        asked = chat.stream_options or StreamOptions()
+        update["stream_options"] = asked.model_copy(update={"include_usage": True, "continuous_usage_stats": True})
+    return chat.model_copy(update=update)
+
+
+def reserved_tokens(chat: ChatCompletionRequest) -> int:
+    """The most the request can generate, which its key's tokens-per-minute budget holds back
+    until the real count is known."""
+    return (chat.max_completion_tokens or chat.max_tokens or 0) * (chat.n or 1)

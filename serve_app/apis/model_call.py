@@ -1,0 +1,107 @@
+"""A chat request's trip to its model and back, the same for both APIs: the key's lease from the
+rate limiter, the model's first output read before any byte goes out (so that errors found there
+become real HTTP statuses), then the rest of a stream as parsed chunks."""
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from ray.serve.exceptions import BackPressureError
+from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest, ChatCompletionResponse
+
+from serve_app.apis.chat_policy import reserved_tokens
+from serve_app.errors import EngineFailure, Overloaded, for_status
+from serve_app.http.lifecycle import RequestLifecycle
+from serve_app.models.outputs import ModelError
+from serve_app.routing.router import ModelStream, Route
+from serve_app.telemetry.record import Answer
+from serve_app.tenancy.keys import Caller
+from serve_app.tenancy.limiter import LimitGate
+
+logger = logging.getLogger("ray.serve")
+
+
+@dataclass(frozen=True)
+class ModelCall:
+    first: ChatCompletionResponse | str
+    """A whole answer, or a stream's first chunk."""
+    rest: ModelStream
+    headers: dict[str, str]
+    """The key's `x-ratelimit-*` headers."""
+
+
+class ModelCalls:
+    def __init__(self, gate: LimitGate) -> None:
+        self._gate = gate
+
+    async def start(
+        self, route: Route, chat: ChatCompletionRequest, caller: Caller, lifecycle: RequestLifecycle
+    ) -> ModelCall:
+        """From here on the request counts: its lease is released when it ends, however it ends."""
+        admission = await self._gate.admit(caller, reserved_tokens(chat))
+        if admission is not None:
+            lifecycle.on_finish(lambda done: self._gate.release(admission, done.total_tokens))
+        first, rest = await _first_output(route, chat, lifecycle)
+        return ModelCall(first, rest, admission.decision.headers if admission is not None else {})
+
+
+async def _first_output(
+    route: Route, chat: ChatCompletionRequest, lifecycle: RequestLifecycle
+) -> tuple[ChatCompletionResponse | str, ModelStream]:
+    """The wait is bounded (a model at zero replicas starts one meanwhile); a cancelled request
+    (the client left) cancels the model's work."""
+    outputs = route.call(chat)
+    try:
+        first = await asyncio.wait_for(outputs.__anext__(), route.first_output_timeout_s)
+    except asyncio.TimeoutError:
+        outputs.cancel()
+        raise Overloaded(
+            f"model {route.model_id!r} gave no output within {route.first_output_timeout_s:g} s "
+            "(it may be starting from zero replicas); retry shortly",
+            retry_after_s=5,
+        ) from None
+    except asyncio.CancelledError:
+        outputs.cancel()
+        # Sent, and perhaps begun: the ledger records it, with the tokens known (none).
+        lifecycle.reached_engine = True
+        raise
+    except BackPressureError:
+        raise Overloaded(f"model {route.model_id!r} is at capacity; retry shortly") from None
+    except Exception:
+        logger.exception("model call failed (request id %s)", lifecycle.request_id)
+        outputs.cancel()
+        raise EngineFailure(f"the model engine failed (request id {lifecycle.request_id})") from None
+    lifecycle.reached_engine = True
+    if isinstance(first, ModelError):
+        outputs.cancel()
+        raise for_status(first.status, first.message)
+    return first, outputs
+
+
+async def chunks(call: ModelCall, answer: Answer) -> AsyncIterator[dict[str, Any]]:
+    """A stream's chunks, parsed once for either API; their usage and finish reason go to the
+    answer, and a chunk of new text counts as a token. An error the model tells midway, or a
+    stream that stops without a finish reason, is raised as an `APIError`, for the API's stream
+    to end with."""
+    item = call.first
+    rest = aiter(call.rest)
+    while True:
+        if isinstance(item, ModelError):
+            raise for_status(item.status, item.message)
+        chunk = json.loads(item)
+        answer.usage(chunk.get("usage"))
+        choices = chunk.get("choices")
+        if choices:
+            if (choices[0].get("delta") or {}).get("content"):
+                answer.token()
+            answer.finish_reason = choices[0].get("finish_reason") or answer.finish_reason
+        yield chunk
+        try:
+            item = await anext(rest)
+        except StopAsyncIteration:
+            break
+    if answer.finish_reason is None:
+        raise EngineFailure("the model stopped without finishing")

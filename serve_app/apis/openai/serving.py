@@ -1,0 +1,102 @@
+"""The OpenAI-compatible routes' logic: chat completions (vLLM's own answers and chunks, passed
+through less the usage the client did not ask for) and the model list."""
+
+import logging
+import time
+from collections.abc import AsyncGenerator
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import JSONResponse
+from starlette.responses import Response
+
+from serve_app.apis.chat_policy import capped_max_tokens, for_engine
+from serve_app.apis.model_call import ModelCall, ModelCalls, chunks
+from serve_app.apis.openai.protocol import StreamOptions, parse_chat
+from serve_app.errors import APIError, EngineFailure, NotFound, error_body
+from serve_app.http.lifecycle import RequestLifecycle
+from serve_app.http.streaming import EventStream, event
+from serve_app.models.state import model_states
+from serve_app.routing.router import Router
+from serve_app.telemetry.record import Answer
+from serve_app.tenancy.keys import Caller
+
+logger = logging.getLogger("ray.serve")
+
+
+class OpenAIChat:
+    def __init__(self, router: Router, calls: ModelCalls, max_tokens_limit: int | None) -> None:
+        self._router = router
+        self._calls = calls
+        self._max_tokens_limit = max_tokens_limit
+
+    async def complete(self, request: Request, caller: Caller, lifecycle: RequestLifecycle) -> Response:
+        chat = parse_chat(await request.body())
+        route = self._router.resolve(chat.model, caller)
+        lifecycle.routed(route.model_id)
+        asked = chat.stream_options or StreamOptions()
+        max_tokens = capped_max_tokens(chat.max_completion_tokens or chat.max_tokens, None, self._max_tokens_limit)
+        chat = for_engine(chat, route.model_id, max_tokens)
+        call = await self._calls.start(route, chat, caller, lifecycle)
+        if chat.stream:
+            events = openai_events(
+                call, lifecycle.answer, lifecycle.request_id, bool(asked.include_usage), bool(asked.continuous_usage_stats)
+            )
+            return EventStream(events, call.rest.cancel, lifecycle, call.headers)
+        first = call.first
+        lifecycle.answer.token()
+        lifecycle.answer.usage(first.usage.model_dump())
+        lifecycle.answer.finish_reason = first.choices[0].finish_reason if first.choices else None
+        return JSONResponse(first.model_dump(), headers=call.headers)
+
+    async def models(self, request: Request, caller: Caller, lifecycle: RequestLifecycle) -> dict[str, Any]:
+        return {"object": "list", "data": await self._entries(self._router.models_for(caller))}
+
+    async def model(self, name: str, caller: Caller) -> dict[str, Any]:
+        """One model by id or alias, as OpenAI's SDK retrieves it."""
+        if not name:  # the router reads an empty name as the default model's
+            raise NotFound("name a model after /v1/models/, or GET /v1/models for the list")
+        [entry] = await self._entries([self._router.resolve(name, caller).model_id])
+        return entry
+
+    async def _entries(self, model_ids: list[str]) -> list[dict[str, Any]]:
+        created = int(time.time())
+        states = await model_states(model_ids)
+        return [
+            {
+                "id": model_id,
+                "object": "model",
+                "created": created,
+                "owned_by": "livepeer-llm-serve",
+                "aliases": list(self._router.names[model_id][1:]),
+                "state": state.state,
+                "replicas": state.replicas,
+            }
+            # Why a model is not ready (unschedulable, failing to start) is Serve's message.
+            | ({"message": state.message} if state.state != "ready" and state.message else {})
+            for model_id, state in states.items()
+        ]
+
+
+async def openai_events(
+    call: ModelCall, answer: Answer, request_id: str, wants_usage: bool, wants_usage_per_chunk: bool
+) -> AsyncGenerator[str, None]:
+    """vLLM is always asked for usage on every chunk (`chat_policy.for_engine`); the client gets it
+    only as far as it asked: per chunk, in the final usage-only chunk, or not at all. A failure
+    after the 200 went out ends the stream with an error event, as vLLM's own server does."""
+    try:
+        async for chunk in chunks(call, answer):
+            if chunk.get("choices"):
+                if not wants_usage_per_chunk:
+                    chunk.pop("usage", None)
+                yield event(chunk)
+            elif wants_usage:
+                yield event(chunk)
+    except APIError as error:
+        answer.fail(error.status)
+        yield event(error_body("openai", error, request_id))
+    except Exception:
+        logger.exception("stream failed (request id %s)", request_id)
+        answer.fail(500)
+        error = EngineFailure(f"the model engine failed mid-stream (request id {request_id})")
+        yield event(error_body("openai", error, request_id))

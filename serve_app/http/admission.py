@@ -1,0 +1,58 @@
+"""Every route's way in and out: the request is named and its lifecycle opened, its token and the
+route's scope checked before the body is read, then its handler runs; whatever the handler
+returns or raises, and a cancellation too, ends the lifecycle exactly once."""
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import JSONResponse
+from starlette.responses import Response
+
+from cluster.schema import Scope
+from serve_app.errors import APIError, api_of, error_response
+from serve_app.http.handlers import request_id_of
+from serve_app.http.lifecycle import Listeners, RequestLifecycle
+from serve_app.http.streaming import EventStream
+from serve_app.telemetry.record import CLIENT_CLOSED_REQUEST
+from serve_app.tenancy.keys import Caller, KeyRing
+
+logger = logging.getLogger("ray.serve")
+
+Handler = Callable[[Request, Caller, RequestLifecycle], Awaitable[Response | dict[str, Any]]]
+"""A route's logic: a response, or a body to answer as JSON."""
+
+
+class Admission:
+    def __init__(self, keys: KeyRing, listeners: Listeners) -> None:
+        self._keys = keys
+        self._listeners = listeners
+
+    async def serve(self, request: Request, endpoint: str, scope: Scope | None, handler: Handler) -> Response:
+        """A stream's lifecycle is ended by the stream, when it ends; every other answer's here."""
+        lifecycle = RequestLifecycle(request_id_of(request), endpoint, self._listeners)
+        try:
+            caller = self._keys.authenticate(request.headers.get("authorization"))
+            lifecycle.key_name = caller.key_name
+            if scope is not None:
+                caller.require(scope)
+            response = await handler(request, caller, lifecycle)
+            if not isinstance(response, Response):
+                response = JSONResponse(response)
+        except asyncio.CancelledError:
+            lifecycle.finish(CLIENT_CLOSED_REQUEST)
+            raise
+        except APIError as error:
+            lifecycle.finish(error.status)
+            return error_response(api_of(endpoint), error, lifecycle.request_id)
+        except Exception:
+            logger.exception("unhandled error on %s (request id %s)", endpoint, lifecycle.request_id)
+            lifecycle.finish(500)
+            error = APIError(f"internal error (request id {lifecycle.request_id})")
+            return error_response(api_of(endpoint), error, lifecycle.request_id)
+        if not isinstance(response, EventStream):
+            lifecycle.finish(response.status_code)
+        return response

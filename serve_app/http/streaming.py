@@ -1,0 +1,60 @@
+"""Server-Sent Events: the framing of `data: …` lines and the closing `[DONE]` for both APIs,
+and the streaming response that ends its request's lifecycle when the stream ends.
+
+The stream's events are written by the API's own generator, which owns its failure mode: once
+the 200 has gone out an error can only be told inside the stream, so the generator ends the
+stream well-formed and reports the failure in the request's `Answer`. Its request is finished
+after `[DONE]` has gone out, so the client's answer never waits for logs, metrics, the rate
+limiter or the ledger.
+"""
+
+import json
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from typing import Any
+
+from starlette.responses import StreamingResponse
+
+from serve_app.http.lifecycle import RequestLifecycle
+
+DONE = "data: [DONE]\n\n"
+HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def event(payload: dict[str, Any]) -> str:
+    return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"
+
+
+class EventStream(StreamingResponse):
+    """Starlette never closes a body it did not finish, and never starts one whose client left
+    first: the events are closed here, the model's work cancelled, and the request finished with
+    the status its answer reports (a client that left before the end: 499)."""
+
+    def __init__(
+        self,
+        events: AsyncGenerator[str, None],
+        cancel: Callable[[], None],
+        lifecycle: RequestLifecycle,
+        headers: dict[str, str],
+    ) -> None:
+        super().__init__(_ended(events, lifecycle), media_type="text/event-stream", headers=HEADERS | headers)
+        self._events = events
+        self._cancel = cancel
+        self._lifecycle = lifecycle
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            # A departed client leaves the events suspended: close them first, so that their
+            # cleanup runs before the request is recorded.
+            await self.body_iterator.aclose()
+            await self._events.aclose()
+            self._cancel()
+            self._lifecycle.finish(self._lifecycle.answer.stream_status())
+
+
+async def _ended(events: AsyncGenerator[str, None], lifecycle: RequestLifecycle) -> AsyncIterator[str]:
+    async for item in events:
+        yield item
+    lifecycle.answer.complete = True
+    yield DONE

@@ -1,0 +1,88 @@
+"""A model's own Serve deployment (one replica, one engine) and the Serve options of the
+replicas that hold a model's engine, all derived from its config."""
+
+from collections.abc import AsyncGenerator
+from typing import Any
+
+from ray.serve.config import BackpressureConfig
+from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+
+from cluster.schema import ModelConfig, deployment_name
+from serve_app.models.bounds import CONTROL_PLACES, colocated_bounds
+from serve_app.models.engine import EngineFactory, vllm_engine
+from serve_app.models.outputs import ModelOutput
+from serve_app.models.runner import ModelRunner
+
+
+class ModelServer:
+    """The model's own Serve deployment."""
+
+    async def __init__(self, model: ModelConfig, engine_factory: EngineFactory = vllm_engine) -> None:
+        self._runner = ModelRunner(model, engine_factory)
+        await self._runner.start()
+
+    async def chat(self, request: ChatCompletionRequest) -> AsyncGenerator[ModelOutput, None]:
+        """Serve awaits this and streams the runner's own generator: no extra layer per chunk."""
+        return self._runner.chat(request)
+
+    async def check_health(self) -> None:
+        """Serve calls this periodically; a failing engine gets the replica replaced."""
+        await self._runner.check_health()
+
+    def num_unfinished_requests(self) -> int:
+        return self._runner.num_unfinished_requests()
+
+    def __del__(self) -> None:
+        runner = getattr(self, "_runner", None)
+        if runner is not None:
+            runner.shutdown()
+
+
+def colocated_options(model: ModelConfig) -> dict[str, Any]:
+    """Serve options for the ingress replica that holds the model: the model's own and, when its
+    bounds are the replica's, room for its running and waiting requests and for the other routes
+    on top."""
+    options = deployment_options(model)
+    bounds = colocated_bounds(model)
+    if bounds is None:
+        return options
+    return options | {"max_ongoing_requests": sum(bounds) + CONTROL_PLACES, "max_queued_requests": -1}
+
+
+def deployment_options(model: ModelConfig) -> dict[str, Any]:
+    """Serve options for one model's deployment, all derived from its config."""
+    settings = model.deployment
+    options: dict[str, Any] = {
+        "name": deployment_name(model.id),
+        "max_ongoing_requests": settings.max_ongoing_requests,
+        "max_queued_requests": settings.max_queued_requests,
+        # Where Serve's proxy refuses (a colocated model with several replicas), as we refuse.
+        "backpressure_config": BackpressureConfig(retry_after_s=1),
+        "health_check_period_s": settings.health_check_period_s,
+        "health_check_timeout_s": settings.health_check_timeout_s,
+        "graceful_shutdown_timeout_s": settings.graceful_shutdown_timeout_s,
+        "max_surge_percent": settings.max_surge_percent,
+    }
+    if settings.autoscaling is not None:
+        options["autoscaling_config"] = settings.autoscaling.model_dump()
+    else:
+        options["num_replicas"] = settings.num_replicas or 1
+    actor: dict[str, Any] = {"num_cpus": settings.num_cpus}
+    if settings.env:
+        actor["runtime_env"] = {"env_vars": dict(settings.env)}
+    world = model.engine.world_size
+    if world > 1:
+        gpu_bundle: dict[str, float] = {"GPU": 1}
+        if settings.accelerator_type:
+            gpu_bundle[f"accelerator_type:{settings.accelerator_type}"] = 0.001
+        options["placement_group_bundles"] = [{"CPU": settings.num_cpus}] + [gpu_bundle] * world
+        # A tensor-parallel group needs one node's fast interconnect; pipeline stages may span nodes.
+        options["placement_group_strategy"] = (
+            "STRICT_PACK" if model.engine.pipeline_parallel_size == 1 else "PACK"
+        )
+    else:
+        actor["num_gpus"] = settings.num_gpus
+        if settings.accelerator_type:
+            actor["accelerator_type"] = settings.accelerator_type
+    options["ray_actor_options"] = actor
+    return options

@@ -1,0 +1,20 @@
+"""What a model yields per request, across a Serve hop or within the ingress's own replica: one
+whole `ChatCompletionResponse`, or a stream of chunk JSON payloads, and, in place of either or
+after some chunks, a `ModelError`. The replica, which knows vLLM's wire format, turns vLLM's
+error responses and error events into `ModelError`; the ingress never reads a payload to find one."""
+
+from dataclasses import dataclass
+
+from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionResponse
+
+
+@dataclass(frozen=True)
+class ModelError:
+    """A failure the engine told in its own terms, with the status vLLM's server would answer."""
+
+    status: int
+    message: str
+
+
+ModelOutput = ChatCompletionResponse | ModelError | str
+"""`str`: one stream chunk's JSON, without SSE framing."""

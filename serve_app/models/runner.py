@@ -1,0 +1,97 @@
+"""One engine and its outputs per request, wherever the engine runs: in a model deployment's
+replica, or in the ingress's own replica when the config colocates them."""
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncGenerator, AsyncIterator
+from contextlib import nullcontext
+
+from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest, ChatCompletionResponse
+from vllm.entrypoints.serve.engine.protocol import ErrorResponse
+
+from cluster.schema import ModelConfig
+from serve_app.models.bounds import Slots
+from serve_app.models.engine import EngineFactory
+from serve_app.models.outputs import ModelError, ModelOutput
+from serve_app.telemetry.metrics import EngineMetrics
+
+
+class ModelRunner:
+    """With `slots`, the runner keeps its own bounds on the requests it takes (colocated: Serve
+    bounds a model deployment's requests itself)."""
+
+    def __init__(self, model: ModelConfig, engine_factory: EngineFactory, slots: Slots | None = None) -> None:
+        self._tags = {"model": model.id}
+        self._metrics = EngineMetrics()
+        self._engine = engine_factory(model)
+        self._slots = slots
+
+    async def start(self) -> None:
+        await self._engine.start()
+
+    async def chat(self, request: ChatCompletionRequest) -> AsyncGenerator[ModelOutput, None]:
+        """A whole answer or an error gives its place back before it is handed on: the engine is
+        done with it, and the caller need not read on for the place to be free."""
+        async with self._slots.taken() if self._slots else nullcontext():
+            started = time.perf_counter()
+            try:
+                result = await self._engine.chat(request)
+                if isinstance(result, (ChatCompletionResponse, ErrorResponse)):
+                    # A whole answer's one output is its first output too, as the ingress counts it.
+                    self._metrics.ttft.observe(time.perf_counter() - started, self._tags)
+                else:
+                    first = True
+                    async for output in _stream_outputs(result):
+                        if first:
+                            self._metrics.ttft.observe(time.perf_counter() - started, self._tags)
+                            first = False
+                        yield output
+                    return
+            finally:
+                self._metrics.duration.observe(time.perf_counter() - started, self._tags)
+        yield ModelError(result.error.code, result.error.message) if isinstance(result, ErrorResponse) else result
+
+    async def check_health(self) -> None:
+        await self._engine.check_health()
+
+    def num_unfinished_requests(self) -> int:
+        return self._engine.num_unfinished_requests()
+
+    def shutdown(self) -> None:
+        self._engine.shutdown()
+
+
+async def _stream_outputs(lines: AsyncIterator[str]) -> AsyncIterator[str | ModelError]:
+    """vLLM's SSE lines as chunk payloads; its error event (a failure before the first token, or
+    one midway) as a `ModelError`, which ends the stream."""
+    async for line in lines:
+        payload = line.removeprefix("data: ").rstrip()
+        if payload == "[DONE]":
+            return
+        if payload.startswith('{"error"'):
+            error = json.loads(payload)["error"]
+            yield ModelError(error.get("code") or 500, error.get("message") or "generation failed")
+            return
+        yield payload
+
+
+class InProcessStream:
+    """A colocated model's outputs for one request, with the handle stream's `cancel()`."""
+
+    _closing: set[asyncio.Task] = set()
+
+    def __init__(self, outputs: AsyncGenerator[ModelOutput, None]) -> None:
+        self._outputs = outputs
+
+    def __aiter__(self) -> "InProcessStream":
+        return self
+
+    def __anext__(self):
+        return self._outputs.__anext__()
+
+    def cancel(self) -> None:
+        """Closing the generator runs its cleanup, which aborts the engine's request."""
+        task = asyncio.get_running_loop().create_task(self._outputs.aclose())
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
