@@ -1,12 +1,13 @@
 """`make bench` / `python -m bench`: this stack and Ray Serve LLM, each beside bare vLLM on the same
 model and engine settings, on this machine, under the same streaming loads; then the stack alone
-over a zero-cost engine. Writes bench/results/latest.{json,md,png}.
+over a zero-cost engine. Writes bench/results/latest.{json,md,png}, and the table with a link to
+the plot into docs/benchmarks.md, between its bench:begin and bench:end markers.
 
 Bare vLLM stays up through both contenders' turns, and each contender is measured in turns with
 it (bare, contender, contender, bare at each load), the turns pooled: this machine's speed drifts
 by tens of percent over minutes, which one system after the other reads as a difference between
 them; in turns, drift moves both columns alike and their ratio holds. Bare vLLM beside an idle
-contender read no slower than alone (README, Benchmark).
+contender read no slower than alone (docs/benchmarks.md).
 
 Longer runs on a GPU cluster: --config configs/gpu-cluster.yaml --concurrency 1 8 32 128
 --output-len 256 --prompts-per-stream 16.
@@ -49,8 +50,14 @@ def main() -> None:
     parser.add_argument("--systems", nargs="+", default=["ours", "ray-llm", "overhead"],
                         choices=["ours", "ray-llm", "overhead"])
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    parser.add_argument("--docs", type=Path, default=report.DOCS,
+                        help="the page whose marked section gets the table (default: %(default)s)")
+    parser.add_argument("--no-docs", dest="docs", action="store_const", const=None,
+                        help="leave the docs alone (a run on other hardware, say)")
     parser.add_argument("--port", type=int, default=8100, help="the contenders' and the zero-cost run's; bare vLLM takes the next")
     args = parser.parse_args()
+    if args.docs is not None:
+        report.check_docs(args.docs)
     all_cores = os.sched_getaffinity(0)
     split = runtime.core_split()
     if split is not None:
@@ -133,7 +140,7 @@ def main() -> None:
                    if split else "unpinned"),
         "started_in_s": started, "overhead_tokens": overhead_tokens,
     }
-    print(report.write(results, overhead, meta, args.out))
+    print(report.write(results, overhead, meta, args.out, args.docs))
 
 
 def _sse_body(path: str, model_id: str, output_len: int) -> dict:

@@ -174,10 +174,10 @@ def first_tokens(runs: list[tuple[Running, str]], blocks: int, block: int = 12,
     streamed requests, one at a time, in blocks taken from each (system, route) in turn, keyed so.
 
     A fresh prompt each time (vLLM's prefix cache would otherwise skip the prefill) and requests
-    back to back: on a CPU host a request after a second or two idle takes twice as long to its
-    first token, on any system. The first `dropped` of a block are not counted: right after
-    another engine on the same core has answered, an engine's first requests are slow (README,
-    Benchmark). `elapsed_s` sums the counted requests' whole durations."""
+    back to back: on a CPU host a request after a second or two idle is slower to its first
+    token, on any system. The first `dropped` of a block are not counted: right after another
+    engine on the same core has answered, an engine's first requests are slow
+    (docs/benchmarks.md). `elapsed_s` sums the counted requests' whole durations."""
     samples = {(run.name, route): Samples() for run, route in runs}
     with httpx.Client(timeout=60) as client:
         for turn in range(blocks):

@@ -1,21 +1,54 @@
-"""Writing a run's figures: raw JSON, a Markdown table with ours/bare ratios, and a plot."""
+"""Writing a run's figures: raw JSON, a Markdown table with ours/bare ratios, and a plot; and the
+same table, with a link to the plot, into the marked section of docs/benchmarks.md."""
 
 import json
+import os
 from pathlib import Path
 
 from bench.load import FIRST_TOKEN, LoadResult
 
 BASELINE = "bare vLLM"
+DOCS = Path("docs/benchmarks.md")
+BEGIN = "<!-- bench:begin -->"
+END = "<!-- bench:end -->"
 
 
-def write(results: list[LoadResult], overhead: list[LoadResult], meta: dict, out: Path) -> str:
+def write(results: list[LoadResult], overhead: list[LoadResult], meta: dict, out: Path,
+          docs: Path | None = None) -> str:
     out.mkdir(parents=True, exist_ok=True)
     raw = {"meta": meta, "results": [r.as_dict() for r in results], "overhead": [r.as_dict() for r in overhead]}
     (out / "latest.json").write_text(json.dumps(raw, indent=2))
     table = markdown(results, overhead, meta)
     (out / "latest.md").write_text(table)
     plot(results, out / "latest.png")
+    if docs is not None:
+        update_docs(docs, table, out / "latest.png")
     return table
+
+
+def check_docs(docs: Path) -> None:
+    """Before a run, not after it: a page without its markers would fail the run's last step."""
+    with_section(docs.read_text(), "")
+
+
+def update_docs(docs: Path, table: str, plot_path: Path) -> None:
+    docs.write_text(with_section(docs.read_text(), docs_section(table, plot_path, docs)))
+
+
+def docs_section(table: str, plot_path: Path, docs: Path) -> str:
+    """The run's table and its plot, linked relative to the page so that it shows where the page
+    is read (a repository browser, a checkout)."""
+    link = Path(os.path.relpath(plot_path, docs.parent)).as_posix()
+    return (f"{BEGIN}\n<!-- Written by `make bench` (bench/report.py): edit outside the markers. -->\n\n"
+            f"{table}\n![TTFT and throughput against concurrency]({link})\n{END}")
+
+
+def with_section(page: str, section: str) -> str:
+    """`page` with everything from its begin marker to its end marker replaced by `section`."""
+    begin, end = page.find(BEGIN), page.find(END)
+    if begin < 0 or end < begin or page.count(BEGIN) != 1 or page.count(END) != 1:
+        raise ValueError(f"the page needs one {BEGIN} and, after it, one {END} around the section make bench writes")
+    return page[:begin] + section + page[end + len(END):]
 
 
 def markdown(results: list[LoadResult], overhead: list[LoadResult], meta: dict) -> str:

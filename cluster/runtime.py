@@ -29,8 +29,8 @@ NODE_ENV = {
     # they start, whose scheduler loop is on the path of every token.
     "RAY_worker_niceness": "0",
 }
-"""The Serve settings together, on this project's zero-cost-engine benchmark: 12 → 23 requests/s
-at concurrency 1, time to first chunk 32 → 18 ms, per chunk 0.45 → 0.21 ms (README, Benchmark)."""
+"""Without them everything works, only slower: what they buy together is measured in
+docs/design.md."""
 
 
 @dataclass(frozen=True)
@@ -42,7 +42,7 @@ class CoreSplit:
 def core_split() -> CoreSplit | None:
     """On a host without a GPU, vLLM's processes get every core but the last and Ray's processes
     (proxy, ingress, controller, ...) the last. Left to the scheduler, they preempt the engine's
-    threads: 7 to 9% of its throughput on a two-core machine."""
+    threads, and every token waits for the slowest of them (docs/design.md)."""
     cores = sorted(os.sched_getaffinity(0))
     if len(cores) < 2 or has_gpu():
         return None
@@ -77,7 +77,7 @@ def schedulers_to_engine_cores(started_by: int | None = None) -> None:
     `started_by`, else all) to the engine's cores. A scheduler inherits the cores of the process
     that starts it, the one left to Ray's processes; it spin-waits on its workers between steps,
     and there it starved the proxy, the replica and local clients (one on that core received
-    whole answers at once, 5 s late). Its threads are moved one by one: affinity is per thread."""
+    whole answers in one late burst). Its threads are moved one by one: affinity is per thread."""
     cores = engine_cores()
     if cores is None:
         return
