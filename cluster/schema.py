@@ -415,8 +415,8 @@ class IngressSettings(StrictModel):
     )
     max_tokens_limit: Annotated[int, Field(ge=1)] | None = Field(
         default=None,
-        description="reject requests asking for more output tokens than this (400), and give it to those "
-        "that ask for none; Livepeer prices by `max_tokens`",
+        description="refuse requests asking for more output tokens than this (400); one that asks for none "
+        "gets this, or `/llm`'s default of 256 if lower. Livepeer prices by `max_tokens`",
     )
     colocate: bool = Field(
         default=False,
