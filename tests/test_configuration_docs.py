@@ -41,3 +41,12 @@ def test_a_field_is_listed_with_its_type_constraints_and_default():
     assert "| `max_model_len` | integer > 0 or null | `null` |" in page
     assert "| `source` | one of [HubSource](#hubsource), [PathSource](#pathsource), [PackageGGUFSource](#packageggufsource) | required |" in page
     assert "At `auth.keys[].limits`." in page
+
+
+def test_the_cli_verb_prints_or_writes_the_page(tmp_path, capsys):
+    from cluster.__main__ import main
+
+    assert main(["docs"]) == 0
+    assert capsys.readouterr().out == reference.markdown()
+    assert main(["docs", "--write", str(tmp_path / "configuration.md")]) == 0
+    assert (tmp_path / "configuration.md").read_text() == reference.markdown()
