@@ -5,7 +5,7 @@ STAMP  := $(VENV)/.installed
 CONFIG ?= configs/local.yaml
 TOKEN_FILE := .llm_api_key
 
-.PHONY: install serve test unit docs bench clean
+.PHONY: install serve test lint unit docs bench clean
 
 install: $(STAMP)
 
@@ -35,8 +35,14 @@ serve: $(STAMP) $(TOKEN_FILE)
 	echo "try:  curl -H \"Authorization: Bearer $$LLM_API_KEY\" http://127.0.0.1:8000/llm -d '{\"messages\":[{\"role\":\"user\",\"content\":\"What is the capital of France?\"}]}'"; \
 	$(PY) -m cluster serve $(CONFIG)
 
-test: $(STAMP)
-	$(PY) -m pytest -v
+# Lint, the import contracts, the fast tier, then everything (the fast tier is not run twice).
+test: lint unit
+	$(PY) -m pytest -v -m e2e
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports
 
 # The fast tier: every test that starts no Ray cluster and loads no model.
 unit: $(STAMP)

@@ -19,7 +19,7 @@ from serve_app.apis.livepeer.protocol import LLMResponse
 from serve_app.apis.livepeer.serving import LivepeerChat
 from serve_app.apis.model_call import ModelCalls
 from serve_app.apis.openai.serving import OpenAIChat
-from serve_app.apis.runner import Runner
+from serve_app.apis.runner import RunnerInfo
 from serve_app.http.admission import Admission
 from serve_app.http.app import app
 from serve_app.http.lifecycle import Listeners
@@ -67,7 +67,7 @@ class Ingress:
         limit = config.ingress.max_tokens_limit
         self._livepeer = LivepeerChat(router, calls, limit)
         self._openai = OpenAIChat(router, calls, limit)
-        self._runner = Runner(config.default_model_id, router.model_ids)
+        self._runner_info = RunnerInfo(config.default_model_id, router.model_ids)
         self._admin = Admin(self._ledger)
 
     @app.post("/llm", response_model=LLMResponse)
@@ -91,15 +91,15 @@ class Ingress:
     async def health(self):
         """Open to all, and not logged: an orchestrator polls it before it registers the runner,
         and then every few seconds."""
-        return await self._runner.health()
+        return await self._runner_info.health()
 
     @app.get("/hardware/info")
     async def hardware(self, request: Request):
-        return await self._admission.serve(request, "/hardware/info", None, lambda *_: self._runner.hardware())
+        return await self._admission.serve(request, "/hardware/info", None, lambda *_: self._runner_info.hardware())
 
     @app.get("/version")
     async def version(self, request: Request):
-        return await self._admission.serve(request, "/version", None, lambda *_: self._runner.version())
+        return await self._admission.serve(request, "/version", None, lambda *_: self._runner_info.version())
 
     @app.get("/admin/usage")
     async def usage(self, request: Request):

@@ -3,7 +3,8 @@ message echoed back, in vLLM's own response and chunk shapes. Never used outside
 
 Prompts steer it: "FAIL MIDSTREAM" raises after two chunks, "FAIL AT START" raises before any,
 "RETRYABLE" streams only vLLM's error event for a request to retry (503) before any token,
-"STALL" streams two chunks and then nothing until it is cancelled, "WAIT <path> …" holds the
+"STALL" streams two chunks and then nothing until it is cancelled, "NO CHOICES" answers a whole
+response without choices (which our `/llm` shaping cannot read: a bug of ours on demand), "WAIT <path> …" holds the
 request while that file exists (and touches `<path>.waiting` to say it has arrived).
 Like vLLM, it puts usage on every chunk only when asked (`continuous_usage_stats`), and sends the
 usage-only chunk only when asked (`include_usage`).
@@ -52,7 +53,7 @@ class FakeEngine:
             return self._stream(request, reply)
         return ChatCompletionResponse(
             model=self._model_id,
-            choices=[
+            choices=[] if "NO CHOICES" in _last_message(request) else [
                 ChatCompletionResponseChoice(
                     index=0,
                     message=ChatMessage(role="assistant", content=" ".join(reply)),

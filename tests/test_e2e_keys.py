@@ -92,15 +92,16 @@ def test_a_key_sees_and_uses_only_its_models(keys_url):
     assert [m["id"] for m in _call(keys_url, "open", "GET", "/v1/models").json()["data"]] == ["fake-a", "fake-b"]
     for name in ("a", "fake-a"):
         assert _post(keys_url, "only-a", "/llm", _ask(model=name)).status_code == 200
-    for body in (_ask(model="fake-b"), _ask()):  # by name, and as the default model
-        refused = _post(keys_url, "only-a", "/llm", body)
-        assert refused.status_code == 403
-        assert refused.json()["detail"]["msg"] == "API key 'only-a' may not use model 'fake-b'"
+    # A model the key may not use is answered as one that does not exist: keys cannot find it.
+    hidden, unknown = (_post(keys_url, "only-a", "/llm", _ask(model=name)) for name in ("fake-b", "nope"))
+    assert hidden.status_code == unknown.status_code == 404
+    assert hidden.json()["detail"]["msg"] == unknown.json()["detail"]["msg"].replace("'nope'", "'fake-b'")
+    assert hidden.json()["detail"]["msg"].endswith("available models: fake-a, a")
+    default = _post(keys_url, "only-a", "/llm", _ask())
+    assert default.status_code == 404 and "fake-b" not in default.json()["detail"]["msg"]
     openai = _post(keys_url, "only-a", "/v1/chat/completions", _ask(model="fake-b"))
-    assert openai.status_code == 403 and openai.json()["error"]["type"] == "permission_error"
-    unknown = _post(keys_url, "only-a", "/v1/chat/completions", _ask(model="nope"))
-    assert unknown.status_code == 404
-    assert unknown.json()["error"]["message"].endswith("available models: fake-a, a")
+    assert openai.status_code == 404 and openai.json()["error"]["type"] == "not_found_error"
+    assert openai.json()["error"]["message"].endswith("available models: fake-a, a")
 
 
 def test_admin_routes_need_the_admin_scope_and_an_admin_only_key_cannot_chat(keys_url):

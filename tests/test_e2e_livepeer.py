@@ -3,19 +3,24 @@
 import pytest
 from livepeer_ai import Livepeer
 from livepeer_ai.models import errors
+from pydantic import TypeAdapter
 
+from serve_app.apis.livepeer.protocol import LLMResponse
 from tests.conftest import API_KEY
 from tests.sse import json_chunks
 
 pytestmark = pytest.mark.e2e
 
 FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
+DOCUMENTED = TypeAdapter(LLMResponse)
+"""The response type the route's OpenAPI documents, and the one the code builds."""
 
 
 def test_answers_paris_with_message_and_delta(client):
     response = client.post("/llm", json={"messages": FRANCE, "temperature": 0})
     assert response.status_code == 200, response.text
     body = response.json()
+    DOCUMENTED.validate_python(body)
     assert set(body) == {"id", "model", "created", "usage", "choices"}
     assert body["model"] == "smollm2-135m-instruct"
     choice = body["choices"][0]
@@ -40,6 +45,7 @@ def test_streams_token_by_token_in_contract_shape(client):
     assert response.headers["content-type"].startswith("text/event-stream")
     chunks = json_chunks(response.text)
     for chunk in chunks:
+        DOCUMENTED.validate_python(chunk)
         assert set(chunk) == {"id", "model", "created", "usage", "choices"}
         assert len(chunk["choices"]) == 1
         assert chunk["choices"][0]["delta"]["role"] == "assistant"
@@ -73,3 +79,4 @@ def test_livepeer_sdk_reads_our_errors(llm_url):
     with pytest.raises(errors.HTTPError) as raised:
         sdk.generate.llm(request={"messages": FRANCE})
     assert raised.value.data.detail.msg == "invalid bearer token"
+

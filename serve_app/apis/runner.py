@@ -19,7 +19,7 @@ LIVEPEER_STATUS = {"ready": "OK", "starting": "LOADING", "scaled_to_zero": "IDLE
 VERSION = version("livepeer-llm-serve")
 
 
-class Runner:
+class RunnerInfo:
     """Each answer speaks for the default model, as a single-model runner's would."""
 
     def __init__(self, default_model: str, model_ids: list[str]) -> None:

@@ -9,7 +9,7 @@ from ray.serve.handle import DeploymentHandle
 from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
 
 from cluster.schema import ClusterConfig
-from serve_app.errors import Forbidden, NotFound
+from serve_app.errors import NotFound
 from serve_app.models.outputs import ModelOutput
 from serve_app.models.runner import InProcessStream, ModelRunner
 from serve_app.tenancy.keys import Caller
@@ -51,14 +51,15 @@ class Router:
         self.names = {m.id: (m.id, *m.aliases) for m in config.models}
 
     def resolve(self, name: str | None, caller: Caller) -> Route:
-        """A model the key may not use is named as such (403); one that does not exist gets the
-        list of those the key may use, and no others."""
+        """A model the key may not use is answered as one that does not exist, with the list of
+        those the key may use and no others, so that keys cannot discover hidden models
+        (docs/livepeer-contract.md)."""
         model_id = self._ids.get(name) if name else self._default
-        if model_id is None:
-            usable = [n for model_id in self.models_for(caller) for n in self.names[model_id]]
-            raise NotFound(f"model {name!r} does not exist; available models: {', '.join(usable) or 'none'}")
-        if not caller.may_use(self.names[model_id]):
-            raise Forbidden(f"API key {caller.key_name!r} may not use model {model_id!r}")
+        if model_id is None or not caller.may_use(self.names[model_id]):
+            usable = ", ".join(n for usable_id in self.models_for(caller) for n in self.names[usable_id]) or "none"
+            if not name:
+                raise NotFound(f"name a model: the default model is not one this key may use; available models: {usable}")
+            raise NotFound(f"model {name!r} does not exist or you do not have access to it; available models: {usable}")
         return self._routes[model_id]
 
     def models_for(self, caller: Caller) -> list[str]:
