@@ -11,8 +11,15 @@ from serve_app.models.outputs import ModelError
 PROMPT_TOKENS = 5
 
 
-def chunk(content: str | None = None, finish: str | None = None, completion: int = 0, *, role: bool = False,
-          choices: bool = True, usage: bool = True) -> str:
+def chunk(
+    content: str | None = None,
+    finish: str | None = None,
+    completion: int = 0,
+    *,
+    role: bool = False,
+    choices: bool = True,
+    usage: bool = True,
+) -> str:
     """One vLLM chat chunk's JSON, as the model replica hands it on."""
     delta: dict = {"content": content} if content is not None else {}
     if role:
@@ -20,8 +27,11 @@ def chunk(content: str | None = None, finish: str | None = None, completion: int
     payload: dict = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1700000000, "model": "m"}
     payload["choices"] = [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}] if choices else []
     if usage:
-        payload["usage"] = {"prompt_tokens": PROMPT_TOKENS, "completion_tokens": completion,
-                            "total_tokens": PROMPT_TOKENS + completion}
+        payload["usage"] = {
+            "prompt_tokens": PROMPT_TOKENS,
+            "completion_tokens": completion,
+            "total_tokens": PROMPT_TOKENS + completion,
+        }
     return json.dumps(payload)
 
 

@@ -34,10 +34,16 @@ def serve_log():
 
 
 def _keys() -> KeyRing:
-    return KeyRing(AuthConfig.model_validate({"keys": [
-        {"name": "chatter", "sha256": hashlib.sha256(CHAT_TOKEN.encode()).hexdigest()},
-        {"name": "ops", "sha256": hashlib.sha256(ADMIN_TOKEN.encode()).hexdigest(), "scopes": ["admin"]},
-    ]}))
+    return KeyRing(
+        AuthConfig.model_validate(
+            {
+                "keys": [
+                    {"name": "chatter", "sha256": hashlib.sha256(CHAT_TOKEN.encode()).hexdigest()},
+                    {"name": "ops", "sha256": hashlib.sha256(ADMIN_TOKEN.encode()).hexdigest(), "scopes": ["admin"]},
+                ]
+            }
+        )
+    )
 
 
 def _request(path: str, token: str | None = CHAT_TOKEN, request_id: str | None = "rid-1") -> Request:
@@ -46,8 +52,18 @@ def _request(path: str, token: str | None = CHAT_TOKEN, request_id: str | None =
         headers.append((b"authorization", f"Bearer {token}".encode()))
     if request_id is not None:
         headers.append((b"x-request-id", request_id.encode()))
-    return Request({"type": "http", "method": "POST", "path": path, "root_path": "", "query_string": b"",
-                    "headers": headers, "scheme": "http", "server": ("test", 80)})
+    return Request(
+        {
+            "type": "http",
+            "method": "POST",
+            "path": path,
+            "root_path": "",
+            "query_string": b"",
+            "headers": headers,
+            "scheme": "http",
+            "server": ("test", 80),
+        }
+    )
 
 
 class _Recorder:
@@ -56,8 +72,6 @@ class _Recorder:
 
     def listeners(self, *before) -> Listeners:
         return Listeners(finished=(*before, self.finished.append))
-
-
 
 
 def _body(response: Response) -> dict:
@@ -78,7 +92,12 @@ async def test_a_json_answer_is_recorded_once_with_its_status_and_key():
     assert seen == [("chatter", "rid-1", "/llm")]
     [done] = recorder.finished
     assert (done.status, done.key_name, done.request_id, done.endpoint, done.model) == (
-        200, "chatter", "rid-1", "/llm", "m")
+        200,
+        "chatter",
+        "rid-1",
+        "/llm",
+        "m",
+    )
 
 
 async def test_a_response_is_recorded_with_its_own_status():
@@ -264,13 +283,16 @@ async def test_without_keys_every_route_is_open():
 # The errors' statuses.
 
 
-@pytest.mark.parametrize("status, cls, kind", [
-    (400, errors.BadRequest, "invalid_request_error"),
-    (401, errors.Unauthorized, "authentication_error"),
-    (403, errors.Forbidden, "permission_error"),
-    (404, errors.NotFound, "not_found_error"),
-    (503, errors.Overloaded, "overloaded_error"),
-])
+@pytest.mark.parametrize(
+    "status, cls, kind",
+    [
+        (400, errors.BadRequest, "invalid_request_error"),
+        (401, errors.Unauthorized, "authentication_error"),
+        (403, errors.Forbidden, "permission_error"),
+        (404, errors.NotFound, "not_found_error"),
+        (503, errors.Overloaded, "overloaded_error"),
+    ],
+)
 def test_for_status_maps_known_statuses_to_their_errors(status, cls, kind):
     error = for_status(status, "why")
     assert type(error) is cls and (error.status, error.kind, error.message) == (status, kind, "why")
@@ -282,11 +304,20 @@ def test_for_status_keeps_headers_of_the_errors_that_have_them():
     assert for_status(400, "x").headers == {}
 
 
-@pytest.mark.parametrize("status, expected, kind", [
-    (405, 405, "invalid_request_error"), (413, 413, "invalid_request_error"), (422, 422, "invalid_request_error"),
-    (502, 502, "internal_error"), (500, 500, "internal_error"), (200, 500, "internal_error"),
-    (302, 500, "internal_error"), (600, 500, "internal_error"), (-1, 500, "internal_error"),
-])
+@pytest.mark.parametrize(
+    "status, expected, kind",
+    [
+        (405, 405, "invalid_request_error"),
+        (413, 413, "invalid_request_error"),
+        (422, 422, "invalid_request_error"),
+        (502, 502, "internal_error"),
+        (500, 500, "internal_error"),
+        (200, 500, "internal_error"),
+        (302, 500, "internal_error"),
+        (600, 500, "internal_error"),
+        (-1, 500, "internal_error"),
+    ],
+)
 def test_for_status_keeps_other_error_statuses_and_makes_the_rest_500(status, expected, kind):
     error = for_status(status, "why")
     assert (error.status, error.kind) == (expected, kind)
@@ -349,8 +380,12 @@ def test_a_method_the_path_does_not_take_is_405_in_shape_with_allow(path, shape)
     if shape == "detail":
         assert body == {"detail": {"msg": f"GET {path}: Method Not Allowed", "request_id": "r-405"}}
     else:
-        assert body["error"] == {"message": f"GET {path}: Method Not Allowed", "type": "invalid_request_error",
-                                 "param": None, "code": 405}
+        assert body["error"] == {
+            "message": f"GET {path}: Method Not Allowed",
+            "type": "invalid_request_error",
+            "param": None,
+            "code": 405,
+        }
 
 
 @pytest.mark.parametrize("path, shape", [("/boom", "detail"), ("/v1/boom", "error")])

@@ -14,8 +14,14 @@ USER = [{"role": "user", "content": "hi"}]
 def test_defaults_apply_when_absent_or_null():
     for body in ({"messages": USER}, {"messages": USER, "temperature": None, "max_tokens": None, "model": None}):
         request = LLMRequest.model_validate(body)
-        assert (request.model, request.temperature, request.max_tokens, request.top_p, request.top_k, request.stream) == (
-            "", 0.7, 256, 1.0, -1, False)
+        assert (
+            request.model,
+            request.temperature,
+            request.max_tokens,
+            request.top_p,
+            request.top_k,
+            request.stream,
+        ) == ("", 0.7, 256, 1.0, -1, False)
 
 
 def _for_engine(body: dict, limit: int | None):
@@ -36,18 +42,36 @@ def test_default_max_tokens_bows_to_the_limit_but_an_explicit_one_is_kept():
 
 
 def test_text_parts_are_joined():
-    request = LLMRequest.model_validate({"messages": [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]})
+    request = LLMRequest.model_validate(
+        {"messages": [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]}
+    )
     assert request.to_chat_request().messages[0]["content"] == "ab"
 
 
-@pytest.mark.parametrize("field, value", [("temperature", 2.5), ("temperature", -0.1), ("top_p", 0), ("top_p", 1.5), ("max_tokens", 0), ("top_k", 0), ("top_k", -2)])
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("temperature", 2.5),
+        ("temperature", -0.1),
+        ("top_p", 0),
+        ("top_p", 1.5),
+        ("max_tokens", 0),
+        ("top_k", 0),
+        ("top_k", -2),
+    ],
+)
 def test_out_of_range_values_are_refused(field, value):
     with pytest.raises(ValidationError):
         LLMRequest.model_validate({"messages": USER, field: value})
 
 
 def _vllm_chunk(content=None, finish=None, completion=0, choices=True):
-    chunk = {"id": "c1", "model": "m", "created": 5, "usage": {"prompt_tokens": 4, "completion_tokens": completion, "total_tokens": 4 + completion}}
+    chunk = {
+        "id": "c1",
+        "model": "m",
+        "created": 5,
+        "usage": {"prompt_tokens": 4, "completion_tokens": completion, "total_tokens": 4 + completion},
+    }
     chunk["choices"] = [{"index": 0, "delta": {"content": content}, "finish_reason": finish}] if choices else []
     return chunk
 
@@ -55,7 +79,12 @@ def _vllm_chunk(content=None, finish=None, completion=0, choices=True):
 def test_stream_chunks_follow_the_contract():
     state = livepeer.StreamState()
     out = []
-    for chunk in [_vllm_chunk("", None, 0), _vllm_chunk("Hel", None, 1), _vllm_chunk("lo", "stop", 2), _vllm_chunk(choices=False, completion=2)]:
+    for chunk in [
+        _vllm_chunk("", None, 0),
+        _vllm_chunk("Hel", None, 1),
+        _vllm_chunk("lo", "stop", 2),
+        _vllm_chunk(choices=False, completion=2),
+    ]:
         out += livepeer.stream_chunks(chunk, state)
     assert [c["choices"][0]["delta"]["content"] for c in out] == ["Hel", "lo", ""]
     assert [c["choices"][0]["finish_reason"] for c in out] == [None, None, "stop"]
@@ -72,11 +101,20 @@ def test_error_chunk_is_a_well_formed_final_chunk():
 
 
 def test_full_response_fills_message_and_delta():
-    response = ChatCompletionResponse.model_validate({
-        "id": "c", "model": "m", "created": 1,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": "Paris"}, "finish_reason": "length"}],
-        "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4},
-    })
+    response = ChatCompletionResponse.model_validate(
+        {
+            "id": "c",
+            "model": "m",
+            "created": 1,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": "Paris"}, "finish_reason": "length"}],
+            "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4},
+        }
+    )
     body = livepeer.full_response(response)
-    assert body["choices"][0] == {"index": 0, "finish_reason": "length", "message": {"role": "assistant", "content": "Paris"}, "delta": {"role": "assistant", "content": "Paris"}}
+    assert body["choices"][0] == {
+        "index": 0,
+        "finish_reason": "length",
+        "message": {"role": "assistant", "content": "Paris"},
+        "delta": {"role": "assistant", "content": "Paris"},
+    }
     assert body["usage"] == {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}

@@ -33,15 +33,21 @@ class _Handle:
 
 
 def _config(default: str | None = None) -> ClusterConfig:
-    return ClusterConfig.model_validate({
-        "default_model": default,
-        "models": [
-            {"id": "llama-8b", "aliases": ["llama", "small"], "source": {"path": "/l"},
-             "deployment": {"first_output_timeout_s": 12}},
-            {"id": "qwen-7b", "aliases": ["qwen"], "source": {"path": "/q"}},
-            {"id": "secret-70b", "aliases": ["big"], "source": {"path": "/s"}},
-        ],
-    })
+    return ClusterConfig.model_validate(
+        {
+            "default_model": default,
+            "models": [
+                {
+                    "id": "llama-8b",
+                    "aliases": ["llama", "small"],
+                    "source": {"path": "/l"},
+                    "deployment": {"first_output_timeout_s": 12},
+                },
+                {"id": "qwen-7b", "aliases": ["qwen"], "source": {"path": "/q"}},
+                {"id": "secret-70b", "aliases": ["big"], "source": {"path": "/s"}},
+            ],
+        }
+    )
 
 
 def _router(default: str | None = None) -> tuple[Router, dict[str, _Handle]]:
@@ -57,10 +63,17 @@ def _caller(*models: str) -> Caller:
 EVERYONE = Caller(key=None)
 
 
-@pytest.mark.parametrize("name, model_id", [
-    ("llama-8b", "llama-8b"), ("llama", "llama-8b"), ("small", "llama-8b"),
-    ("qwen-7b", "qwen-7b"), ("qwen", "qwen-7b"), ("big", "secret-70b"),
-])
+@pytest.mark.parametrize(
+    "name, model_id",
+    [
+        ("llama-8b", "llama-8b"),
+        ("llama", "llama-8b"),
+        ("small", "llama-8b"),
+        ("qwen-7b", "qwen-7b"),
+        ("qwen", "qwen-7b"),
+        ("big", "secret-70b"),
+    ],
+)
 def test_a_model_is_found_by_its_id_or_any_alias(name, model_id):
     router, handles = _router()
     route = router.resolve(name, EVERYONE)
@@ -144,13 +157,16 @@ def test_a_key_matches_a_model_by_any_of_its_names():
     assert router.resolve("", _caller("llama")).model_id == "llama-8b"
 
 
-@pytest.mark.parametrize("patterns, usable", [
-    (["*"], ["llama-8b", "qwen-7b", "secret-70b"]),
-    (["qwen", "llama-*"], ["llama-8b", "qwen-7b"]),  # in the config's order, not the key's
-    (["big"], ["secret-70b"]),
-    (["*-7b"], ["qwen-7b"]),
-    (["nothing-*"], []),
-])
+@pytest.mark.parametrize(
+    "patterns, usable",
+    [
+        (["*"], ["llama-8b", "qwen-7b", "secret-70b"]),
+        (["qwen", "llama-*"], ["llama-8b", "qwen-7b"]),  # in the config's order, not the key's
+        (["big"], ["secret-70b"]),
+        (["*-7b"], ["qwen-7b"]),
+        (["nothing-*"], []),
+    ],
+)
 def test_models_for_a_key_are_those_any_of_whose_names_it_matches(patterns, usable):
     router, _ = _router()
     assert router.models_for(_caller(*patterns)) == usable

@@ -77,12 +77,15 @@ async def test_a_whole_answer_gives_its_place_back_before_it_is_read_on():
     assert again.choices[0].message.content == "one two"
 
 
-@pytest.mark.parametrize("deployment, places", [
-    ({"num_replicas": 1, "max_ongoing_requests": 8, "max_queued_requests": 4}, 8 + 4 + 32),
-    ({"autoscaling": {"min_replicas": 1, "max_replicas": 1}}, 64 + 1000 + 32),  # no queue bound: 1,000 waiting
-    ({"num_replicas": 2, "max_ongoing_requests": 8, "max_queued_requests": 4}, None),
-    ({"autoscaling": {"min_replicas": 1, "max_replicas": 3}}, None),
-])
+@pytest.mark.parametrize(
+    "deployment, places",
+    [
+        ({"num_replicas": 1, "max_ongoing_requests": 8, "max_queued_requests": 4}, 8 + 4 + 32),
+        ({"autoscaling": {"min_replicas": 1, "max_replicas": 1}}, 64 + 1000 + 32),  # no queue bound: 1,000 waiting
+        ({"num_replicas": 2, "max_ongoing_requests": 8, "max_queued_requests": 4}, None),
+        ({"autoscaling": {"min_replicas": 1, "max_replicas": 3}}, None),
+    ],
+)
 def test_a_colocated_model_keeps_its_own_bounds_only_as_its_one_replica(deployment, places):
     from cluster.schema import ModelConfig
     from serve_app.models.bounds import colocated_slots

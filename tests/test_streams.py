@@ -177,8 +177,12 @@ async def test_openai_stream_that_stops_without_a_finish_reason_ends_with_an_err
     assert [c["choices"][0]["delta"].get("content") for c in chunks[:-2]] == ["", "a"]
     assert chunks[-2]["choices"] == [] and chunks[-2]["usage"]["completion_tokens"] == 1
     assert chunks[-1] == {
-        "error": {"message": "the model stopped without finishing", "type": "internal_error", "param": None,
-                  "code": 500},
+        "error": {
+            "message": "the model stopped without finishing",
+            "type": "internal_error",
+            "param": None,
+            "code": 500,
+        },
         "request_id": REQUEST_ID,
     }
     assert answer.failed_with == 500 and answer.stream_status() == 500 and answer.completion_tokens == 1
@@ -203,8 +207,12 @@ async def test_openai_stream_with_a_model_error_midway_reports_its_status():
     script = answer_script("one", "two")
     call = model_call([*script[:2], ModelError(400, "bad logits processor"), *script[2:]])
     chunks = await _drain(openai_events(call, answer, REQUEST_ID, True, True))
-    assert chunks[-1]["error"] == {"message": "bad logits processor", "type": "invalid_request_error",
-                                   "param": None, "code": 400}
+    assert chunks[-1]["error"] == {
+        "message": "bad logits processor",
+        "type": "invalid_request_error",
+        "param": None,
+        "code": 400,
+    }
     assert chunks[-2]["usage"]["completion_tokens"] == 1  # usage asked per chunk
     assert answer.failed_with == 400 and answer.completion_tokens == 1
 
@@ -257,8 +265,13 @@ def _lifecycle(finished: list) -> RequestLifecycle:
 
 
 def _scope(spec_version: str) -> dict:
-    return {"type": "http", "asgi": {"version": "3.0", "spec_version": spec_version}, "method": "POST",
-            "path": "/llm", "headers": []}
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": spec_version},
+        "method": "POST",
+        "path": "/llm",
+        "headers": [],
+    }
 
 
 async def test_a_whole_stream_ends_with_done_and_finishes_its_request_as_200():

@@ -12,27 +12,63 @@ from serve_app.tenancy.usage_store import UsageRow, UsageStore
 
 
 def _row(key: str, model: str, at: float, prompt: int, completion: int, status: int = 200) -> UsageRow:
-    return UsageRow(id=uuid.uuid4().hex, request_id="r", time=at, key=key, model=model, endpoint="/llm",
-                    prompt_tokens=prompt, completion_tokens=completion, finish_reason="stop", status=status,
-                    latency_ms=1.0)
+    return UsageRow(
+        id=uuid.uuid4().hex,
+        request_id="r",
+        time=at,
+        key=key,
+        model=model,
+        endpoint="/llm",
+        prompt_tokens=prompt,
+        completion_tokens=completion,
+        finish_reason="stop",
+        status=status,
+        latency_ms=1.0,
+    )
 
 
 def test_totals_per_key_and_model_over_a_range(tmp_path):
     store = UsageStore(f"sqlite:///{tmp_path}/ledger/usage.sqlite")
-    rows = [_row("a", "m1", 100, 3, 4), _row("a", "m1", 150, 5, 6, status=499), _row("a", "m2", 160, 1, 1),
-            _row("b", "m1", 170, 7, 8), _row("a", "m1", 300, 100, 100)]
+    rows = [
+        _row("a", "m1", 100, 3, 4),
+        _row("a", "m1", 150, 5, 6, status=499),
+        _row("a", "m2", 160, 1, 1),
+        _row("b", "m1", 170, 7, 8),
+        _row("a", "m1", 300, 100, 100),
+    ]
     store.add(rows[:2])
     store.add(rows[2:])
     store.add(rows[:1])  # a retried call: still one row
     store.add([])
     totals = store.totals(since=100, until=300)
     assert totals == [
-        {"key": "a", "model": "m1", "requests": 2, "failed_requests": 1, "prompt_tokens": 8,
-         "completion_tokens": 10, "total_tokens": 18},
-        {"key": "a", "model": "m2", "requests": 1, "failed_requests": 0, "prompt_tokens": 1,
-         "completion_tokens": 1, "total_tokens": 2},
-        {"key": "b", "model": "m1", "requests": 1, "failed_requests": 0, "prompt_tokens": 7,
-         "completion_tokens": 8, "total_tokens": 15},
+        {
+            "key": "a",
+            "model": "m1",
+            "requests": 2,
+            "failed_requests": 1,
+            "prompt_tokens": 8,
+            "completion_tokens": 10,
+            "total_tokens": 18,
+        },
+        {
+            "key": "a",
+            "model": "m2",
+            "requests": 1,
+            "failed_requests": 0,
+            "prompt_tokens": 1,
+            "completion_tokens": 1,
+            "total_tokens": 2,
+        },
+        {
+            "key": "b",
+            "model": "m1",
+            "requests": 1,
+            "failed_requests": 0,
+            "prompt_tokens": 7,
+            "completion_tokens": 8,
+            "total_tokens": 15,
+        },
     ]
     assert [t["requests"] for t in store.totals(None, None, key="a", model="m1")] == [3]
 
@@ -72,16 +108,28 @@ class _Ledger:
         self.add, self.totals = _Method(self, "add"), _Method(self, "totals")
 
     def sent(self) -> list:
-        return [(name, [row.request_id for row in args[0]] if name == "add" else args, context)
-                for name, args, context in self.calls]
+        return [
+            (name, [row.request_id for row in args[0]] if name == "add" else args, context)
+            for name, args, context in self.calls
+        ]
 
 
 def _finished(request_id: str, reached_engine: bool = True) -> FinishedRequest:
     _REQUEST.set(request_id)
     return FinishedRequest(
-        request_id=request_id, endpoint="/llm", key_name=None, model="m", status=200, prompt_tokens=1,
-        completion_tokens=2, finish_reason="stop", started_at=0.0, duration_s=0.1, ttft_s=0.01,
-        mean_token_gap_s=None, reached_engine=reached_engine,
+        request_id=request_id,
+        endpoint="/llm",
+        key_name=None,
+        model="m",
+        status=200,
+        prompt_tokens=1,
+        completion_tokens=2,
+        finish_reason="stop",
+        started_at=0.0,
+        duration_s=0.1,
+        ttft_s=0.01,
+        mean_token_gap_s=None,
+        reached_engine=reached_engine,
     )
 
 
