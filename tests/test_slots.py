@@ -77,24 +77,75 @@ async def test_a_whole_answer_gives_its_place_back_before_it_is_read_on():
     assert again.choices[0].message.content == "one two"
 
 
+async def _places(slots: Slots) -> tuple[int, int]:
+    """A Slots' sizes by behaviour: requests arrive one at a time until one is refused at once;
+    those that got in are running, the others waiting. Then all are let through."""
+    release = asyncio.Event()
+    held: list[tuple[asyncio.Task, asyncio.Event]] = []
+    while True:
+        entered = asyncio.Event()
+        task = asyncio.create_task(_hold(slots, release, entered))
+        await asyncio.sleep(0)  # its first step: in, waiting for a place, or refused
+        if task.done():
+            with pytest.raises(BackPressureError):
+                task.result()
+            break
+        held.append((task, entered))
+        assert len(held) <= 5000, "no refusal"
+    running = sum(entered.is_set() for _, entered in held)
+    release.set()
+    await asyncio.wait_for(asyncio.gather(*(task for task, _ in held)), 5)
+    assert all(entered.is_set() for _, entered in held)  # every waiting request got its turn
+    return running, len(held) - running
+
+
+async def test_unequal_running_and_waiting_places_are_each_kept():
+    slots = Slots(running=3, waiting=2)
+    release = asyncio.Event()
+    running = [asyncio.Event() for _ in range(3)]
+    tasks = [asyncio.create_task(_hold(slots, release, event)) for event in running]
+    await asyncio.wait_for(asyncio.gather(*(event.wait() for event in running)), 5)
+    waiting = [asyncio.Event() for _ in range(2)]
+    tasks += [asyncio.create_task(_hold(slots, release, event)) for event in waiting]
+    await asyncio.sleep(0)  # the two take the waiting places
+    assert not any(event.is_set() for event in waiting) and not any(task.done() for task in tasks)
+    with pytest.raises(BackPressureError) as refused:
+        async with slots.taken():
+            pytest.fail("the sixth request got in")
+    assert "num_queued_requests=2, max_queued_requests=2" in str(refused.value)
+    release.set()
+    await asyncio.wait_for(asyncio.gather(*tasks), 5)
+    assert all(event.is_set() for event in waiting)
+
+
+async def test_places_measured_by_behaviour_match_the_sizes_given():
+    assert await _places(Slots(running=3, waiting=2)) == (3, 2)
+    assert await _places(Slots(running=1, waiting=4)) == (1, 4)
+    assert await _places(Slots(running=2, waiting=0)) == (2, 0)
+
+
 @pytest.mark.parametrize(
-    "deployment, places",
+    "deployment, bounds, places",
     [
-        ({"num_replicas": 1, "max_ongoing_requests": 8, "max_queued_requests": 4}, 8 + 4 + 32),
-        ({"autoscaling": {"min_replicas": 1, "max_replicas": 1}}, 64 + 1000 + 32),  # no queue bound: 1,000 waiting
-        ({"num_replicas": 2, "max_ongoing_requests": 8, "max_queued_requests": 4}, None),
-        ({"autoscaling": {"min_replicas": 1, "max_replicas": 3}}, None),
+        ({"num_replicas": 1, "max_ongoing_requests": 8, "max_queued_requests": 4}, (8, 4), 8 + 4 + 32),
+        ({"num_replicas": 1, "max_ongoing_requests": 3, "max_queued_requests": 2}, (3, 2), 3 + 2 + 32),
+        ({"max_ongoing_requests": 2, "max_queued_requests": 5}, (2, 5), 2 + 5 + 32),  # one replica by default
+        # No queue bound: 1,000 waiting.
+        ({"autoscaling": {"min_replicas": 1, "max_replicas": 1}}, (64, 1000), 64 + 1000 + 32),
+        ({"num_replicas": 2, "max_ongoing_requests": 8, "max_queued_requests": 4}, None, None),
+        ({"autoscaling": {"min_replicas": 1, "max_replicas": 3}}, None, None),
     ],
 )
-def test_a_colocated_model_keeps_its_own_bounds_only_as_its_one_replica(deployment, places):
+async def test_a_colocated_model_keeps_its_own_bounds_only_as_its_one_replica(deployment, bounds, places):
     from cluster.schema import ModelConfig
-    from serve_app.models.bounds import colocated_slots
+    from serve_app.models.bounds import colocated_bounds, colocated_slots
     from serve_app.models.deployment import colocated_options, deployment_options
 
     model = ModelConfig.model_validate({"id": "m", "source": {"path": "/m"}, "deployment": deployment})
     options = colocated_options(model)
-    if places is not None:
-        assert isinstance(colocated_slots(model), Slots)
+    assert colocated_bounds(model) == bounds
+    if bounds is not None:
+        assert await _places(colocated_slots(model)) == bounds
         assert options["max_queued_requests"] == -1
         assert options["max_ongoing_requests"] == places
     else:

@@ -91,6 +91,7 @@ class _Method:
 
     def remote(self, *args):
         self._ledger.calls.append((self._name, args, _REQUEST.get()))
+        self._ledger.called.set()
         future = asyncio.get_running_loop().create_future()
         self._ledger.replies.append(future)
         if not self._ledger.hold_replies:
@@ -99,10 +100,12 @@ class _Method:
 
 
 class _Ledger:
-    """A ledger handle that notes its calls, and the request context each was made in."""
+    """A ledger handle that notes its calls, and the request context each was made in; `called`
+    is set by the first call (and every later one: clear it to wait for the next)."""
 
     def __init__(self, hold_replies: bool = False) -> None:
         self.calls: list = []
+        self.called = asyncio.Event()
         self.replies: list[asyncio.Future] = []
         self.hold_replies = hold_replies
         self.add, self.totals = _Method(self, "add"), _Method(self, "totals")
@@ -141,7 +144,8 @@ def test_the_ingress_sends_the_rows_of_an_interval_in_one_call_outside_any_reque
             client.record(_finished(request_id))
         client.record(_finished("never-reached-an-engine", reached_engine=False))
         assert ledger.calls == []
-        await asyncio.sleep(0.2)
+        await asyncio.wait_for(ledger.called.wait(), 5)  # the flush interval's timer fired
+        assert ledger.sent() == [("add", ["a", "b"], None)]
         client.record(_finished("c"))
         await client.totals(None, None, None, None)
         client.record(_finished("d"))
@@ -162,7 +166,8 @@ def test_held_rows_sent_for_the_totals_are_stored_even_if_the_admin_client_leave
         client = LedgerClient(ledger, flush_interval_s=60)
         client.record(_finished("a"))
         asking = asyncio.create_task(client.totals(None, None, None, None))
-        await asyncio.sleep(0.01)
+        await asyncio.wait_for(ledger.called.wait(), 5)  # the held rows' call is made, its reply held
+        assert not asking.done()
         asking.cancel()
         await asyncio.gather(asking, return_exceptions=True)
         await client.close()  # nothing left to store: the rows went with the totals' call
