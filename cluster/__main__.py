@@ -42,7 +42,8 @@ def _parser() -> argparse.ArgumentParser:
     rendering.add_argument("--name", default="llm", help="RayService name (kuberay)")
     rendering.add_argument("--image", default="livepeer-llm-serve:0.1.0-gpu",
                            help="an image with this project and vLLM installed (kuberay)")
-    rendering.add_argument("--gpus-per-node", type=int, help="GPUs per worker pod (kuberay; default: largest tensor-parallel size)")
+    rendering.add_argument("--gpus-per-node", type=int,
+                           help="GPUs per worker pod (kuberay; default: largest tensor-parallel size)")
     rendering.set_defaults(func=_render)
 
     keys = sub.add_parser("keys", help="make API keys").add_subparsers(dest="action", required=True)

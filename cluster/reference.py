@@ -25,7 +25,7 @@ _BOUNDS = {"gt": ">", "ge": "≥", "lt": "<", "le": "≤"}
 HEADER = """\
 # Configuration reference
 
-<!-- Generated from cluster/schema.py by `make docs` (python -m cluster docs --write): edit the
+<!-- Generated from cluster/schema/ by `make docs` (python -m cluster docs --write): edit the
 field descriptions there, not this page. -->
 
 A config is an ordinary Ray Serve config file. This page is the `args` of the application whose

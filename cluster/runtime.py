@@ -50,7 +50,9 @@ def core_split() -> CoreSplit | None:
 
 
 def has_gpu() -> bool:
-    return bool(shutil.which("nvidia-smi")) and subprocess.run(["nvidia-smi", "-L"], capture_output=True).returncode == 0
+    if not shutil.which("nvidia-smi"):
+        return False
+    return subprocess.run(["nvidia-smi", "-L"], capture_output=True).returncode == 0
 
 
 def pin(split: CoreSplit) -> None:

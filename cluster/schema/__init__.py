@@ -1,0 +1,47 @@
+"""The typed shape of a cluster config: the `args` of the Serve application.
+
+Strict (`extra="forbid"`) so that a typo in a YAML key fails at deploy time with the field's path
+instead of being silently ignored. No I/O here: a config is validated on whichever node builds the
+application, so it must mean the same thing everywhere.
+
+One module per concern; everything is imported from here (`from cluster.schema import X`):
+
+- `sources`: where a model's weights come from (`HubSource`, `PathSource`, `PackageGGUFSource`)
+- `engine`: the vLLM engine's settings (`EngineSettings`)
+- `deployment`: a model and its replicas (`ModelConfig`, `DeploymentSettings`, `Autoscaling`,
+  `deployment_name`)
+- `tenancy`: API keys, their limits and the usage ledger (`AuthConfig`, `ApiKey`, `KeyLimits`,
+  `Scope`, `UsageSettings`)
+- `serving`: the ingress and the logs (`IngressSettings`, `LoggingSettings`)
+- `config`: the whole config and the rules across its parts (`ClusterConfig`)
+- `base`: the strict base model and the patterns of names
+"""
+
+from cluster.schema.base import StrictModel
+from cluster.schema.config import ClusterConfig
+from cluster.schema.deployment import Autoscaling, DeploymentSettings, ModelConfig, deployment_name
+from cluster.schema.engine import EngineSettings
+from cluster.schema.serving import IngressSettings, LoggingSettings
+from cluster.schema.sources import HubSource, ModelSource, PackageGGUFSource, PathSource
+from cluster.schema.tenancy import ApiKey, AuthConfig, KeyLimits, Scope, UsageSettings
+
+__all__ = [
+    "ApiKey",
+    "AuthConfig",
+    "Autoscaling",
+    "ClusterConfig",
+    "DeploymentSettings",
+    "EngineSettings",
+    "HubSource",
+    "IngressSettings",
+    "KeyLimits",
+    "LoggingSettings",
+    "ModelConfig",
+    "ModelSource",
+    "PackageGGUFSource",
+    "PathSource",
+    "Scope",
+    "StrictModel",
+    "UsageSettings",
+    "deployment_name",
+]

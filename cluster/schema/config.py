@@ -1,0 +1,71 @@
+"""The whole config, the `args` of the Serve application, and the rules across its parts: names
+unique and resolvable, keys' models known, colocation with one model."""
+
+from pydantic import Field, model_validator
+
+from cluster.schema.base import StrictModel, reject_duplicates
+from cluster.schema.deployment import ModelConfig, deployment_name
+from cluster.schema.serving import IngressSettings, LoggingSettings
+from cluster.schema.tenancy import AuthConfig, UsageSettings
+
+
+class ClusterConfig(StrictModel):
+    """The `args` of the Serve application whose `import_path` is `serve_app.app:build_app`."""
+
+    models: list[ModelConfig] = Field(
+        min_length=1,
+        description="the models served, each its own Serve deployment; ids and aliases unique across them",
+    )
+    default_model: str | None = Field(
+        default=None,
+        description='served when a request names no model (or `""`), and the one `/health` and `/version` '
+        "report; an id or alias; the first model if unset",
+    )
+    auth: AuthConfig = Field(default_factory=AuthConfig, description="API keys")
+    ingress: IngressSettings = Field(default_factory=IngressSettings, description="the HTTP front deployment")
+    usage: UsageSettings = Field(default_factory=UsageSettings, description="the usage ledger")
+    logging: LoggingSettings = Field(default_factory=LoggingSettings, description="every deployment's logs")
+
+    @model_validator(mode="after")
+    def _names_resolve(self) -> "ClusterConfig":
+        names = [name for model in self.models for name in (model.id, *model.aliases)]
+        reject_duplicates("model id or alias", names)
+        deployments: dict[str, str] = {}
+        for model in self.models:
+            name = deployment_name(model.id)
+            other = deployments.setdefault(name, model.id)
+            if other != model.id:
+                raise ValueError(
+                    f"model ids {other!r} and {model.id!r} would share the Serve deployment name {name!r}: rename one"
+                )
+        if self.default_model is not None and self.default_model not in names:
+            raise ValueError(
+                f"default_model {self.default_model!r} is not a model id or alias (models: {', '.join(names)})"
+            )
+        for index, key in enumerate(self.auth.keys):
+            for pattern in key.models:
+                # A plain name is a promise about this config; a glob may be about models to come.
+                if not _is_glob(pattern) and pattern not in names:
+                    raise ValueError(
+                        f"auth.keys.{index}.models: {pattern!r} is not a model id or alias "
+                        f"(models: {', '.join(names)}; glob patterns like 'llama-*' are allowed)"
+                    )
+        if self.ingress.colocate:
+            if len(self.models) != 1:
+                raise ValueError(f"ingress.colocate needs exactly one model, not {len(self.models)}")
+            scaling = self.models[0].deployment.autoscaling
+            if scaling is not None and scaling.min_replicas == 0:
+                raise ValueError(
+                    "ingress.colocate: the model cannot scale to zero (autoscaling.min_replicas: 0), "
+                    "or nothing would answer /health"
+                )
+        return self
+
+    @property
+    def default_model_id(self) -> str:
+        wanted = self.default_model or self.models[0].id
+        return next(m.id for m in self.models if wanted in (m.id, *m.aliases))
+
+
+def _is_glob(pattern: str) -> bool:
+    return any(char in pattern for char in "*?[")

@@ -1,0 +1,160 @@
+"""One model and how Ray Serve runs its replicas: autoscaling, resources, queue bounds, and the
+name of its Serve deployment."""
+
+import re
+from typing import Annotated
+
+from pydantic import Field, model_validator
+
+from cluster.schema.base import ENV_VAR, MODEL_ID, StrictModel
+from cluster.schema.engine import EngineSettings
+from cluster.schema.sources import ModelSource
+
+
+class Autoscaling(StrictModel):
+    """Ray Serve autoscaling for one model; defaults suit engines that batch many sequences."""
+
+    min_replicas: Annotated[int, Field(ge=0)] = Field(
+        default=1,
+        description="replicas kept however idle; 0 scales the model to zero (a request then waits for a "
+        "replica to start); not 0 with `ingress.colocate`",
+    )
+    max_replicas: Annotated[int, Field(ge=1)] = Field(
+        default=1, description="the most replicas Serve starts; at least `min_replicas`"
+    )
+    target_ongoing_requests: Annotated[float, Field(gt=0)] = Field(
+        default=16,
+        description="requests per replica Serve scales to keep: an engine's throughput keeps growing with its "
+        "batch well past a handful of sequences, so scaling at 1 or 2 would waste GPUs",
+    )
+    upscale_delay_s: Annotated[float, Field(ge=0)] = Field(
+        default=10,
+        description="how long a load above the target must last before a replica is added (an engine takes "
+        "minutes to start)",
+    )
+    downscale_delay_s: Annotated[float, Field(ge=0)] = Field(
+        default=300,
+        description="how long a load below the target must last before a replica is removed (one that took "
+        "minutes to load is not dropped in a lull)",
+    )
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "Autoscaling":
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) is above max_replicas ({self.max_replicas})")
+        return self
+
+
+class DeploymentSettings(StrictModel):
+    """How Ray Serve runs a model's replicas: count or autoscaling, resources, queue bounds."""
+
+    num_replicas: Annotated[int, Field(ge=1)] | None = Field(
+        default=None,
+        description="a fixed number of replicas (1 when neither this nor `autoscaling` is set); not with `autoscaling`",
+    )
+    autoscaling: Autoscaling | None = Field(
+        default=None, description="Serve's autoscaler for this model, instead of a fixed `num_replicas`"
+    )
+    max_ongoing_requests: Annotated[int, Field(ge=1)] = Field(
+        default=64, description="requests one replica works on at once: its engine batches them"
+    )
+    max_queued_requests: Annotated[int, Field(ge=-1)] = Field(
+        default=-1,
+        description="requests that may wait for a replica once all are at `max_ongoing_requests`; past it, "
+        "503 with `Retry-After`. -1: no bound (a colocated model's one replica still refuses past 1,000 "
+        "waiting); 0 is refused, as Serve refuses it",
+    )
+    num_cpus: Annotated[float, Field(ge=0)] = Field(
+        default=1,
+        description="logical CPUs Ray reserves for each replica (for its placement group's CPU bundle with "
+        "tensor or pipeline parallelism, where it must be above 0)",
+    )
+    num_gpus: Annotated[float, Field(ge=0)] = Field(
+        default=0,
+        description="GPUs per replica; with tensor or pipeline parallelism, per worker, and then 1 (each "
+        "worker is a Ray actor on one GPU of the replica's placement group)",
+    )
+    accelerator_type: str | None = Field(
+        default=None,
+        description="the kind of GPU the replica (or each of its workers) must be placed on, as Ray names it "
+        "(`A100`, `H100`)",
+    )
+    env: dict[Annotated[str, Field(pattern=ENV_VAR)], str] = Field(
+        default_factory=dict,
+        description="environment variables of the replicas (and of the engine processes they start)",
+    )
+    health_check_period_s: Annotated[float, Field(gt=0)] = Field(
+        default=10, description="how often Serve asks each replica whether its engine is alive"
+    )
+    health_check_timeout_s: Annotated[float, Field(gt=0)] = Field(
+        default=30,
+        description="how long a health check may take before Serve counts it failed (a replica that fails "
+        "its checks is replaced)",
+    )
+    first_output_timeout_s: Annotated[float, Field(gt=0)] = Field(
+        default=300,
+        description="how long a request may wait for the model's first output, a start from zero "
+        "replicas included; past it the client gets 503 with Retry-After",
+    )
+    graceful_shutdown_timeout_s: Annotated[float, Field(ge=0)] = Field(
+        default=60,
+        description="how long a replica being replaced (a redeploy, a scale-down) lets its "
+        "streams finish before it is stopped; the ingress, which relays every model's streams, "
+        "takes the longest of the models'. Above Serve's own default of 20 s: an LLM's answer "
+        "streams for longer, and a redeploy should not cut it",
+    )
+    max_surge_percent: Annotated[int, Field(ge=0, le=100)] = Field(
+        default=0,
+        description="replicas a redeploy may start beyond the target, as a percentage of it: "
+        "with room for them, old replicas serve until their successors are ready; 0 stops old "
+        "replicas first",
+    )
+
+    @model_validator(mode="after")
+    def _one_scaling_mode(self) -> "DeploymentSettings":
+        if self.num_replicas is not None and self.autoscaling is not None:
+            raise ValueError("set either num_replicas or autoscaling, not both")
+        if self.max_queued_requests == 0:
+            raise ValueError("max_queued_requests: -1 (no bound) or at least 1; Serve refuses 0")
+        return self
+
+
+class ModelConfig(StrictModel):
+    """One model: its names, where its weights come from, its engine and its replicas."""
+
+    id: str = Field(
+        pattern=MODEL_ID,
+        description="the public model name clients send, and the one `/v1/models` lists; it names the Serve "
+        "deployment (`model-<id>`, with characters Serve does not take replaced by `-`)",
+    )
+    aliases: list[Annotated[str, Field(pattern=MODEL_ID)]] = Field(
+        default_factory=list, description="other names requests may give the model by"
+    )
+    source: ModelSource = Field(
+        description="where the weights come from: exactly one of `hf`, `path`, or `package` with `file`"
+    )
+    engine: EngineSettings = Field(default_factory=EngineSettings, description="the vLLM engine's settings")
+    deployment: DeploymentSettings = Field(
+        default_factory=DeploymentSettings, description="how Ray Serve runs the model's replicas"
+    )
+
+    @model_validator(mode="after")
+    def _gpus_cover_parallelism(self) -> "ModelConfig":
+        world = self.engine.world_size
+        # Each worker is a Ray actor on one GPU of its placement group; 0 would still ask GPUs.
+        if world > 1 and self.deployment.num_gpus != 1:
+            raise ValueError(
+                f"with tensor/pipeline parallelism ({world} workers) num_gpus is per worker: "
+                f"use 1, not {self.deployment.num_gpus:g}"
+            )
+        if world > 1 and self.deployment.num_cpus == 0:
+            raise ValueError(
+                f"with tensor/pipeline parallelism ({world} workers) the replica's placement group "
+                "bundle needs num_cpus above 0 (Ray refuses a bundle of zeros)"
+            )
+        return self
+
+
+def deployment_name(model_id: str) -> str:
+    """Serve deployment names may not hold every character a model id may."""
+    return "model-" + re.sub(r"[^A-Za-z0-9_-]", "-", model_id)

@@ -1,0 +1,50 @@
+"""The HTTP front deployment (the ingress) and the logs of every deployment."""
+
+from typing import Annotated, Literal
+
+from pydantic import Field
+
+from cluster.schema.base import StrictModel
+
+
+class IngressSettings(StrictModel):
+    """The HTTP front deployment. It does no heavy work, so it asks for a sliver of a CPU and
+    never blocks a model replica from being scheduled. With `colocate`, the model's `deployment`
+    settings size the one deployment, and the sizes here do not apply."""
+
+    num_replicas: Annotated[int, Field(ge=1)] = Field(default=1, description="ingress replicas")
+    num_cpus: Annotated[float, Field(ge=0)] = Field(
+        default=0.1, description="logical CPUs Ray reserves for each ingress replica"
+    )
+    max_ongoing_requests: Annotated[int, Field(ge=1)] = Field(
+        default=1024, description="requests one ingress replica relays at once"
+    )
+    max_tokens_limit: Annotated[int, Field(ge=1)] | None = Field(
+        default=None,
+        description="refuse requests asking for more output tokens than this (400); one that asks for none "
+        "gets this, or `/llm`'s default of 256 if lower. Livepeer prices by `max_tokens`",
+    )
+    colocate: bool = Field(
+        default=False,
+        description="run the one model's engine inside the ingress's replicas: one hop less per "
+        "request and per token; the model's deployment settings then apply to the ingress",
+    )
+
+
+class LoggingSettings(StrictModel):
+    """Applied to every deployment through Serve's own logging config; JSON puts each request's
+    fields (`llm_request`) into the record."""
+
+    encoding: Literal["TEXT", "JSON"] = Field(
+        default="TEXT", description="`JSON`: every log line a JSON object, a request's fields in `llm_request`"
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        default="INFO", description="the lowest level logged by every deployment"
+    )
+    access_log: bool = Field(
+        default=False,
+        description="Serve's own line per call in every replica, beside our line per request (which has more)",
+    )
+
+    def serve_logging_config(self) -> dict:
+        return {"encoding": self.encoding, "log_level": self.log_level, "enable_access_log": self.access_log}

@@ -1,0 +1,141 @@
+"""Who may call: API keys, their scopes and rate limits, and the usage ledger of what they used."""
+
+import re
+from collections.abc import Iterable
+from datetime import UTC, date, datetime, time
+from fnmatch import fnmatchcase
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from cluster.schema.base import ENV_VAR, StrictModel, reject_duplicates
+
+
+class KeyLimits(StrictModel):
+    """Per-key limits, each over a sliding minute and enforced across the whole cluster. Unset
+    means unlimited. Tokens are prompt plus completion; a request reserves its `max_tokens` when
+    admitted and settles to its real count when it ends."""
+
+    requests_per_minute: Annotated[int, Field(ge=1)] | None = Field(
+        default=None, description="requests admitted in any minute"
+    )
+    tokens_per_minute: Annotated[int, Field(ge=1)] | None = Field(
+        default=None,
+        description="prompt and completion tokens in any minute; a request asking for more `max_tokens` "
+        "than this is refused with 400, since no wait would help",
+    )
+    concurrent_requests: Annotated[int, Field(ge=1)] | None = Field(
+        default=None, description="requests in flight at once"
+    )
+
+    @property
+    def any(self) -> bool:
+        """Asked on every request of a keyed caller, so read off the fields, not a dump."""
+        return (self.requests_per_minute, self.tokens_per_minute, self.concurrent_requests) != (None, None, None)
+
+
+Scope = Literal["chat", "admin"]
+
+
+class ApiKey(StrictModel):
+    """A bearer token, never in plain text: its sha256 hex digest, or the name of an environment
+    variable that holds it on the nodes running the ingress. `models` are names or glob patterns
+    (`llama-*`) matched against each model's id and aliases; `scopes` say which routes the key
+    may call: `chat` the chat routes, `admin` the admin routes (any valid key may call the info
+    routes: `/v1/models`, filtered to the key's models, `/version`, `/hardware/info`)."""
+
+    name: str = Field(
+        pattern=r"^[A-Za-z0-9_.-]+$",
+        description="the key's name in logs, metrics and the usage ledger; unique in the config",
+    )
+    sha256: str | None = Field(
+        default=None,
+        pattern=r"^[0-9a-fA-F]{64}$",
+        description="the sha256 hex digest of the token (`python -m cluster keys new` prints it); exactly "
+        "one of `sha256` and `env`",
+    )
+    env: str | None = Field(
+        default=None,
+        pattern=ENV_VAR,
+        description="the environment variable that holds the token on the nodes running the ingress; exactly "
+        "one of `sha256` and `env`",
+    )
+    expires_at: datetime | None = Field(
+        default=None,
+        description="refused from this instant on (UTC if no zone; a date means its midnight); quote it in YAML",
+    )
+    models: list[Annotated[str, Field(min_length=1)]] = Field(
+        default_factory=lambda: ["*"],
+        description="the models the key may use: ids, aliases or glob patterns over them; a plain name must "
+        "be a model of this config",
+    )
+    scopes: list[Scope] = Field(
+        default_factory=lambda: ["chat"],
+        min_length=1,
+        description="the routes the key may call: `chat` the chat routes, `admin` the `/admin/` routes",
+    )
+    limits: KeyLimits = Field(default_factory=KeyLimits, description="the key's rate limits (unset: none)")
+
+    @field_validator("expires_at", mode="before")
+    @classmethod
+    def _date_means_its_start(cls, value: Any) -> Any:
+        if isinstance(value, date) and not isinstance(value, datetime):
+            return datetime.combine(value, time.min)
+        return value
+
+    @field_validator("expires_at")
+    @classmethod
+    def _utc_unless_zoned(cls, value: datetime | None) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value
+
+    @model_validator(mode="after")
+    def _one_secret(self) -> "ApiKey":
+        if (self.sha256 is None) == (self.env is None):
+            raise ValueError(f"key {self.name!r}: give exactly one of sha256 or env")
+        return self
+
+    def may_use(self, names: Iterable[str]) -> bool:
+        """Whether any of a model's names (id and aliases) matches one of the key's patterns."""
+        return any(fnmatchcase(name, pattern) for name in names for pattern in self.models)
+
+
+class AuthConfig(StrictModel):
+    """No keys means no auth: every route is open."""
+
+    keys: list[ApiKey] = Field(default_factory=list, description="the API keys; none: no auth")
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> "AuthConfig":
+        reject_duplicates("key name", [key.name for key in self.keys])
+        return self
+
+
+class UsageSettings(StrictModel):
+    """The usage ledger: one row per request that reached an engine. The database is a SQLAlchemy
+    URL; SQLite (the default) lives on the head node, where the ledger's single writer runs, and
+    `~` means that node's home folder. A `postgresql+psycopg://…` URL needs the `postgres` extra.
+    Each ingress replica sends its rows once per `flush_interval_s`, in one call; a replica that
+    dies loses the rows of that last interval."""
+
+    enabled: bool = Field(default=True, description="keep the ledger (and answer `/admin/usage`)")
+    database: str = Field(
+        default="sqlite:///~/.local/state/llm-serve/usage.sqlite",
+        min_length=1,
+        description="a SQLAlchemy URL: `sqlite:///PATH` on the head node, or `postgresql+psycopg://…`",
+    )
+    flush_interval_s: float = Field(
+        default=1.0,
+        gt=0,
+        le=60,
+        description="how often each ingress replica sends the rows it holds, in one call; rows sent one per "
+        "request delayed the next requests' first tokens",
+    )
+
+    @field_validator("database")
+    @classmethod
+    def _known_scheme(cls, value: str) -> str:
+        if not re.match(r"^(sqlite|postgresql)(\+\w+)?://", value):
+            raise ValueError("must be a sqlite:///PATH or postgresql://… URL")
+        return value
