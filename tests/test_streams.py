@@ -21,7 +21,7 @@ from serve_app.http.streaming import DONE, EventStream
 from serve_app.models.outputs import ModelError
 from serve_app.telemetry.record import CLIENT_CLOSED_REQUEST, Answer
 from tests.captured_logs import serve_records
-from tests.scripted_model import PROMPT_TOKENS, Stall, answer_script, model_call
+from tests.scripted_model import PROMPT_TOKENS, Stall, answer_script, chunk, model_call
 
 REQUEST_ID = "req-7f3a"
 LLM_RESPONSE = TypeAdapter(LLMResponse)
@@ -50,7 +50,8 @@ def _llm_contract(chunks: list[dict]) -> list[dict]:
         LLM_RESPONSE.validate_python(chunk_)
         assert len(chunk_["choices"]) == 1
         assert chunk_["choices"][0]["delta"]["role"] == "assistant"
-    assert [bool(c["choices"][0]["finish_reason"]) for c in chunks] == [False] * (len(chunks) - 1) + [True]
+    reasons = [c["choices"][0]["finish_reason"] for c in chunks]
+    assert [bool(r) for r in reasons] == [False] * (len(chunks) - 1) + [True], f"one final chunk, the last: {reasons}"
     assert all("error" not in c for c in chunks[:-1])
     final = chunks[-1]["choices"][0]
     assert final["delta"]["content"] == ""
@@ -135,6 +136,26 @@ async def test_llm_stream_closed_midway_keeps_the_usage_so_far_and_is_a_departed
     assert answer.stream_status() == CLIENT_CLOSED_REQUEST
     with pytest.raises(StopAsyncIteration):
         await anext(events)
+
+
+async def test_llm_stream_whose_model_fails_after_its_finishing_chunk_sends_no_second_final_chunk():
+    """The model can fail after the finishing chunk (between it and the usage-only chunk, say):
+    the client already has its final chunk, and the contract has one final chunk, then [DONE]."""
+    answer = Answer()
+    script = answer_script("one", "two")
+    call = model_call([*script[:-1], RuntimeError("replica died"), script[-1]])
+    chunks = _llm_contract(await _drain(livepeer_events(call, answer, REQUEST_ID)))
+    assert _texts(chunks) == ["one", "two", ""]
+    assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+
+
+async def test_llm_stream_with_text_on_its_finishing_chunk_sends_the_text_then_the_final_chunk():
+    answer = Answer()
+    script = [chunk(role=True), chunk("Hel", None, 1), chunk("lo", "stop", 2), chunk(completion=2, choices=False)]
+    chunks = _llm_contract(await _drain(livepeer_events(model_call(script), answer, REQUEST_ID)))
+    assert _texts(chunks) == ["Hel", "lo", ""]
+    assert [c["usage"]["completion_tokens"] for c in chunks] == [1, 2, 2]
+    assert answer.token_chunks == 2 and answer.finish_reason == "stop"
 
 
 async def test_llm_stream_whose_only_chunks_are_roles_and_usage_still_ends_with_a_final_chunk():

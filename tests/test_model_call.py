@@ -1,0 +1,153 @@
+"""A chat request's trip to its model (`ModelCalls.start`): the key's lease, then the model's first
+output, which decides the HTTP status; the model's work is cancelled whenever the request will
+not read on."""
+
+import asyncio
+import logging
+from types import SimpleNamespace
+
+import pytest
+from ray.serve.exceptions import BackPressureError
+
+from serve_app.apis.model_call import ModelCalls
+from serve_app.apis.openai.protocol import ChatCompletionRequest
+from serve_app.errors import BadRequest, EngineFailure, Overloaded, RateLimited
+from serve_app.http.lifecycle import Listeners, RequestLifecycle
+from serve_app.models.outputs import ModelError
+from serve_app.routing.router import Route
+from serve_app.tenancy.keys import Caller
+from serve_app.tenancy.limiter import LimitGate
+from tests.captured_logs import serve_records
+from tests.scripted_model import ScriptedStream, Stall, answer_script
+
+CHAT = ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=20, n=2)
+
+
+class _Gate:
+    """Stands for the rate limiter's gate: admits with headers, or refuses; notes releases."""
+
+    def __init__(self, refuse: Exception | None = None) -> None:
+        self.refuse = refuse
+        self.admitted: list[int] = []
+        self.released: list[tuple[object, int]] = []
+
+    async def admit(self, caller: Caller, reserve_tokens: int):
+        if self.refuse is not None:
+            raise self.refuse
+        self.admitted.append(reserve_tokens)
+        return SimpleNamespace(decision=SimpleNamespace(headers={"x-ratelimit-remaining-requests": "4"}))
+
+    def release(self, admission, tokens_used: int) -> None:
+        self.released.append((admission, tokens_used))
+
+
+def _route(stream: ScriptedStream, timeout_s: float = 5) -> tuple[Route, list]:
+    sent: list = []
+
+    def call(chat):
+        sent.append(chat)
+        return stream
+
+    return Route("m", call, timeout_s), sent
+
+
+def _lifecycle(finished: list | None = None) -> RequestLifecycle:
+    return RequestLifecycle("rid-3", "/llm", Listeners(finished=(finished.append,) if finished is not None else ()))
+
+
+async def test_a_streams_first_chunk_is_read_and_the_rest_left_to_the_caller():
+    script = answer_script("a", "b")
+    stream = ScriptedStream(script)
+    route, sent = _route(stream)
+    gate, lifecycle = _Gate(), _lifecycle()
+    call = await ModelCalls(gate).start(route, CHAT, Caller(None), lifecycle)
+    assert sent == [CHAT] and call.first == script[0] and call.rest is stream
+    assert stream.taken == 1 and stream.cancelled == 0
+    assert call.headers == {"x-ratelimit-remaining-requests": "4"}
+    assert gate.admitted == [40]  # max_tokens 20 for each of 2 choices
+    assert lifecycle.reached_engine is True
+
+
+async def test_the_lease_is_released_with_the_requests_tokens_when_it_finishes():
+    gate, finished = _Gate(), []
+    lifecycle = _lifecycle(finished)
+    route, _ = _route(ScriptedStream(answer_script("a")))
+    await ModelCalls(gate).start(route, CHAT, Caller(None), lifecycle)
+    assert gate.released == []
+    lifecycle.answer.usage({"prompt_tokens": 7, "completion_tokens": 5})
+    lifecycle.finish(200)
+    lifecycle.finish(200)
+    assert [tokens for _, tokens in gate.released] == [12]
+
+
+async def test_a_refused_request_never_reaches_the_model():
+    refusal = RateLimited("API key 'k' is at its limit", 3, {})
+    route, sent = _route(ScriptedStream(answer_script("a")))
+    lifecycle = _lifecycle()
+    with pytest.raises(RateLimited):
+        await ModelCalls(_Gate(refuse=refusal)).start(route, CHAT, Caller(None), lifecycle)
+    assert sent == [] and lifecycle.reached_engine is False
+
+
+async def test_without_a_limiter_nothing_is_leased():
+    route, _ = _route(ScriptedStream(answer_script("a")))
+    call = await ModelCalls(LimitGate(None)).start(route, CHAT, Caller(None), _lifecycle())
+    assert call.headers == {}
+
+
+@pytest.mark.parametrize(
+    "status, cls, headers",
+    [(400, BadRequest, {}), (503, Overloaded, {"Retry-After": "1"}), (422, BadRequest, {})],
+)
+async def test_a_model_error_first_is_a_real_status_and_cancels_the_models_work(status, cls, headers):
+    stream = ScriptedStream([ModelError(status, "prompt is 5000 tokens, the context 4096")])
+    route, _ = _route(stream)
+    lifecycle = _lifecycle()
+    with pytest.raises(cls) as raised:
+        await ModelCalls(_Gate()).start(route, CHAT, Caller(None), lifecycle)
+    assert (raised.value.status, raised.value.message) == (status, "prompt is 5000 tokens, the context 4096")
+    assert raised.value.headers == headers
+    assert stream.cancelled == 1 and lifecycle.reached_engine is True
+
+
+async def test_a_model_that_fails_before_its_first_output_is_500_logged_once_and_cancelled():
+    stream = ScriptedStream([RuntimeError("CUDA out of memory")])
+    route, _ = _route(stream)
+    with serve_records() as records, pytest.raises(EngineFailure) as raised:
+        await ModelCalls(_Gate()).start(route, CHAT, Caller(None), _lifecycle())
+    assert raised.value.status == 500 and raised.value.message == "the model engine failed (request id rid-3)"
+    assert stream.cancelled == 1
+    [logged] = records.at(logging.ERROR)
+    assert "rid-3" in logged.getMessage() and isinstance(logged.exc_info[1], RuntimeError)
+
+
+async def test_a_model_at_capacity_is_503():
+    route, _ = _route(ScriptedStream([BackPressureError(num_queued_requests=4, max_queued_requests=4)]))
+    with pytest.raises(Overloaded) as raised:
+        await ModelCalls(_Gate()).start(route, CHAT, Caller(None), _lifecycle())
+    assert raised.value.status == 503 and raised.value.headers == {"Retry-After": "1"}
+    assert "'m' is at capacity" in raised.value.message
+
+
+async def test_a_model_silent_past_its_first_output_timeout_is_503_retry_after_5_and_cancelled():
+    stall = Stall()
+    stream = ScriptedStream([stall, *answer_script("late")])
+    route, _ = _route(stream, timeout_s=0.05)
+    with pytest.raises(Overloaded) as raised:
+        await ModelCalls(_Gate()).start(route, CHAT, Caller(None), _lifecycle())
+    assert raised.value.headers == {"Retry-After": "5"} and "within 0.05 s" in raised.value.message
+    assert stall.reached.is_set() and stream.cancelled == 1
+
+
+async def test_a_request_cancelled_while_it_waits_for_the_model_cancels_the_models_work():
+    stall = Stall()
+    stream = ScriptedStream([stall, *answer_script("late")])
+    route, _ = _route(stream)
+    lifecycle = _lifecycle()
+    starting = asyncio.create_task(ModelCalls(_Gate()).start(route, CHAT, Caller(None), lifecycle))
+    await asyncio.wait_for(stall.reached.wait(), 5)
+    starting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await starting
+    assert stream.cancelled == 1
+    assert lifecycle.reached_engine is True  # sent, perhaps begun: the ledger records it
