@@ -48,7 +48,7 @@ lint: $(STAMP)
 unit: $(STAMP)
 	$(PY) -m pytest -q -m "not e2e"
 
-# docs/configuration.md from the field descriptions in cluster/schema.py (a unit test fails when
+# docs/configuration.md from the field descriptions in cluster/schema/ (a unit test fails when
 # the page is out of date).
 docs: $(STAMP)
 	$(PY) -m cluster docs --write

@@ -123,3 +123,10 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The tests that talk to the real engine and model say so: `-m real_engine` selects them."""
+    for item in items:
+        if "llm_url" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.real_engine)

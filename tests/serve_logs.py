@@ -1,6 +1,7 @@
 """Finding a request's line in the Serve replica logs of this session's Ray node."""
 
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 
 import ray
@@ -22,6 +23,17 @@ def replica_of(request_id: str, app: str, timeout_s: float = 15) -> str:
 def lines_of(request_id: str, app: str) -> list[str]:
     """Every line naming the request in the app's replica logs (any deployment), as of now."""
     return [line for _, line in _lines(app) if request_id in line]
+
+
+def errors_since(app: str, since: datetime) -> list[str]:
+    """The ERROR lines of the app's replica logs written at or after `since` (Serve's log lines
+    start with their level and local time; a traceback is written on one line after its own)."""
+    found = []
+    for _, line in _lines(app):
+        level, _, rest = line.partition(" ")
+        if level == "ERROR" and datetime.strptime(rest[:23], "%Y-%m-%d %H:%M:%S,%f") >= since:
+            found.append(line)
+    return found
 
 
 def _lines(app: str) -> Iterator[tuple[str, str]]:

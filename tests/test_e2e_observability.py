@@ -25,11 +25,16 @@ def total(samples, name: str, **labels) -> float:
     return sum(value for (sample, tags), value in samples.items() if sample == name and wanted <= tags)
 
 
-def test_hardware_info_lists_nodes_and_no_gpus_here(client):
+def test_hardware_info_lists_the_nodes_and_gpus_ray_sees(client):
+    import ray
+
     info = client.get("/hardware/info").json()
     assert info["pipeline"] == "llm" and info["model_id"] == "smollm2-135m-instruct"
-    assert info["gpu_info"] == {}
-    assert len(info["nodes"]) == 1 and info["nodes"][0]["gpus"] == 0 and info["nodes"][0]["cpus"] > 0
+    nodes = [node for node in ray.nodes() if node["Alive"]]
+    gpus = [int(node["Resources"].get("GPU", 0)) for node in nodes]
+    assert len(info["gpu_info"]) == sum(gpus)
+    assert sorted(n["gpus"] for n in info["nodes"]) == sorted(gpus)
+    assert len(info["nodes"]) == len(nodes) and all(n["cpus"] > 0 for n in info["nodes"])
 
 
 def settled(metrics_url: str, timeout_s: float = 30) -> dict:
