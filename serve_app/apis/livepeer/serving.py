@@ -47,16 +47,23 @@ class LivepeerChat:
 
 async def livepeer_events(call: ModelCall, answer: Answer, request_id: str) -> AsyncGenerator[str, None]:
     """A failure after the 200 went out ends the stream with a final chunk whose finish reason is
-    "error" and whose `error` tells it, and is reported in the answer."""
+    "error" and whose `error` tells it, and is reported in the answer; one after the final chunk
+    went out (before the usage-only chunk, say) is only logged: the client has its whole answer,
+    and the contract has one final chunk."""
     state = StreamState()
     try:
         async for chunk in chunks(call, answer):
             for out in stream_chunks(chunk, state):
                 yield event(out)
-    except APIError as error:
-        answer.fail(error.status)
-        yield event(failure_chunk(state, f"{error.message} (request id {request_id})"))
-    except Exception:
-        logger.exception("stream failed (request id %s)", request_id)
-        answer.fail(500)
-        yield event(failure_chunk(state, f"the model engine failed mid-stream (request id {request_id})"))
+    except Exception as error:
+        if answer.finish_reason is not None:
+            logger.exception("stream failed after its final chunk (request id %s)", request_id)
+            return
+        if isinstance(error, APIError):
+            message = f"{error.message} (request id {request_id})"
+            answer.fail(error.status)
+        else:
+            logger.exception("stream failed (request id %s)", request_id)
+            message = f"the model engine failed mid-stream (request id {request_id})"
+            answer.fail(500)
+        yield event(failure_chunk(state, message))
