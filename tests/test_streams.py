@@ -138,15 +138,19 @@ async def test_llm_stream_closed_midway_keeps_the_usage_so_far_and_is_a_departed
         await anext(events)
 
 
-async def test_llm_stream_whose_model_fails_after_its_finishing_chunk_sends_no_second_final_chunk():
+async def test_llm_stream_whose_model_fails_after_its_finishing_chunk_sends_no_second_final_chunk(serve_log):
     """The model can fail after the finishing chunk (between it and the usage-only chunk, say):
-    the client already has its final chunk, and the contract has one final chunk, then [DONE]."""
+    the client already has its final chunk, and the contract has one final chunk, then [DONE].
+    The failure is the operator's to read, in the log."""
     answer = Answer()
     script = answer_script("one", "two")
     call = model_call([*script[:-1], RuntimeError("replica died"), script[-1]])
     chunks = _llm_contract(await _drain(livepeer_events(call, answer, REQUEST_ID)))
     assert _texts(chunks) == ["one", "two", ""]
     assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+    assert (answer.failed_with, answer.finish_reason, answer.completion_tokens) == (None, "stop", 2)
+    [logged] = serve_log.at(logging.ERROR)
+    assert REQUEST_ID in logged.getMessage() and isinstance(logged.exc_info[1], RuntimeError)
 
 
 async def test_llm_stream_with_text_on_its_finishing_chunk_sends_the_text_then_the_final_chunk():
