@@ -36,25 +36,46 @@ OVERHEAD_LAYOUTS = {  # route prefix: (the table's label, whether the ingress ho
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--config", default="configs/local.yaml", help="its first model is benchmarked")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--input-len", type=int, default=64)
     parser.add_argument("--output-len", type=int, default=64)
-    parser.add_argument("--prompts-per-stream", type=int, default=2,
-                        help="requests per concurrent stream in each turn (at least 4 per turn)")
-    parser.add_argument("--first-token-blocks", type=int, default=8,
-                        help="blocks of one-token requests per system and route, for the time to first token at "
-                             "concurrency 1 (0: none)")
-    parser.add_argument("--systems", nargs="+", default=["ours", "ray-llm", "overhead"],
-                        choices=["ours", "ray-llm", "overhead"])
+    parser.add_argument(
+        "--prompts-per-stream",
+        type=int,
+        default=2,
+        help="requests per concurrent stream in each turn (at least 4 per turn)",
+    )
+    parser.add_argument(
+        "--first-token-blocks",
+        type=int,
+        default=8,
+        help="blocks of one-token requests per system and route, for the time to first token at "
+        "concurrency 1 (0: none)",
+    )
+    parser.add_argument(
+        "--systems", nargs="+", default=["ours", "ray-llm", "overhead"], choices=["ours", "ray-llm", "overhead"]
+    )
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
-    parser.add_argument("--docs", type=Path, default=report.DOCS,
-                        help="the page whose marked section gets the table (default: %(default)s)")
-    parser.add_argument("--no-docs", dest="docs", action="store_const", const=None,
-                        help="leave the docs alone (a run on other hardware, say)")
-    parser.add_argument("--port", type=int, default=8100, help="the contenders' and the zero-cost run's; bare vLLM takes the next")
+    parser.add_argument(
+        "--docs",
+        type=Path,
+        default=report.DOCS,
+        help="the page whose marked section gets the table (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--no-docs",
+        dest="docs",
+        action="store_const",
+        const=None,
+        help="leave the docs alone (a run on other hardware, say)",
+    )
+    parser.add_argument(
+        "--port", type=int, default=8100, help="the contenders' and the zero-cost run's; bare vLLM takes the next"
+    )
     args = parser.parse_args()
     if args.docs is not None:
         report.check_docs(args.docs)
@@ -82,22 +103,24 @@ def main() -> None:
         if args.first_token_blocks:
             routes = ["/v1/chat/completions", *([sse_path] if sse_path else [])]
             print(f"{bare.name} and {contender.name}: first tokens", flush=True)
-            pooled = first_tokens([(bare, routes[0]), *((contender, route) for route in routes)],
-                                  args.first_token_blocks)
+            pooled = first_tokens(
+                [(bare, routes[0]), *((contender, route) for route in routes)], args.first_token_blocks
+            )
             results.extend(
-                LoadResult.of(name, route + FIRST_TOKEN, 1, samples,
-                              compared_with=contender.name if name == bare.name else "")
+                LoadResult.of(
+                    name, route + FIRST_TOKEN, 1, samples, compared_with=contender.name if name == bare.name else ""
+                )
                 for (name, route), samples in pooled.items()
             )
 
-    def in_turns(bare: systems.Running, contender: systems.Running, sse_path: str | None,
-                 concurrency: int) -> None:
+    def in_turns(bare: systems.Running, contender: systems.Running, sse_path: str | None, concurrency: int) -> None:
         prompts = max(4, args.prompts_per_stream * concurrency)
         pooled: dict[tuple[str, str], Samples] = defaultdict(Samples)
         for run in (bare, contender, contender, bare):
             print(f"{run.name}: concurrency {concurrency}, {prompts} requests", flush=True)
-            pooled[run.name, VLLM_BENCH] += vllm_bench(run, model_path, concurrency, prompts,
-                                                       args.input_len, args.output_len)
+            pooled[run.name, VLLM_BENCH] += vllm_bench(
+                run, model_path, concurrency, prompts, args.input_len, args.output_len
+            )
             if sse_path:
                 path = sse_path if run is contender else "/v1/chat/completions"
                 body = _sse_body(path, model.id, args.output_len)
@@ -121,24 +144,35 @@ def main() -> None:
         # A zero-cost engine needs no core of its own: the stack has them all, as beside a GPU.
         os.sched_setaffinity(0, all_cores)
         configs = _overhead_configs()
-        with systems.our_apps(configs, args.port, logs, name="zero-cost engine",
-                              import_path="bench.overhead:build_app") as runs:
+        with systems.our_apps(
+            configs, args.port, logs, name="zero-cost engine", import_path="bench.overhead:build_app"
+        ) as runs:
             words = " ".join(f"w{i}" for i in range(overhead_tokens))
             for concurrency in sorted({*args.concurrency, 64}):
                 prompts = max(50, 10 * concurrency)
-                for prefix, run in zip(configs, runs):
+                for prefix, run in zip(configs, runs, strict=False):
                     for path in ("/llm", "/v1/chat/completions"):
-                        body = {"model": run.model, "messages": [{"role": "user", "content": words}],
-                                "max_tokens": overhead_tokens, "stream": True}
+                        body = {
+                            "model": run.model,
+                            "messages": [{"role": "user", "content": words}],
+                            "max_tokens": overhead_tokens,
+                            "stream": True,
+                        }
                         samples = asyncio.run(sse_load(run, path, body, concurrency, prompts))
                         overhead.append(LoadResult.of(OVERHEAD_LAYOUTS[prefix][0], path, concurrency, samples))
 
     meta = {
-        "model": model.id, "input_len": args.input_len, "output_len": args.output_len,
+        "model": model.id,
+        "input_len": args.input_len,
+        "output_len": args.output_len,
         "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-        "layout": (f"vLLM's processes on cores {','.join(map(str, split.engine))}, everything else on core {split.ray}"
-                   if split else "unpinned"),
-        "started_in_s": started, "overhead_tokens": overhead_tokens,
+        "layout": (
+            f"vLLM's processes on cores {','.join(map(str, split.engine))}, everything else on core {split.ray}"
+            if split
+            else "unpinned"
+        ),
+        "started_in_s": started,
+        "overhead_tokens": overhead_tokens,
     }
     print(report.write(results, overhead, meta, args.out, args.docs))
 
@@ -146,8 +180,12 @@ def main() -> None:
 def _sse_body(path: str, model_id: str, output_len: int) -> dict:
     """A prompt whose greedy answer runs past `output_len`, so every system generates exactly
     `output_len` tokens without `ignore_eos` (which `/llm` does not have)."""
-    body = {"messages": [{"role": "user", "content": GREEDY_LONG_ANSWER}], "max_tokens": output_len,
-            "temperature": 0, "stream": True}
+    body = {
+        "messages": [{"role": "user", "content": GREEDY_LONG_ANSWER}],
+        "max_tokens": output_len,
+        "temperature": 0,
+        "stream": True,
+    }
     return body if path == "/llm" else body | {"model": model_id}
 
 
@@ -156,11 +194,18 @@ def _overhead_configs() -> dict[str, ClusterConfig]:
     in the ingress's replica, and the ingress calling a model deployment."""
     config = {
         "auth": {"keys": [{"name": "bench", "env": "LLM_API_KEY"}]},
-        "models": [{"id": "zero-cost", "source": {"path": "/nonexistent"},
-                    "deployment": {"num_cpus": 0.1, "max_ongoing_requests": 1024}}],
+        "models": [
+            {
+                "id": "zero-cost",
+                "source": {"path": "/nonexistent"},
+                "deployment": {"num_cpus": 0.1, "max_ongoing_requests": 1024},
+            }
+        ],
     }
-    return {prefix: ClusterConfig.model_validate(config | {"ingress": {"colocate": colocate}})
-            for prefix, (_, colocate) in OVERHEAD_LAYOUTS.items()}
+    return {
+        prefix: ClusterConfig.model_validate(config | {"ingress": {"colocate": colocate}})
+        for prefix, (_, colocate) in OVERHEAD_LAYOUTS.items()
+    }
 
 
 if __name__ == "__main__":

@@ -33,9 +33,12 @@ BASELINE = "no-keys"
 
 
 def _config(extra: dict) -> ClusterConfig:
-    return ClusterConfig.model_validate({
-        "models": [{"id": "zero-cost", "source": {"path": "/nonexistent"}, "deployment": {"num_cpus": 0.1}}],
-    } | extra)
+    return ClusterConfig.model_validate(
+        {
+            "models": [{"id": "zero-cost", "source": {"path": "/nonexistent"}, "deployment": {"num_cpus": 0.1}}],
+        }
+        | extra
+    )
 
 
 def _measure(runs: list[systems.Running], requests: int, warmup: int) -> dict[str, list[float]]:
@@ -43,7 +46,7 @@ def _measure(runs: list[systems.Running], requests: int, warmup: int) -> dict[st
     latencies: dict[str, list[float]] = {run.name: [] for run in runs}
     with httpx.Client(headers={"Authorization": f"Bearer {runs[0].api_key}"}, timeout=30) as client:
         for index in range(warmup + requests):
-            for run in runs[index % len(runs):] + runs[: index % len(runs)]:
+            for run in runs[index % len(runs) :] + runs[: index % len(runs)]:
                 started = time.perf_counter()
                 response = client.post(run.base_url + "/llm", json=body)
                 elapsed = time.perf_counter() - started
@@ -54,7 +57,11 @@ def _measure(runs: list[systems.Running], requests: int, warmup: int) -> dict[st
 
 
 def _summary(samples: list[float]) -> dict[str, float]:
-    return {"median_ms": percentile_ms(samples, 50), "p90_ms": percentile_ms(samples, 90), "p99_ms": percentile_ms(samples, 99)}
+    return {
+        "median_ms": percentile_ms(samples, 50),
+        "p90_ms": percentile_ms(samples, 90),
+        "p99_ms": percentile_ms(samples, 99),
+    }
 
 
 def main() -> None:
@@ -64,17 +71,20 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=8200)
     args = parser.parse_args()
     configs = {name: _config(extra) for name, extra in VARIANTS.items()}
-    with tempfile.TemporaryDirectory() as folder, systems.our_apps(
-        configs, args.port, Path(folder), name="auth", import_path="bench.overhead:build_app"
-    ) as runs:
+    with (
+        tempfile.TemporaryDirectory() as folder,
+        systems.our_apps(configs, args.port, Path(folder), name="auth", import_path="bench.overhead:build_app") as runs,
+    ):
         latencies = _measure(runs, args.requests, args.warmup)
     summaries = {name.removeprefix("auth "): _summary(samples) for name, samples in latencies.items()}
     base = summaries[BASELINE]["median_ms"]
     print(f"{'variant':<20} {'median ms':>10} {'p90 ms':>8} {'p99 ms':>8} {'median vs no-keys':>18}")
     for name, summary in summaries.items():
         summary["added_median_ms"] = summary["median_ms"] - base
-        print(f"{name:<20} {summary['median_ms']:>10.2f} {summary['p90_ms']:>8.2f} {summary['p99_ms']:>8.2f} "
-              f"{summary['added_median_ms']:>+17.2f}")
+        print(
+            f"{name:<20} {summary['median_ms']:>10.2f} {summary['p90_ms']:>8.2f} {summary['p99_ms']:>8.2f} "
+            f"{summary['added_median_ms']:>+17.2f}"
+        )
     RESULTS.parent.mkdir(exist_ok=True)
     RESULTS.write_text(json.dumps({"requests_per_variant": args.requests, "variants": summaries}, indent=2) + "\n")
     print(f"wrote {RESULTS}")

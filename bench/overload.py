@@ -22,6 +22,7 @@ async def _burst(run: systems.Running, requests: int, concurrency: int, held: di
     results: list[tuple[int, float]] = []
     headers = {"Authorization": f"Bearer {run.api_key}"}
     async with httpx.AsyncClient(base_url=run.base_url, headers=headers, timeout=60) as client:
+
         async def one() -> None:
             started = time.perf_counter()
             response = await client.post("/llm", json=held)
@@ -55,22 +56,34 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=20)
     parser.add_argument("--port", type=int, default=8100)
     args = parser.parse_args()
-    config = ClusterConfig.model_validate({
-        "auth": {"keys": [{"name": "bench", "env": "LLM_API_KEY"}]},
-        "models": [{"id": "zero-cost", "source": {"path": "/nonexistent"},
-                    "deployment": {"num_cpus": 0.1, "max_ongoing_requests": 1, "max_queued_requests": 1}}],
-    })
-    with tempfile.TemporaryDirectory() as folder, systems.our_stack(
-        config, args.port, Path(folder), name="overload", import_path="bench.overhead:build_app"
-    ) as run:
+    config = ClusterConfig.model_validate(
+        {
+            "auth": {"keys": [{"name": "bench", "env": "LLM_API_KEY"}]},
+            "models": [
+                {
+                    "id": "zero-cost",
+                    "source": {"path": "/nonexistent"},
+                    "deployment": {"num_cpus": 0.1, "max_ongoing_requests": 1, "max_queued_requests": 1},
+                }
+            ],
+        }
+    )
+    with (
+        tempfile.TemporaryDirectory() as folder,
+        systems.our_stack(
+            config, args.port, Path(folder), name="overload", import_path="bench.overhead:build_app"
+        ) as run,
+    ):
         hold = Path(folder) / "hold"
         hold.touch()
         results = asyncio.run(_measure(run, hold, args.requests, args.concurrency))
     refused = sorted(seconds for status, seconds in results if status == 503)
     others = [status for status, _ in results if status != 503]
-    print(f"{len(refused)} of {len(results)} refused with 503 (others: {others}); "
-          f"refusal latency p50 {percentile_ms(refused, 50):.1f} ms, p99 {percentile_ms(refused, 99):.1f} ms, "
-          f"max {refused[-1] * 1000:.1f} ms")
+    print(
+        f"{len(refused)} of {len(results)} refused with 503 (others: {others}); "
+        f"refusal latency p50 {percentile_ms(refused, 50):.1f} ms, p99 {percentile_ms(refused, 99):.1f} ms, "
+        f"max {refused[-1] * 1000:.1f} ms"
+    )
 
 
 if __name__ == "__main__":

@@ -13,8 +13,9 @@ BEGIN = "<!-- bench:begin -->"
 END = "<!-- bench:end -->"
 
 
-def write(results: list[LoadResult], overhead: list[LoadResult], meta: dict, out: Path,
-          docs: Path | None = None) -> str:
+def write(
+    results: list[LoadResult], overhead: list[LoadResult], meta: dict, out: Path, docs: Path | None = None
+) -> str:
     out.mkdir(parents=True, exist_ok=True)
     raw = {"meta": meta, "results": [r.as_dict() for r in results], "overhead": [r.as_dict() for r in overhead]}
     (out / "latest.json").write_text(json.dumps(raw, indent=2))
@@ -39,8 +40,10 @@ def docs_section(table: str, plot_path: Path, docs: Path) -> str:
     """The run's table and its plot, linked relative to the page so that it shows where the page
     is read (a repository browser, a checkout)."""
     link = Path(os.path.relpath(plot_path, docs.parent)).as_posix()
-    return (f"{BEGIN}\n<!-- Written by `make bench` (bench/report.py): edit outside the markers. -->\n\n"
-            f"{table}\n![TTFT and throughput against concurrency]({link})\n{END}")
+    return (
+        f"{BEGIN}\n<!-- Written by `make bench` (bench/report.py): edit outside the markers. -->\n\n"
+        f"{table}\n![TTFT and throughput against concurrency]({link})\n{END}"
+    )
 
 
 def with_section(page: str, section: str) -> str:
@@ -48,7 +51,7 @@ def with_section(page: str, section: str) -> str:
     begin, end = page.find(BEGIN), page.find(END)
     if begin < 0 or end < begin or page.count(BEGIN) != 1 or page.count(END) != 1:
         raise ValueError(f"the page needs one {BEGIN} and, after it, one {END} around the section make bench writes")
-    return page[:begin] + section + page[end + len(END):]
+    return page[:begin] + section + page[end + len(END) :]
 
 
 def markdown(results: list[LoadResult], overhead: list[LoadResult], meta: dict) -> str:
@@ -56,7 +59,8 @@ def markdown(results: list[LoadResult], overhead: list[LoadResult], meta: dict) 
         f"Model `{meta['model']}`, {meta['input_len']}-token prompts, {meta['output_len']} output tokens, "
         f"greedy; {meta['machine']}; {meta['layout']}; each contender measured in turns with bare vLLM "
         "(bare, it, it, bare at each concurrency), the turns pooled. Start-up to first answer: "
-        + ", ".join(f"{name} {seconds:.0f} s" for name, seconds in meta["started_in_s"].items()) + ".",
+        + ", ".join(f"{name} {seconds:.0f} s" for name, seconds in meta["started_in_s"].items())
+        + ".",
         "",
         "| load | system | conc. | output tok/s | TTFT p50 / p99 ms | ITL p50 / p99 ms | errors | tok/s vs bare | TTFT p50 vs bare |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|",
@@ -98,8 +102,14 @@ def _baseline(results: list[LoadResult], r: LoadResult) -> LoadResult | None:
     if r.system == BASELINE:
         return None
     api = r.api.replace("/llm", "/v1/chat/completions")
-    return next((b for b in results if b.system == BASELINE and b.compared_with == r.system
-                 and b.api == api and b.concurrency == r.concurrency), None)
+    return next(
+        (
+            b
+            for b in results
+            if b.system == BASELINE and b.compared_with == r.system and b.api == api and b.concurrency == r.concurrency
+        ),
+        None,
+    )
 
 
 def plot(results: list[LoadResult], path: Path) -> None:

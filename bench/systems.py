@@ -56,9 +56,21 @@ def vllm_cli_args(model: ModelConfig) -> list[str]:
 
 @contextmanager
 def bare_vllm(model: ModelConfig, model_path: str, port: int, log_dir: Path) -> Iterator[Running]:
-    command = [PYTHON, "-m", "bench.vllm_cli", "serve", model_path, "--served-model-name", model.id,
-               "--host", "127.0.0.1", "--port", str(port), "--disable-uvicorn-access-log",
-               *vllm_cli_args(model)]
+    command = [
+        PYTHON,
+        "-m",
+        "bench.vllm_cli",
+        "serve",
+        model_path,
+        "--served-model-name",
+        model.id,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--disable-uvicorn-access-log",
+        *vllm_cli_args(model),
+    ]
     env = os.environ | dict(model.deployment.env)
     with _process(command, env, log_dir / "bare-vllm.log"):
         started = time.monotonic()
@@ -70,15 +82,17 @@ def bare_vllm(model: ModelConfig, model_path: str, port: int, log_dir: Path) -> 
 
 
 @contextmanager
-def our_stack(config: ClusterConfig, port: int, log_dir: Path, name: str = "ours",
-              import_path: str = "serve_app.app:build_app") -> Iterator[Running]:
+def our_stack(
+    config: ClusterConfig, port: int, log_dir: Path, name: str = "ours", import_path: str = "serve_app.app:build_app"
+) -> Iterator[Running]:
     with our_apps({"": config}, port, log_dir, name, import_path) as [run]:
         yield run
 
 
 @contextmanager
-def our_apps(configs: dict[str, ClusterConfig], port: int, log_dir: Path, name: str,
-             import_path: str = "serve_app.app:build_app") -> Iterator[list[Running]]:
+def our_apps(
+    configs: dict[str, ClusterConfig], port: int, log_dir: Path, name: str, import_path: str = "serve_app.app:build_app"
+) -> Iterator[list[Running]]:
     """Configs side by side in one Serve instance, each its own application at `/<key>` (an
     empty key is `/`), so that they are measured on the same Ray under the same noise."""
     api_key = "sk-bench"
@@ -86,7 +100,9 @@ def our_apps(configs: dict[str, ClusterConfig], port: int, log_dir: Path, name: 
     applications = []
     for prefix, config in configs.items():
         # The run's usage ledgers stay with its logs, out of the operator's own.
-        usage = config.usage.model_copy(update={"database": f"sqlite:///{log_dir.resolve()}/{slug}-{prefix}-usage.sqlite"})
+        usage = config.usage.model_copy(
+            update={"database": f"sqlite:///{log_dir.resolve()}/{slug}-{prefix}-usage.sqlite"}
+        )
         [app] = render.serve_config(config.model_copy(update={"usage": usage}))["applications"]
         applications.append(app | {"name": prefix or "llm", "route_prefix": f"/{prefix}", "import_path": import_path})
     document = {"http_options": {"host": "127.0.0.1", "port": port}, "applications": applications}
@@ -98,8 +114,9 @@ def our_apps(configs: dict[str, ClusterConfig], port: int, log_dir: Path, name: 
         for prefix, config in configs.items():
             url = f"http://127.0.0.1:{port}" + (f"/{prefix}" if prefix else "")
             _wait_ready(url, config.models[0].id, api_key)
-            runs.append(Running(f"{name} {prefix}".strip(), url, config.models[0].id, api_key,
-                                time.monotonic() - started))
+            runs.append(
+                Running(f"{name} {prefix}".strip(), url, config.models[0].id, api_key, time.monotonic() - started)
+            )
         yield runs
 
 
@@ -114,8 +131,14 @@ def ray_serve_llm(model: ModelConfig, model_path: str, port: int, log_dir: Path)
     }
     document = {
         "http_options": {"host": "127.0.0.1", "port": port},
-        "applications": [{"name": "llm", "route_prefix": "/", "import_path": "ray.serve.llm:build_openai_app",
-                          "args": {"llm_configs": [llm_config]}}],
+        "applications": [
+            {
+                "name": "llm",
+                "route_prefix": "/",
+                "import_path": "ray.serve.llm:build_openai_app",
+                "args": {"llm_configs": [llm_config]},
+            }
+        ],
     }
     with _ray(os.environ), _serve_run(document, os.environ, log_dir / "ray-serve-llm.log"):
         started = time.monotonic()
@@ -131,9 +154,13 @@ def _ray(env) -> Iterator[None]:
     """Ray in a session of its own. `ray stop` leaves vLLM's engine processes behind when it kills
     the replica that started them, and an orphaned engine spins on a core through the next system's
     run; everything left in the session goes with it."""
-    start = subprocess.Popen([RAY, "start", "--head", "--num-cpus=8", "--include-dashboard=false",
-                              "--disable-usage-stats"], env=env, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL, start_new_session=True)
+    start = subprocess.Popen(
+        [RAY, "start", "--head", "--num-cpus=8", "--include-dashboard=false", "--disable-usage-stats"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     if start.wait() != 0:
         raise RuntimeError("ray start failed")
     try:
@@ -167,8 +194,9 @@ def _serve_run(document: dict, env, log: Path) -> Iterator[None]:
 def _process(command: list[str], env, log: Path) -> Iterator[subprocess.Popen]:
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as out:
-        process = subprocess.Popen(command, env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
-                                   start_new_session=True)
+        process = subprocess.Popen(
+            command, env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
     try:
         yield process
     finally:

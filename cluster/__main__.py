@@ -40,10 +40,14 @@ def _parser() -> argparse.ArgumentParser:
     rendering.add_argument("target", nargs="?", choices=["serve", "kuberay"], default="serve")
     rendering.add_argument("file")
     rendering.add_argument("--name", default="llm", help="RayService name (kuberay)")
-    rendering.add_argument("--image", default="livepeer-llm-serve:0.1.0-gpu",
-                           help="an image with this project and vLLM installed (kuberay)")
-    rendering.add_argument("--gpus-per-node", type=int,
-                           help="GPUs per worker pod (kuberay; default: largest tensor-parallel size)")
+    rendering.add_argument(
+        "--image",
+        default="livepeer-llm-serve:0.1.0-gpu",
+        help="an image with this project and vLLM installed (kuberay)",
+    )
+    rendering.add_argument(
+        "--gpus-per-node", type=int, help="GPUs per worker pod (kuberay; default: largest tensor-parallel size)"
+    )
     rendering.set_defaults(func=_render)
 
     keys = sub.add_parser("keys", help="make API keys").add_subparsers(dest="action", required=True)
@@ -58,8 +62,14 @@ def _parser() -> argparse.ArgumentParser:
     new.set_defaults(func=_new_key)
 
     docs = sub.add_parser("docs", help="print the config reference, generated from the schema")
-    docs.add_argument("--write", nargs="?", const=reference.DEFAULT_PATH, type=Path, metavar="PATH",
-                      help=f"write it to PATH instead (default: {reference.DEFAULT_PATH})")
+    docs.add_argument(
+        "--write",
+        nargs="?",
+        const=reference.DEFAULT_PATH,
+        type=Path,
+        metavar="PATH",
+        help=f"write it to PATH instead (default: {reference.DEFAULT_PATH})",
+    )
     docs.set_defaults(func=_docs)
     return parser
 

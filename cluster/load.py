@@ -57,8 +57,10 @@ def _check_json(value: Any, where: str) -> None:
         for index, item in enumerate(value):
             _check_json(item, f"{where}.{index}")
     elif not isinstance(value, (str, int, float, bool, type(None))):
-        raise ConfigError(f"{where}: YAML reads {value} as a {type(value).__name__}, which a Serve config "
-                          "cannot carry: put it in quotes")
+        raise ConfigError(
+            f"{where}: YAML reads {value} as a {type(value).__name__}, which a Serve config "
+            "cannot carry: put it in quotes"
+        )
 
 
 def validate(args: dict[str, Any], where: str) -> ClusterConfig:

@@ -69,18 +69,28 @@ def undescribed(root: type[BaseModel] = ClusterConfig) -> list[str]:
     for model, _ in models(root):
         if not (model.__doc__ or "").strip():
             missing.append(model.__name__)
-        missing += [f"{model.__name__}.{name}" for name, field in model.model_fields.items()
-                    if not (field.description or "").strip()]
+        missing += [
+            f"{model.__name__}.{name}"
+            for name, field in model.model_fields.items()
+            if not (field.description or "").strip()
+        ]
     return missing
 
 
 def _section(model: type[BaseModel], path: str) -> str:
     where = f"At `{path}`. " if path else ""
-    lines = [f"## {model.__name__}", "", where + _paragraph(model.__doc__ or ""), "",
-             "| field | type | default | description |", "|---|---|---|---|"]
+    lines = [
+        f"## {model.__name__}",
+        "",
+        where + _paragraph(model.__doc__ or ""),
+        "",
+        "| field | type | default | description |",
+        "|---|---|---|---|",
+    ]
     for name, field in model.model_fields.items():
-        lines.append(f"| `{name}` | {_cell(_field_type(field))} | {_cell(_default(field))} | "
-                     f"{_cell(field.description or '')} |")
+        lines.append(
+            f"| `{name}` | {_cell(_field_type(field))} | {_cell(_default(field))} | {_cell(field.description or '')} |"
+        )
     return "\n".join(lines) + "\n"
 
 

@@ -25,9 +25,7 @@ def serve_config(
     """A one-application Serve config for a config built in code."""
     return {
         "http_options": {"host": host, "port": port},
-        "applications": [
-            {"name": app_name, "route_prefix": "/", "import_path": IMPORT_PATH, "args": _args(config)}
-        ],
+        "applications": [{"name": app_name, "route_prefix": "/", "import_path": IMPORT_PATH, "args": _args(config)}],
     }
 
 
@@ -50,7 +48,9 @@ def kuberay(loaded: LoadedConfig, *, name: str, image: str, gpus_per_node: int |
     # Ray's and Serve's settings, as `make serve` runs it.
     env = [{"name": name, "value": value} for name, value in NODE_ENV.items()] + [
         {"name": key.env, "valueFrom": {"secretKeyRef": {"name": f"{name}-api-keys", "key": key.env}}}
-        for config in loaded.apps.values() for key in config.auth.keys if key.env
+        for config in loaded.apps.values()
+        for key in config.auth.keys
+        if key.env
     ]
     serve_document = normalized(loaded)
     # A pod is reached on its own address: the proxy listens on every interface, whatever the
@@ -78,9 +78,12 @@ def kuberay(loaded: LoadedConfig, *, name: str, image: str, gpus_per_node: int |
                         "minReplicas": math.ceil(min_gpus / per_node),
                         "maxReplicas": max(1, math.ceil(max_gpus / per_node)),
                         "rayStartParams": {"metrics-export-port": "8080"},
-                        "template": _pod("ray-worker", image, env,
-                                         {"cpu": str(8 * per_node), "memory": f"{64 * per_node}Gi",
-                                          "nvidia.com/gpu": str(per_node)}),
+                        "template": _pod(
+                            "ray-worker",
+                            image,
+                            env,
+                            {"cpu": str(8 * per_node), "memory": f"{64 * per_node}Gi", "nvidia.com/gpu": str(per_node)},
+                        ),
                     }
                 ],
             },
@@ -123,14 +126,27 @@ def _replica_range(model: ModelConfig) -> tuple[int, int]:
     return count, count
 
 
-def _pod(name: str, image: str, env: list[dict], resources: dict[str, str],
-         serve_port: int | None = None) -> dict[str, Any]:
+def _pod(
+    name: str, image: str, env: list[dict], resources: dict[str, str], serve_port: int | None = None
+) -> dict[str, Any]:
     """`serve_port` for the head: the ports KubeRay's services route to."""
     ports = [{"containerPort": 8080, "name": "metrics"}]
     if serve_port is not None:
-        ports += [{"containerPort": 6379, "name": "gcs"}, {"containerPort": 8265, "name": "dashboard"},
-                  {"containerPort": serve_port, "name": "serve"}]
-    return {"spec": {"containers": [{
-        "name": name, "image": image, "env": env, "ports": ports,
-        "resources": {"limits": resources, "requests": resources},
-    }]}}
+        ports += [
+            {"containerPort": 6379, "name": "gcs"},
+            {"containerPort": 8265, "name": "dashboard"},
+            {"containerPort": serve_port, "name": "serve"},
+        ]
+    return {
+        "spec": {
+            "containers": [
+                {
+                    "name": name,
+                    "image": image,
+                    "env": env,
+                    "ports": ports,
+                    "resources": {"limits": resources, "requests": resources},
+                }
+            ]
+        }
+    }

@@ -29,12 +29,16 @@ def build_graph(config: ClusterConfig, engine_factory: EngineFactory) -> Applica
     is off, and the ingress holding a handle to each; or, colocated, the ingress holding the one
     model's engine, deployed under the model's name and settings."""
     logging_config = config.logging.serve_logging_config()
-    models = {} if config.ingress.colocate else {
-        model.id: serve.deployment(ModelServer, **deployment_options(model), logging_config=logging_config).bind(
-            model, engine_factory
-        )
-        for model in config.models
-    }
+    models = (
+        {}
+        if config.ingress.colocate
+        else {
+            model.id: serve.deployment(ModelServer, **deployment_options(model), logging_config=logging_config).bind(
+                model, engine_factory
+            )
+            for model in config.models
+        }
+    )
     limiter = None
     if any(key.limits.any for key in config.auth.keys):
         limiter = serve.deployment(RateLimiter, **LIMITER_OPTIONS, logging_config=logging_config).bind(config.auth.keys)
@@ -45,8 +49,12 @@ def build_graph(config: ClusterConfig, engine_factory: EngineFactory) -> Applica
         )
     if config.ingress.colocate:
         options = colocated_options(config.models[0])
-        return Ingress.options(**options, logging_config=logging_config).bind(config, {}, limiter, ledger, engine_factory)
-    return Ingress.options(**ingress_options(config), logging_config=logging_config).bind(config, models, limiter, ledger)
+        return Ingress.options(**options, logging_config=logging_config).bind(
+            config, {}, limiter, ledger, engine_factory
+        )
+    return Ingress.options(**ingress_options(config), logging_config=logging_config).bind(
+        config, models, limiter, ledger
+    )
 
 
 def ingress_options(config: ClusterConfig) -> dict[str, Any]:

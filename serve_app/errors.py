@@ -107,4 +107,3 @@ def error_body(api: Api, error: APIError, request_id: str) -> dict[str, Any]:
 
 def error_response(api: Api, error: APIError, request_id: str) -> JSONResponse:
     return JSONResponse(error_body(api, error, request_id), status_code=error.status, headers=error.headers)
-

@@ -85,7 +85,9 @@ class Ingress:
 
     @app.get("/v1/models/{name:path}")
     async def model(self, request: Request, name: str):
-        return await self._admission.serve(request, "/v1/models", None, lambda _, caller, __: self._openai.model(name, caller))
+        return await self._admission.serve(
+            request, "/v1/models", None, lambda _, caller, __: self._openai.model(name, caller)
+        )
 
     @app.get("/health")
     async def health(self):

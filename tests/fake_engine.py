@@ -16,8 +16,8 @@ import asyncio
 import json
 import time
 import uuid
-from pathlib import Path
 from collections.abc import AsyncGenerator
+from pathlib import Path
 
 from vllm.entrypoints.openai.chat_completion.protocol import (
     ChatCompletionResponse,
@@ -53,27 +53,39 @@ class FakeEngine:
             return self._stream(request, reply)
         return ChatCompletionResponse(
             model=self._model_id,
-            choices=[] if "NO CHOICES" in _last_message(request) else [
+            choices=[]
+            if "NO CHOICES" in _last_message(request)
+            else [
                 ChatCompletionResponseChoice(
                     index=0,
                     message=ChatMessage(role="assistant", content=" ".join(reply)),
                     finish_reason="length" if len(reply) < len(words) else "stop",
                 )
             ],
-            usage=UsageInfo(prompt_tokens=len(words), completion_tokens=len(reply), total_tokens=len(words) + len(reply)),
+            usage=UsageInfo(
+                prompt_tokens=len(words), completion_tokens=len(reply), total_tokens=len(words) + len(reply)
+            ),
         )
 
     async def _stream(self, request: ChatCompletionRequest, reply: list[str]) -> AsyncGenerator[str, None]:
         self._unfinished += 1
-        base = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion.chunk",
-                "created": int(time.time()), "model": self._model_id}
+        base = {
+            "id": f"chatcmpl-{uuid.uuid4().hex}",
+            "object": "chat.completion.chunk",
+            "created": int(time.time()),
+            "model": self._model_id,
+        }
         prompt = _last_message(request)
         prompt_tokens = len(prompt.split())
         options = request.stream_options
         try:
             if "RETRYABLE" in prompt:
-                error = {"message": "the engine is draining; retry", "type": "ServiceUnavailableError",
-                         "param": None, "code": 503}
+                error = {
+                    "message": "the engine is draining; retry",
+                    "type": "ServiceUnavailableError",
+                    "param": None,
+                    "code": 503,
+                }
                 yield f"data: {json.dumps({'error': error})}\n\n"
                 yield "data: [DONE]\n\n"
                 return
@@ -82,8 +94,11 @@ class FakeEngine:
                     raise RuntimeError("fake engine crashed mid-stream")
                 if index == 2 and "STALL" in prompt:
                     await asyncio.Event().wait()
-                usage = {"prompt_tokens": prompt_tokens, "completion_tokens": index + 1,
-                         "total_tokens": prompt_tokens + index + 1}
+                usage = {
+                    "prompt_tokens": prompt_tokens,
+                    "completion_tokens": index + 1,
+                    "total_tokens": prompt_tokens + index + 1,
+                }
                 finish = "stop" if index == len(reply) - 1 else None
                 chunk = base | {"choices": [{"index": 0, "delta": {"content": word + " "}, "finish_reason": finish}]}
                 if options and options.continuous_usage_stats:

@@ -34,10 +34,17 @@ def main() -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    config = ClusterConfig.model_validate({"usage": {"enabled": False}, "models": [
-        {"id": model_id, "source": {"path": "/models/fake"}} | spec for model_id, spec in MODELS.items()
-    ]})
-    deploy_without_waiting(build_graph(config, tests.fake_engine.fake_engine), name="llm", route_prefix="/", _blocking=False)
+    config = ClusterConfig.model_validate(
+        {
+            "usage": {"enabled": False},
+            "models": [
+                {"id": model_id, "source": {"path": "/models/fake"}} | spec for model_id, spec in MODELS.items()
+            ],
+        }
+    )
+    deploy_without_waiting(
+        build_graph(config, tests.fake_engine.fake_engine), name="llm", route_prefix="/", _blocking=False
+    )
 
     # Until the two that fit run and Serve has given up waiting quietly on the one that does not.
     deadline = time.monotonic() + 180
@@ -52,12 +59,17 @@ def main() -> None:
     status = serve.status().applications["llm"].deployments
     models = httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=30).json()["data"]
     groups = [
-        {"bundles": [dict(b) for b in table["bundles"].values()], "nodes": sorted(set(table["bundles_to_node_id"].values())),
-         "strategy": table["strategy"], "state": table["state"]}
+        {
+            "bundles": [dict(b) for b in table["bundles"].values()],
+            "nodes": sorted(set(table["bundles_to_node_id"].values())),
+            "strategy": table["strategy"],
+            "state": table["state"],
+        }
         for table in ray.util.placement_group_table().values()
     ]
     replicas = {
-        actor.name: actor.node_id for actor in list_actors(filters=[("state", "=", "ALIVE")])
+        actor.name: actor.node_id
+        for actor in list_actors(filters=[("state", "=", "ALIVE")])
         if actor.name and actor.name.startswith("SERVE_REPLICA::llm#model-")
     }
     report = {
@@ -65,9 +77,14 @@ def main() -> None:
         "placement_groups": groups,
         "replica_nodes": replicas,
         "models": {m["id"]: m for m in models},
-        "states": {m: {"status": str(status[deployment_name(m)].status.value),
-                       "running": status[deployment_name(m)].replica_states.get("RUNNING", 0),
-                       "message": status[deployment_name(m)].message} for m in MODELS},
+        "states": {
+            m: {
+                "status": str(status[deployment_name(m)].status.value),
+                "running": status[deployment_name(m)].replica_states.get("RUNNING", 0),
+                "message": status[deployment_name(m)].message,
+            }
+            for m in MODELS
+        },
     }
     print("REPORT " + json.dumps(report), flush=True)
     serve.shutdown()

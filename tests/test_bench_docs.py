@@ -45,7 +45,9 @@ def test_a_second_run_rewrites_the_same_section(tmp_path):
     assert (page.count(report.BEGIN), page.count(report.END)) == (1, 1)
 
 
-@pytest.mark.parametrize("page", ["no markers", f"{report.END}\n{report.BEGIN}", f"{report.BEGIN}\n{report.BEGIN}\n{report.END}"])
+@pytest.mark.parametrize(
+    "page", ["no markers", f"{report.END}\n{report.BEGIN}", f"{report.BEGIN}\n{report.BEGIN}\n{report.END}"]
+)
 def test_a_page_without_one_well_placed_section_is_refused_before_the_run(tmp_path, page):
     docs = tmp_path / "benchmarks.md"
     docs.write_text(page)

@@ -35,7 +35,9 @@ def test_each_contender_is_compared_with_its_own_turns_of_bare_vllm():
 
 def test_llm_is_compared_with_bare_vllm_under_the_same_client():
     results = [
-        LoadResult.of("bare vLLM", "/v1/chat/completions, 1-token answers", 1, _samples([0.1], 1, 1.0), compared_with="ours"),
+        LoadResult.of(
+            "bare vLLM", "/v1/chat/completions, 1-token answers", 1, _samples([0.1], 1, 1.0), compared_with="ours"
+        ),
         LoadResult.of("ours", "/llm, 1-token answers", 1, _samples([0.12], 1, 1.0)),
     ]
     [ours] = [line for line in markdown(results, [], META).splitlines() if line.startswith("| /llm")]

@@ -18,8 +18,8 @@ from cluster.load import ConfigError, load
 from cluster.runtime import NODE_ENV, engine_cores, schedulers_to_engine_cores
 from cluster.schema import ApiKey, ClusterConfig
 from serve_app.app import ingress_options
-from serve_app.models.engine import vllm_namespace
 from serve_app.models.deployment import deployment_options
+from serve_app.models.engine import vllm_namespace
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -64,24 +64,46 @@ def test_errors_name_the_file_and_each_bad_field(tmp_path):
         ({"models": [_model()], "auth": {"keys": [{"name": "k"}]}}, "exactly one of sha256 or env"),
         ({"models": [_model()], "auth": {"keys": [{"name": "k", "sha256": "abc"}]}}, "auth.keys.0.sha256"),
         ({"models": [_model(deployment={"num_replicas": 2, "autoscaling": {}})]}, "either num_replicas or autoscaling"),
-        ({"models": [_model(deployment={"autoscaling": {"min_replicas": 3, "max_replicas": 2}})]}, "above max_replicas"),
+        (
+            {"models": [_model(deployment={"autoscaling": {"min_replicas": 3, "max_replicas": 2}})]},
+            "above max_replicas",
+        ),
         ({"models": [_model(source={"package": "p", "file": "x.bin"})]}, "source"),
-        ({"models": [_model()], "auth": {"keys": [{"name": "k", "env": "K", "models": ["mm"]}]}},
-         "auth.keys.0.models: 'mm' is not a model id or alias"),
-        ({"models": [_model()], "auth": {"keys": [{"name": "k", "env": "K", "scopes": ["root"]}]}}, "auth.keys.0.scopes.0"),
-        ({"models": [_model()], "auth": {"keys": [{"name": "k", "env": "K", "limits": {"requests_per_minute": 0}}]}},
-         "auth.keys.0.limits.requests_per_minute"),
-        ({"models": [_model()], "auth": {"keys": [{"name": "k", "env": "K", "expires_at": "soon"}]}}, "auth.keys.0.expires_at"),
+        (
+            {"models": [_model()], "auth": {"keys": [{"name": "k", "env": "K", "models": ["mm"]}]}},
+            "auth.keys.0.models: 'mm' is not a model id or alias",
+        ),
+        (
+            {"models": [_model()], "auth": {"keys": [{"name": "k", "env": "K", "scopes": ["root"]}]}},
+            "auth.keys.0.scopes.0",
+        ),
+        (
+            {"models": [_model()], "auth": {"keys": [{"name": "k", "env": "K", "limits": {"requests_per_minute": 0}}]}},
+            "auth.keys.0.limits.requests_per_minute",
+        ),
+        (
+            {"models": [_model()], "auth": {"keys": [{"name": "k", "env": "K", "expires_at": "soon"}]}},
+            "auth.keys.0.expires_at",
+        ),
         ({"models": [_model()], "usage": {"database": "mysql://db/usage"}}, "usage.database: must be a sqlite"),
         ({"models": [_model()], "usage": {"flush_interval_s": 0}}, "usage.flush_interval_s"),
-        ({"models": [_model(deployment={"max_queued_requests": 0})]}, "max_queued_requests: -1 (no bound) or at least 1"),
-        ({"models": [_model(engine={"tensor_parallel_size": 2}, deployment={"num_gpus": 1, "num_cpus": 0})]},
-         "needs num_cpus above 0"),
+        (
+            {"models": [_model(deployment={"max_queued_requests": 0})]},
+            "max_queued_requests: -1 (no bound) or at least 1",
+        ),
+        (
+            {"models": [_model(engine={"tensor_parallel_size": 2}, deployment={"num_gpus": 1, "num_cpus": 0})]},
+            "needs num_cpus above 0",
+        ),
         ({"models": [_model(engine={"tensor_parallel_size": 2})]}, "num_gpus is per worker: use 1, not 0"),
-        ({"models": [_model(engine={"pipeline_parallel_size": 2}, deployment={"num_gpus": 0.5})]},
-         "num_gpus is per worker: use 1, not 0.5"),
-        ({"models": [_model(id="qwen2.5-7b"), _model(id="qwen2-5-7b")]},
-         "'qwen2.5-7b' and 'qwen2-5-7b' would share the Serve deployment name 'model-qwen2-5-7b'"),
+        (
+            {"models": [_model(engine={"pipeline_parallel_size": 2}, deployment={"num_gpus": 0.5})]},
+            "num_gpus is per worker: use 1, not 0.5",
+        ),
+        (
+            {"models": [_model(id="qwen2.5-7b"), _model(id="qwen2-5-7b")]},
+            "'qwen2.5-7b' and 'qwen2-5-7b' would share the Serve deployment name 'model-qwen2-5-7b'",
+        ),
     ],
 )
 def test_invalid_configs_are_refused_with_a_reason(tmp_path, args, complaint):
@@ -95,7 +117,11 @@ def test_validate_command_reports_file_and_field(tmp_path):
     result = subprocess.run([sys.executable, "-m", "cluster", "validate", str(path)], capture_output=True, text=True)
     assert result.returncode == 1
     assert str(path) in result.stderr and "models.0.engine.tensor_parallel_size" in result.stderr
-    ok = subprocess.run([sys.executable, "-m", "cluster", "validate", str(ROOT / "configs" / "local.yaml")], capture_output=True, text=True)
+    ok = subprocess.run(
+        [sys.executable, "-m", "cluster", "validate", str(ROOT / "configs" / "local.yaml")],
+        capture_output=True,
+        text=True,
+    )
     assert ok.returncode == 0, ok.stderr
 
 
@@ -143,20 +169,34 @@ def test_local_model_takes_no_gpu_and_gets_its_env():
 
 def test_engine_args_reach_vllm_and_unknown_ones_are_named():
     config = ClusterConfig.model_validate(
-        {"models": [_model(engine={"dtype": "float32", "max_model_len": 512, "extra_args": {"enable_chunked_prefill": False}})]}
+        {
+            "models": [
+                _model(
+                    engine={"dtype": "float32", "max_model_len": 512, "extra_args": {"enable_chunked_prefill": False}}
+                )
+            ]
+        }
     )
     args = vllm_namespace("m", "/models/m", config.models[0].engine.to_vllm_args())
-    assert (args.model, args.dtype, args.max_model_len, args.enable_chunked_prefill) == ("/models/m", "float32", 512, False)
+    assert (args.model, args.dtype, args.max_model_len, args.enable_chunked_prefill) == (
+        "/models/m",
+        "float32",
+        512,
+        False,
+    )
     assert args.served_model_name == ["m"]
-    with pytest.raises(ValueError, match="unknown vLLM argument.*max_model_lenght"):
+    with pytest.raises(ValueError, match=r"unknown vLLM argument.*max_model_lenght"):
         vllm_namespace("m", "/models/m", {"max_model_lenght": 1})
 
 
-@pytest.mark.parametrize("name, value, complaint", [
-    ("max_num_batched_tokens", "lots", "invalid literal for int"),
-    ("kv_cache_dtype", "fp7", "one of auto, "),
-    ("enable_chunked_prefill", "yes", "a switch: true or false"),
-])
+@pytest.mark.parametrize(
+    "name, value, complaint",
+    [
+        ("max_num_batched_tokens", "lots", "invalid literal for int"),
+        ("kv_cache_dtype", "fp7", "one of auto, "),
+        ("enable_chunked_prefill", "yes", "a switch: true or false"),
+    ],
+)
 def test_engine_args_are_read_as_their_flags_and_bad_values_named(name, value, complaint):
     with pytest.raises(ValueError, match=f"vLLM argument {name} of model 'm': {value!r} is not a value") as raised:
         vllm_namespace("m", "/models/m", {name: value})
@@ -167,8 +207,12 @@ def test_engine_args_are_read_as_their_flags_and_bad_values_named(name, value, c
 
 def test_kuberay_manifest_embeds_the_config_and_sizes_the_gpu_group():
     loaded = load(ROOT / "configs" / "gpu-cluster.yaml")
-    result = subprocess.run([sys.executable, "-m", "cluster", "render", "kuberay", str(loaded.path)],
-                            capture_output=True, text=True, check=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "cluster", "render", "kuberay", str(loaded.path)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     manifest = yaml.safe_load(result.stdout)
     assert manifest["kind"] == "RayService"
     embedded = yaml.safe_load(manifest["spec"]["serveConfigV2"])
@@ -180,32 +224,42 @@ def test_kuberay_manifest_embeds_the_config_and_sizes_the_gpu_group():
     assert gpu["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "2"
     head = manifest["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0]
     assert head["env"] == [{"name": name, "value": value} for name, value in NODE_ENV.items()] + [
-                           {"name": "LLM_API_KEY", "valueFrom": {"secretKeyRef": {"name": "llm-api-keys", "key": "LLM_API_KEY"}}}]
+        {"name": "LLM_API_KEY", "valueFrom": {"secretKeyRef": {"name": "llm-api-keys", "key": "LLM_API_KEY"}}}
+    ]
 
 
 def test_node_env_is_read_by_serve():
     """The Serve exports `python -m cluster env` prints are settings Serve has: each one changes
     what Serve runs with (a misspelt name would be ignored without a word). The one Ray setting,
     the workers' priority, is checked on the running engine (test_e2e_engine_processes.py)."""
-    exports = subprocess.run([sys.executable, "-m", "cluster", "env"], capture_output=True, text=True, check=True).stdout
+    exports = subprocess.run(
+        [sys.executable, "-m", "cluster", "env"], capture_output=True, text=True, check=True
+    ).stdout
     env = dict(line.removeprefix("export ").split("=", 1) for line in exports.splitlines())
     assert env == NODE_ENV
     serve_names = [name for name in env if name.startswith("RAY_SERVE_")]
     assert set(env) - set(serve_names) == {"RAY_worker_niceness"}
-    read = ("import json; from ray.serve._private import constants as c; "
-            f"print(json.dumps({{name: getattr(c, name) for name in {serve_names!r}}}))")
+    read = (
+        "import json; from ray.serve._private import constants as c; "
+        f"print(json.dumps({{name: getattr(c, name) for name in {serve_names!r}}}))"
+    )
     defaults = {name: value for name, value in os.environ.items() if name not in env}
 
     def serve_constants(environment: dict[str, str]) -> dict:
-        return json.loads(subprocess.run([sys.executable, "-c", read], env=environment, capture_output=True,
-                                         text=True, check=True).stdout)
+        return json.loads(
+            subprocess.run(
+                [sys.executable, "-c", read], env=environment, capture_output=True, text=True, check=True
+            ).stdout
+        )
 
     ours, serves_own = serve_constants(defaults | env), serve_constants(defaults)
     assert {name: ours[name] != serves_own[name] for name in serve_names} == dict.fromkeys(serve_names, True)
 
 
-@pytest.mark.parametrize(("bind", "cores"), [("0", {0}), ("0,2", {0, 2}), ("0-2|5", {0, 1, 2, 5}),
-                                             ("auto", None), ("nobind", None), ("", None)])
+@pytest.mark.parametrize(
+    ("bind", "cores"),
+    [("0", {0}), ("0,2", {0, 2}), ("0-2|5", {0, 1, 2, 5}), ("auto", None), ("nobind", None), ("", None)],
+)
 def test_engine_cores_are_read_as_vllm_reads_its_binding(monkeypatch, bind, cores):
     monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", bind)
     assert engine_cores() == cores
@@ -219,11 +273,18 @@ def test_the_engine_scheduler_alone_is_moved_to_the_engine_cores(monkeypatch):
         pytest.skip("needs two cores: on one, the engine's core and Ray's are the same")
     engine, ray_core = min(own), max(own)
     monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", str(engine))
-    code = ("import setproctitle, sys, threading, time; setproctitle.setproctitle(sys.argv[1]); "
-            "threading.Thread(target=time.sleep, args=(60,), daemon=True).start(); print(flush=True); time.sleep(60)")
-    children = [subprocess.Popen([sys.executable, "-c", code, title], stdout=subprocess.PIPE,
-                                 preexec_fn=lambda: os.sched_setaffinity(0, {ray_core}))
-                for title in ("VLLM::EngineCore", "VLLM::Worker")]
+    code = (
+        "import setproctitle, sys, threading, time; setproctitle.setproctitle(sys.argv[1]); "
+        "threading.Thread(target=time.sleep, args=(60,), daemon=True).start(); print(flush=True); time.sleep(60)"
+    )
+    children = [
+        subprocess.Popen(
+            [sys.executable, "-c", code, title],
+            stdout=subprocess.PIPE,
+            preexec_fn=lambda: os.sched_setaffinity(0, {ray_core}),
+        )
+        for title in ("VLLM::EngineCore", "VLLM::Worker")
+    ]
     try:
         for child in children:
             child.stdout.readline()
@@ -237,30 +298,57 @@ def test_the_engine_scheduler_alone_is_moved_to_the_engine_cores(monkeypatch):
 
 
 def test_key_rights_globs_and_expiry():
-    config = ClusterConfig.model_validate({
-        "models": [_model(id="llama-8b", aliases=["small"]), _model(id="qwen-32b")],
-        "auth": {"keys": [{"name": "k", "env": "K", "models": ["llama-*"], "expires_at": datetime.date(2027, 1, 2)},
-                          {"name": "alias", "env": "K", "models": ["small"]}]},
-    })
+    config = ClusterConfig.model_validate(
+        {
+            "models": [_model(id="llama-8b", aliases=["small"]), _model(id="qwen-32b")],
+            "auth": {
+                "keys": [
+                    {"name": "k", "env": "K", "models": ["llama-*"], "expires_at": datetime.date(2027, 1, 2)},
+                    {"name": "alias", "env": "K", "models": ["small"]},
+                ]
+            },
+        }
+    )
     glob, alias = config.auth.keys
     assert glob.may_use(("llama-8b", "small")) and not glob.may_use(("qwen-32b",))
     assert alias.may_use(("llama-8b", "small")) and not alias.may_use(("qwen-32b",))
-    assert glob.expires_at == datetime.datetime(2027, 1, 2, tzinfo=datetime.timezone.utc)
+    assert glob.expires_at == datetime.datetime(2027, 1, 2, tzinfo=datetime.UTC)
     assert glob.scopes == ["chat"] and not glob.limits.any
 
 
 def test_keys_new_prints_a_token_and_lines_that_validate():
     result = subprocess.run(
-        [sys.executable, "-m", "cluster", "keys", "new", "acme", "--models", "llama-*", "--rpm", "60",
-         "--tpm", "1000", "--concurrency", "2", "--admin"],
-        capture_output=True, text=True, check=True,
+        [
+            sys.executable,
+            "-m",
+            "cluster",
+            "keys",
+            "new",
+            "acme",
+            "--models",
+            "llama-*",
+            "--rpm",
+            "60",
+            "--tpm",
+            "1000",
+            "--concurrency",
+            "2",
+            "--admin",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
     )
     token = re.search(r"^# (sk-\S+)$", result.stdout, re.MULTILINE).group(1)
     [entry] = yaml.safe_load(result.stdout)
     key = ApiKey.model_validate(entry)
     assert key.sha256 == hashlib.sha256(token.encode()).hexdigest() and token not in yaml.safe_dump(entry)
     assert key.models == ["llama-*"] and key.scopes == ["chat", "admin"]
-    assert (key.limits.requests_per_minute, key.limits.tokens_per_minute, key.limits.concurrent_requests) == (60, 1000, 2)
+    assert (key.limits.requests_per_minute, key.limits.tokens_per_minute, key.limits.concurrent_requests) == (
+        60,
+        1000,
+        2,
+    )
 
 
 def test_an_unquoted_date_is_refused_since_serve_deploy_could_not_send_it(tmp_path):

@@ -19,12 +19,20 @@ APP = "colocated"
 
 @pytest.fixture(scope="module")
 def colocated_url(serve_url, fake_url):
-    config = ClusterConfig.model_validate({
-        "usage": {"enabled": False},
-        "ingress": {"colocate": True},
-        "models": [{"id": "echo", "aliases": ["e"], "source": {"path": "/models/echo"},
-                    "deployment": {"num_cpus": 0.1, "num_replicas": 1}}],
-    })
+    config = ClusterConfig.model_validate(
+        {
+            "usage": {"enabled": False},
+            "ingress": {"colocate": True},
+            "models": [
+                {
+                    "id": "echo",
+                    "aliases": ["e"],
+                    "source": {"path": "/models/echo"},
+                    "deployment": {"num_cpus": 0.1, "num_replicas": 1},
+                }
+            ],
+        }
+    )
     serve_fake(config, APP)
     yield f"{serve_url}/{APP}"
     serve.delete(APP)
@@ -46,15 +54,23 @@ def test_answers_and_streams_as_the_two_hop_app_does(colocated_url):
     whole = httpx.post(colocated_url + "/llm", json={"messages": [{"role": "user", "content": "one two three"}]})
     assert whole.status_code == 200
     assert whole.json()["choices"][0]["message"]["content"] == "one two three"
-    with httpx.stream("POST", colocated_url + "/v1/chat/completions", json={
-        "model": "e", "stream": True, "messages": [{"role": "user", "content": "one two three"}],
-    }) as response:
+    with httpx.stream(
+        "POST",
+        colocated_url + "/v1/chat/completions",
+        json={
+            "model": "e",
+            "stream": True,
+            "messages": [{"role": "user", "content": "one two three"}],
+        },
+    ) as response:
         assert response.status_code == 200
         events = [line.removeprefix("data: ") for line in response.iter_lines() if line.startswith("data: ")]
     assert events[-1] == "[DONE]"
     assert "".join(json.loads(e)["choices"][0]["delta"].get("content", "") for e in events[:-1]) == "one two three "
-    failed = httpx.post(colocated_url + "/v1/chat/completions",
-                        json={"model": "echo", "messages": [{"role": "user", "content": "FAIL AT START"}]})
+    failed = httpx.post(
+        colocated_url + "/v1/chat/completions",
+        json={"model": "echo", "messages": [{"role": "user", "content": "FAIL AT START"}]},
+    )
     assert failed.status_code == 500 and "request id" in failed.json()["error"]["message"]
 
 
@@ -77,5 +93,9 @@ def test_colocation_takes_one_model_that_stays_up():
     with pytest.raises(ValueError, match="exactly one model"):
         ClusterConfig.model_validate({"ingress": {"colocate": True}, "models": [model, model | {"id": "b"}]})
     with pytest.raises(ValueError, match="cannot scale to zero"):
-        ClusterConfig.model_validate({"ingress": {"colocate": True}, "models": [
-            model | {"deployment": {"autoscaling": {"min_replicas": 0, "max_replicas": 2}}}]})
+        ClusterConfig.model_validate(
+            {
+                "ingress": {"colocate": True},
+                "models": [model | {"deployment": {"autoscaling": {"min_replicas": 0, "max_replicas": 2}}}],
+            }
+        )

@@ -27,4 +27,4 @@ def test_the_engine_and_the_replicas_run_at_normal_priority(llm_url):
             if kind == REPLICA or kind.startswith("VLLM::"):
                 niceness.setdefault(kind, set()).add(process.nice())
     assert {"VLLM::EngineCore", "VLLM::Worker", REPLICA} <= set(niceness)
-    assert niceness == dict.fromkeys(niceness, {0})
+    assert niceness == {key: {0} for key in niceness}

@@ -24,7 +24,8 @@ BAD_BODIES = [
     ("prompt longer than context", {"messages": TOO_LONG}, "2048"),
 ]
 
-OPENAI_BAD_BODIES = BAD_BODIES + [
+OPENAI_BAD_BODIES = [
+    *BAD_BODIES,
     # Checks across fields that vLLM's request model makes with an error type of its own.
     ("stream_options without stream", {"messages": USER, "stream_options": {"include_usage": True}}, "stream"),
     ("empty tools", {"messages": USER, "tools": []}, "tools"),
@@ -82,7 +83,9 @@ def test_llm_unknown_model_names_the_models(client):
 def test_replica_keeps_serving_after_bad_input(client):
     for _, body, _ in BAD_BODIES:
         _post(client, "/llm", body)
-    response = client.post("/llm", json={"messages": [{"role": "user", "content": "What is the capital of France?"}], "temperature": 0})
+    response = client.post(
+        "/llm", json={"messages": [{"role": "user", "content": "What is the capital of France?"}], "temperature": 0}
+    )
     assert response.status_code == 200
     assert "Paris" in response.json()["choices"][0]["message"]["content"]
     assert client.get("/health").json()["status"] == "OK"
@@ -90,7 +93,12 @@ def test_replica_keeps_serving_after_bad_input(client):
 
 @pytest.mark.parametrize(
     "method, path, shape",
-    [("POST", "/llm", "detail"), ("POST", "/v1/chat/completions", "error"), ("GET", "/v1/models", "error"), ("GET", "/version", "detail")],
+    [
+        ("POST", "/llm", "detail"),
+        ("POST", "/v1/chat/completions", "error"),
+        ("GET", "/v1/models", "error"),
+        ("GET", "/version", "detail"),
+    ],
 )
 @pytest.mark.parametrize("authorization", [None, "Bearer wrong", "Basic abc", "Bearer"])
 def test_every_route_but_health_needs_the_token(llm_url, client, method, path, shape, authorization):
@@ -109,4 +117,8 @@ def test_auth_is_checked_before_the_body_is_read(llm_url):
 def test_health_needs_no_token_and_version_names_the_model(llm_url, client):
     health = httpx.get(llm_url + "/health", timeout=30).json()
     assert health == {"status": "OK", "models": {"smollm2-135m-instruct": "ready"}}
-    assert client.get("/version").json() == {"pipeline": "llm", "model_id": "smollm2-135m-instruct", "version": version("livepeer-llm-serve")}
+    assert client.get("/version").json() == {
+        "pipeline": "llm",
+        "model_id": "smollm2-135m-instruct",
+        "version": version("livepeer-llm-serve"),
+    }

@@ -18,11 +18,18 @@ pytestmark = pytest.mark.e2e
 
 
 def _app(source: str, **deployment) -> object:
-    config = ClusterConfig.model_validate({
-        "usage": {"enabled": False},
-        "models": [{"id": "lifecycle", "source": {"path": source},
-                    "deployment": {"num_cpus": 0.1, "health_check_period_s": 1} | deployment}],
-    })
+    config = ClusterConfig.model_validate(
+        {
+            "usage": {"enabled": False},
+            "models": [
+                {
+                    "id": "lifecycle",
+                    "source": {"path": source},
+                    "deployment": {"num_cpus": 0.1, "health_check_period_s": 1} | deployment,
+                }
+            ],
+        }
+    )
     return build_graph(config, tests.fake_engine.fake_engine)
 
 
@@ -65,7 +72,9 @@ def test_model_that_cannot_load_is_error_with_reason(serve_url, fake_url):
 
 def test_scaled_to_zero_is_idle(serve_url, fake_url):
     autoscaling = {"min_replicas": 0, "max_replicas": 1}
-    deploy_without_waiting(_app("/models/idle", autoscaling=autoscaling), name="idle", route_prefix="/idle", _blocking=False)
+    deploy_without_waiting(
+        _app("/models/idle", autoscaling=autoscaling), name="idle", route_prefix="/idle", _blocking=False
+    )
     try:
         _health_until(serve_url + "/idle", "IDLE")
     finally:
@@ -78,7 +87,9 @@ def _model_replicas(app: str) -> dict[str, int]:
 
 
 @pytest.mark.parametrize("surge, old_ones_serving", [(0, 0), (100, 1)])
-def test_a_redeploy_keeps_the_old_replica_serving_only_with_surge(serve_url, fake_url, tmp_path, surge, old_ones_serving):
+def test_a_redeploy_keeps_the_old_replica_serving_only_with_surge(
+    serve_url, fake_url, tmp_path, surge, old_ones_serving
+):
     """Every redeploy replaces the model's replicas (a new version); with `max_surge_percent` the
     old one answers until its successor has loaded, without it the model waits for the new one."""
     source = tmp_path / "weights"
@@ -94,8 +105,9 @@ def test_a_redeploy_keeps_the_old_replica_serving_only_with_surge(serve_url, fak
         wanted = {"STARTING": 1, "RUNNING": old_ones_serving}
         until(lambda: _model_replicas(name) == wanted, 60, f"the new replica loading beside {old_ones_serving} old")
         if old_ones_serving:
-            answer = httpx.post(f"{serve_url}/{name}/llm", json={"messages": [{"role": "user", "content": "still here"}]},
-                                timeout=30)
+            answer = httpx.post(
+                f"{serve_url}/{name}/llm", json={"messages": [{"role": "user", "content": "still here"}]}, timeout=30
+            )
             assert (answer.status_code, answer.json()["choices"][0]["message"]["content"]) == (200, "still here")
             assert _model_replicas(name) == wanted  # answered by the old replica: the new one still loads
         hold.unlink()

@@ -21,8 +21,10 @@ from tests.sse import json_chunks
 pytestmark = pytest.mark.e2e
 
 APP = "keys"
-TOKENS = {name: f"sk-{name}-{secrets.token_hex(8)}"
-          for name in ("open", "only-a", "expired", "admin", "rpm", "tpm", "conc", "billing")}
+TOKENS = {
+    name: f"sk-{name}-{secrets.token_hex(8)}"
+    for name in ("open", "only-a", "expired", "admin", "rpm", "tpm", "conc", "billing")
+}
 
 
 def _key(name: str, **fields) -> dict:
@@ -32,21 +34,29 @@ def _key(name: str, **fields) -> dict:
 @pytest.fixture(scope="module")
 def keys_url(serve_url, tmp_path_factory):
     deployment = {"num_cpus": 0.05, "num_replicas": 1}
-    config = ClusterConfig.model_validate({
-        "default_model": "fake-b",
-        "usage": ledger_in(tmp_path_factory.mktemp("keys")).model_dump(),
-        "ingress": {"num_replicas": 2, "num_cpus": 0.05},
-        "auth": {"keys": [
-            _key("open"), _key("only-a", models=["a"]), _key("expired", expires_at="2020-01-01T00:00:00Z"),
-            _key("admin", scopes=["admin"]), _key("rpm", limits={"requests_per_minute": 5}),
-            _key("tpm", limits={"tokens_per_minute": 40}), _key("conc", limits={"concurrent_requests": 1}),
-            _key("billing"),
-        ]},
-        "models": [
-            {"id": "fake-a", "aliases": ["a"], "source": {"path": "/nonexistent"}, "deployment": deployment},
-            {"id": "fake-b", "source": {"path": "/nonexistent"}, "deployment": deployment},
-        ],
-    })
+    config = ClusterConfig.model_validate(
+        {
+            "default_model": "fake-b",
+            "usage": ledger_in(tmp_path_factory.mktemp("keys")).model_dump(),
+            "ingress": {"num_replicas": 2, "num_cpus": 0.05},
+            "auth": {
+                "keys": [
+                    _key("open"),
+                    _key("only-a", models=["a"]),
+                    _key("expired", expires_at="2020-01-01T00:00:00Z"),
+                    _key("admin", scopes=["admin"]),
+                    _key("rpm", limits={"requests_per_minute": 5}),
+                    _key("tpm", limits={"tokens_per_minute": 40}),
+                    _key("conc", limits={"concurrent_requests": 1}),
+                    _key("billing"),
+                ]
+            },
+            "models": [
+                {"id": "fake-a", "aliases": ["a"], "source": {"path": "/nonexistent"}, "deployment": deployment},
+                {"id": "fake-b", "source": {"path": "/nonexistent"}, "deployment": deployment},
+            ],
+        }
+    )
     serve_fake(config, APP)
     yield f"{serve_url}/{APP}"
     serve.delete(APP)
@@ -76,7 +86,9 @@ def _usage(url: str, **query) -> dict:
     return totals
 
 
-@pytest.mark.parametrize("key, complaint", [("sk-unknown", "invalid bearer token"), ("expired", "'expired' expired at 2020")])
+@pytest.mark.parametrize(
+    "key, complaint", [("sk-unknown", "invalid bearer token"), ("expired", "'expired' expired at 2020")]
+)
 def test_unknown_or_expired_key_is_401_in_each_endpoints_shape(keys_url, key, complaint):
     livepeer = _post(keys_url, key, "/llm", _ask())
     assert livepeer.status_code == 401 and livepeer.headers["www-authenticate"] == "Bearer"
@@ -121,16 +133,18 @@ def test_requests_per_minute_hold_across_two_ingress_replicas(keys_url):
     paths = ["/llm", "/v1/chat/completions"] * 6
     ids = [f"rpm-{secrets.token_hex(4)}-{index}" for index in range(len(paths))]
     with ThreadPoolExecutor(len(paths)) as pool:
-        responses = list(pool.map(
-            lambda call: _post(keys_url, "rpm", call[0], _ask(model="fake-a"), headers={"x-request-id": call[1]}),
-            zip(paths, ids),
-        ))
+        responses = list(
+            pool.map(
+                lambda call: _post(keys_url, "rpm", call[0], _ask(model="fake-a"), headers={"x-request-id": call[1]}),
+                zip(paths, ids, strict=False),
+            )
+        )
     assert len({replica_of(request_id, APP) for request_id in ids}) == 2, "both ingress replicas took requests"
     admitted = [r for r in responses if r.status_code == 200]
     refused = [r for r in responses if r.status_code == 429]
     assert (len(admitted), len(refused)) == (5, 7)
     assert sorted(r.headers["x-ratelimit-remaining-requests"] for r in admitted) == ["0", "1", "2", "3", "4"]
-    for response, path in zip(responses, paths):
+    for response, path in zip(responses, paths, strict=False):
         if response.status_code != 429:
             continue
         assert 1 <= int(response.headers["retry-after"]) <= 60
@@ -153,21 +167,30 @@ def test_tokens_are_reserved_up_front_and_settled_to_the_real_count(keys_url, tm
     with ThreadPoolExecutor(2) as pool:
         # Each reserves its max_tokens (16); each will use 4 (two words in, two out).
         held = [pool.submit(_post, keys_url, "tpm", "/llm", _ask(f"WAIT {hold}", max_tokens=16)) for hold in holds]
-        until(lambda: all(hold.with_name(hold.name + ".waiting").exists() for hold in holds), 15,
-              "both held requests to reach the engine")
+        until(
+            lambda: all(hold.with_name(hold.name + ".waiting").exists() for hold in holds),
+            15,
+            "both held requests to reach the engine",
+        )
         refused = _post(keys_url, "tpm", "/v1/chat/completions", _ask(model="fake-a", max_tokens=16))
         assert refused.status_code == 429
         assert refused.headers["x-ratelimit-limit-tokens"] == "40"
         assert refused.headers["x-ratelimit-remaining-tokens"] == "8"
         assert "32 used or reserved; this request reserves 16" in refused.json()["error"]["message"]
         too_large = _post(keys_url, "tpm", "/llm", _ask(max_tokens=41))
-        assert too_large.status_code == 400 and "more than API key 'tpm' may use in a minute" in too_large.json()["detail"]["msg"]
+        assert (
+            too_large.status_code == 400
+            and "more than API key 'tpm' may use in a minute" in too_large.json()["detail"]["msg"]
+        )
         for hold in holds:
             hold.unlink()
         assert [f.result().json()["usage"]["total_tokens"] for f in held] == [4, 4]
     # Settled to 8 of 40, so a request reserving 30 now fits (it would not against the 32 reserved).
-    admitted = until(lambda: (r := _post(keys_url, "tpm", "/llm", _ask(max_tokens=30))).status_code == 200 and r,
-                     15, "the held requests' reservations to settle")
+    admitted = until(
+        lambda: (r := _post(keys_url, "tpm", "/llm", _ask(max_tokens=30))).status_code == 200 and r,
+        15,
+        "the held requests' reservations to settle",
+    )
     assert admitted.headers["x-ratelimit-remaining-tokens"] == "2"
 
 
@@ -208,20 +231,38 @@ def test_the_ledger_counts_what_clients_were_told_streamed_whole_or_abandoned(ke
         _post(keys_url, "billing", "/llm", _ask("one two three four")).json()["usage"],
         json_chunks(_post(keys_url, "billing", "/llm", _ask("five six seven", stream=True)).text)[-1]["usage"],
         _post(keys_url, "billing", "/v1/chat/completions", _ask("eight nine", model="a")).json()["usage"],
-        json_chunks(_post(keys_url, "billing", "/v1/chat/completions",
-                          _ask("ten eleven twelve", model="a", stream=True, stream_options={"include_usage": True})).text)[-1]["usage"],
+        json_chunks(
+            _post(
+                keys_url,
+                "billing",
+                "/v1/chat/completions",
+                _ask("ten eleven twelve", model="a", stream=True, stream_options={"include_usage": True}),
+            ).text
+        )[-1]["usage"],
         # Abandoned after two chunks (the engine has nothing more for it): the /llm client saw
         # usage on each chunk; the OpenAI client asked for none, so its count is its chunks.
         _read_then_leave(keys_url, "billing", "/llm", _ask("a b STALL c d", stream=True), 2)[-1]["usage"],
-        {"prompt_tokens": 5, "completion_tokens": len(_read_then_leave(
-            keys_url, "billing", "/v1/chat/completions", _ask("e f STALL g h", model="a", stream=True), 2))},
+        {
+            "prompt_tokens": 5,
+            "completion_tokens": len(
+                _read_then_leave(
+                    keys_url, "billing", "/v1/chat/completions", _ask("e f STALL g h", model="a", stream=True), 2
+                )
+            ),
+        },
     ]
-    expected = {"requests": 6, "failed_requests": 2,  # the two abandoned streams are 499s
-                "prompt_tokens": sum(u["prompt_tokens"] for u in told),
-                "completion_tokens": sum(u["completion_tokens"] for u in told)}
+    expected = {
+        "requests": 6,
+        "failed_requests": 2,  # the two abandoned streams are 499s
+        "prompt_tokens": sum(u["prompt_tokens"] for u in told),
+        "completion_tokens": sum(u["completion_tokens"] for u in told),
+    }
     assert expected["completion_tokens"] > 0
-    totals = until(lambda: (t := _usage(keys_url, key="billing", since=since))["requests"] >= 6 and t, 15,
-                   "the ledger to record six requests")
+    totals = until(
+        lambda: (t := _usage(keys_url, key="billing", since=since))["requests"] >= 6 and t,
+        15,
+        "the ledger to record six requests",
+    )
     assert totals == expected
 
 
@@ -237,16 +278,21 @@ def _replaced(killed: list[str]) -> bool:
 
 def _healthy() -> bool:
     deployments = serve.status().applications[APP].deployments
-    return (deployments["ingress"].replica_states.get("RUNNING") == 2
-            and deployments["usage-ledger"].replica_states.get("RUNNING") == 1)
+    return (
+        deployments["ingress"].replica_states.get("RUNNING") == 2
+        and deployments["usage-ledger"].replica_states.get("RUNNING") == 1
+    )
 
 
 def test_the_ledger_survives_restarts_of_an_ingress_replica_and_of_the_ledger(keys_url):
     since = time.time()
     for _ in range(3):
         assert _post(keys_url, "open", "/llm", _ask()).status_code == 200
-    before = until(lambda: (t := _usage(keys_url, key="open", since=since))["requests"] == 3 and t, 15,
-                   "the ledger to record three requests")
+    before = until(
+        lambda: (t := _usage(keys_url, key="open", since=since))["requests"] == 3 and t,
+        15,
+        "the ledger to record three requests",
+    )
     killed = [_replica_actors("ingress")[0], _replica_actors("usage-ledger")[0]]
     for name in killed:
         ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
@@ -263,12 +309,14 @@ def test_an_ingress_replica_stopped_gracefully_stores_the_rows_it_holds(serve_ur
 
     usage = ledger_in(tmp_path_factory.mktemp("held")).model_copy(update={"flush_interval_s": 60})
     deployment = {"num_cpus": 0.05, "num_replicas": 1}
-    config = ClusterConfig.model_validate({
-        "usage": usage.model_dump(),
-        "auth": {"keys": [_key("open")]},
-        "ingress": {"num_cpus": 0.05},
-        "models": [{"id": "fake-held", "source": {"path": "/nonexistent"}, "deployment": deployment}],
-    })
+    config = ClusterConfig.model_validate(
+        {
+            "usage": usage.model_dump(),
+            "auth": {"keys": [_key("open")]},
+            "ingress": {"num_cpus": 0.05},
+            "models": [{"id": "fake-held", "source": {"path": "/nonexistent"}, "deployment": deployment}],
+        }
+    )
     store = UsageStore(usage.database)
     serve_fake(config, "held")
     try:
@@ -276,7 +324,9 @@ def test_an_ingress_replica_stopped_gracefully_stores_the_rows_it_holds(serve_ur
         assert store.totals(None, None) == []  # held in the ingress, not yet sent
         # A redeploy replaces every replica, the ledger's too (Serve versions them by the app's
         # args, and a `serve.run` anew), so the old ingress must wait for the new ledger.
-        serve_fake(config.model_copy(update={"ingress": config.ingress.model_copy(update={"max_tokens_limit": 99})}), "held")
+        serve_fake(
+            config.model_copy(update={"ingress": config.ingress.model_copy(update={"max_tokens_limit": 99})}), "held"
+        )
         stored = until(lambda: store.totals(None, None), 30, "the replaced ingress's row to be stored")
         assert [(row["key"], row["model"], row["requests"]) for row in stored] == [("open", "fake-held", 1)]
     finally:

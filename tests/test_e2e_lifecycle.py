@@ -35,16 +35,20 @@ def _key(name: str, **fields) -> dict:
 
 @pytest.fixture(scope="module")
 def app_url(serve_url, tmp_path_factory):
-    config = ClusterConfig.model_validate({
-        "usage": ledger_in(tmp_path_factory.mktemp(APP)).model_dump(),
-        "ingress": {"num_cpus": 0.05},
-        "auth": {"keys": [
-            # Any limit puts the rate limiter on the key's path.
-            _key("limited", limits={"requests_per_minute": 10_000}),
-            _key("admin", scopes=["chat", "admin"]),
-        ]},
-        "models": [{"id": MODEL, "source": {"path": "/nonexistent"}, "deployment": {"num_cpus": 0.05}}],
-    })
+    config = ClusterConfig.model_validate(
+        {
+            "usage": ledger_in(tmp_path_factory.mktemp(APP)).model_dump(),
+            "ingress": {"num_cpus": 0.05},
+            "auth": {
+                "keys": [
+                    # Any limit puts the rate limiter on the key's path.
+                    _key("limited", limits={"requests_per_minute": 10_000}),
+                    _key("admin", scopes=["chat", "admin"]),
+                ]
+            },
+            "models": [{"id": MODEL, "source": {"path": "/nonexistent"}, "deployment": {"num_cpus": 0.05}}],
+        }
+    )
     serve_fake(config, APP)
     yield f"{serve_url}/{APP}"
     serve.delete(APP)
@@ -79,11 +83,17 @@ def test_a_livepeer_stream_that_fails_midway_is_recorded_as_the_failure(app_url,
     fields = _fields(log_line(request_id, app=APP))
     assert (fields["status"], fields["finish"]) == ("500", "error")
     # The row is written once the stream has ended, which the client may see first.
-    after = until(lambda: (now := _ledger(app_url, "limited"))["requests"] > before["requests"] and now,
-                  15, "the stream's row in the ledger")
+    after = until(
+        lambda: (now := _ledger(app_url, "limited"))["requests"] > before["requests"] and now,
+        15,
+        "the stream's row in the ledger",
+    )
     assert after == {"requests": before["requests"] + 1, "failed_requests": before["failed_requests"] + 1}
-    until(lambda: total(scrape(metrics_url), "ray_llm_requests_total", **failures) == failed_before + 1,
-          30, "the failed stream in the metrics")
+    until(
+        lambda: total(scrape(metrics_url), "ray_llm_requests_total", **failures) == failed_before + 1,
+        30,
+        "the failed stream in the metrics",
+    )
 
 
 def _limiter_pid() -> int:
@@ -111,17 +121,28 @@ def test_a_client_that_leaves_while_the_limiter_is_asked_is_recorded_and_not_lef
         # Recorded while the limiter is still unanswering: the departure ended the request.
         fields = _fields(log_line(request_id, app=APP, timeout_s=4))
     assert fields["status"] == "499" and fields["model"] == MODEL
-    until(lambda: total(scrape(metrics_url), "ray_llm_requests_in_flight", **in_flight) == 0
-          and total(scrape(metrics_url), "ray_llm_requests_total", status="499", model=MODEL) >= 1,
-          30, "no request of the model left in flight")
+    until(
+        lambda: (
+            total(scrape(metrics_url), "ray_llm_requests_in_flight", **in_flight) == 0
+            and total(scrape(metrics_url), "ray_llm_requests_total", status="499", model=MODEL) >= 1
+        ),
+        30,
+        "no request of the model left in flight",
+    )
     answered = httpx.post(app_url + "/llm", json=body, headers=_headers("limited", "after-" + request_id), timeout=30)
     assert answered.status_code == 200
 
 
-@pytest.mark.parametrize("path, endpoint", [
-    ("/v1/models", "/v1/models"), (f"/v1/models/{MODEL}", "/v1/models"), ("/version", "/version"),
-    ("/hardware/info", "/hardware/info"), ("/admin/usage", "/admin/usage"),
-])
+@pytest.mark.parametrize(
+    "path, endpoint",
+    [
+        ("/v1/models", "/v1/models"),
+        (f"/v1/models/{MODEL}", "/v1/models"),
+        ("/version", "/version"),
+        ("/hardware/info", "/hardware/info"),
+        ("/admin/usage", "/admin/usage"),
+    ],
+)
 def test_reads_are_logged_too_an_admin_read_of_billing_data_included(app_url, path, endpoint):
     request_id = "read-" + secrets.token_hex(6)
     response = httpx.get(app_url + path, headers=_headers("admin", request_id), timeout=30)
@@ -143,8 +164,12 @@ def test_an_unexpected_error_is_answered_in_shape_and_logged_once(app_url):
     # Serve logs a request that raised out of the app after its answer went out: once the next
     # request's line is written, any such line of this one's has been written too.
     after = "after-" + request_id
-    httpx.post(app_url + "/llm", json={"messages": [{"role": "user", "content": "a b"}]},
-               headers=_headers("limited", after), timeout=30)
+    httpx.post(
+        app_url + "/llm",
+        json={"messages": [{"role": "user", "content": "a b"}]},
+        headers=_headers("limited", after),
+        timeout=30,
+    )
     log_line(after, app=APP)
     errors = errors_since(APP, started)
     assert len(errors) == 1 and request_id in errors[0], errors

@@ -79,4 +79,3 @@ def test_livepeer_sdk_reads_our_errors(llm_url):
     with pytest.raises(errors.HTTPError) as raised:
         sdk.generate.llm(request={"messages": FRANCE})
     assert raised.value.data.detail.msg == "invalid bearer token"
-

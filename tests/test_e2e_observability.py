@@ -84,6 +84,9 @@ def test_metrics_count_what_the_requests_did(client, metrics_url):
     assert delta("ray_llm_inter_token_latency_seconds_count") == 1
     engine = {"model": "smollm2-135m-instruct"}
     assert total(after, "ray_llm_engine_request_duration_seconds_count", **engine) > total(
-        before, "ray_llm_engine_request_duration_seconds_count", **engine)
-    vllm = {name for name, tags in after if name.startswith("ray_vllm_") and ("model_name", "smollm2-135m-instruct") in tags}
+        before, "ray_llm_engine_request_duration_seconds_count", **engine
+    )
+    vllm = {
+        name for name, tags in after if name.startswith("ray_vllm_") and ("model_name", "smollm2-135m-instruct") in tags
+    }
     assert "ray_vllm_generation_tokens_total" in vllm, sorted(vllm)

@@ -14,8 +14,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="module")
 def report() -> dict:
-    result = subprocess.run([sys.executable, "-m", "tests.multinode_placement"], cwd=ROOT,
-                            capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [sys.executable, "-m", "tests.multinode_placement"], cwd=ROOT, capture_output=True, text=True, timeout=600
+    )
     lines = [line for line in result.stdout.splitlines() if line.startswith("REPORT ")]
     assert lines, result.stdout[-3000:] + result.stderr[-3000:]
     return json.loads(lines[-1].removeprefix("REPORT "))
@@ -30,7 +31,7 @@ def test_tensor_parallel_replica_gets_two_gpu_bundles_on_one_gpu_node(report):
 
 
 def test_single_gpu_model_lands_on_a_gpu_node(report):
-    [(name, node)] = [(n, node) for n, node in report["replica_nodes"].items() if "model-one-gpu" in n]
+    [(_name, node)] = [(n, node) for n, node in report["replica_nodes"].items() if "model-one-gpu" in n]
     assert node in report["gpu_nodes"]
 
 

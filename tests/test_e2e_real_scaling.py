@@ -31,23 +31,36 @@ async def test_real_model_starts_from_zero_then_scales_to_two(serve_url, llm_url
     raw["models"][0]["engine"]["enforce_eager"] = True
     raw["usage"] = {"enabled": False}
     raw["ingress"]["colocate"] = False  # a model at zero replicas needs an ingress of its own
-    raw["models"][0]["deployment"] |= {"num_replicas": None, "autoscaling": {
-        "min_replicas": 0, "max_replicas": 2, "target_ongoing_requests": 1, "upscale_delay_s": 0, "downscale_delay_s": 600,
-    }}
+    raw["models"][0]["deployment"] |= {
+        "num_replicas": None,
+        "autoscaling": {
+            "min_replicas": 0,
+            "max_replicas": 2,
+            "target_ongoing_requests": 1,
+            "upscale_delay_s": 0,
+            "downscale_delay_s": 600,
+        },
+    }
     serve.run(build_app(ClusterConfig.model_validate(raw)), name="elastic", route_prefix="/elastic")
     try:
         assert _running() == 0
         async with httpx.AsyncClient(base_url=serve_url + "/elastic", headers=HEADERS, timeout=600) as client:
             started = time.monotonic()
-            response = await client.post("/llm", json={"messages": [{"role": "user", "content": "What is the capital of France?"}],
-                                                       "temperature": 0})
+            response = await client.post(
+                "/llm",
+                json={"messages": [{"role": "user", "content": "What is the capital of France?"}], "temperature": 0},
+            )
             cold_start_s = time.monotonic() - started
             assert response.status_code == 200 and "Paris" in response.json()["choices"][0]["message"]["content"]
             assert _running() == 1
 
             # Far more work than one replica finishes before a second one is up; left once it is.
-            long = {"model": MODEL, "messages": [{"role": "user", "content": "Tell a long story."}],
-                    "max_tokens": 1900, "ignore_eos": True}
+            long = {
+                "model": MODEL,
+                "messages": [{"role": "user", "content": "Tell a long story."}],
+                "max_tokens": 1900,
+                "ignore_eos": True,
+            }
             load_started = time.monotonic()
             requests = [asyncio.create_task(client.post("/v1/chat/completions", json=long)) for _ in range(3)]
             while _running() < 2:
@@ -57,7 +70,9 @@ async def test_real_model_starts_from_zero_then_scales_to_two(serve_url, llm_url
             scale_up_s = time.monotonic() - load_started
             for request in requests:
                 request.cancel()
-        print(f"\nreal model: first answer from zero replicas in {cold_start_s:.1f} s; "
-              f"second replica running {scale_up_s:.1f} s after load began")
+        print(
+            f"\nreal model: first answer from zero replicas in {cold_start_s:.1f} s; "
+            f"second replica running {scale_up_s:.1f} s after load began"
+        )
     finally:
         serve.delete("elastic")

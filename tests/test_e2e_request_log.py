@@ -26,7 +26,9 @@ def _fields(line: str) -> dict[str, str]:
 @pytest.mark.parametrize("stream", [False, True])
 def test_answered_request_is_logged_with_tokens_and_timings(client, stream):
     request_id = "log-" + secrets.token_hex(6)
-    response = client.post("/llm", json={"messages": FRANCE, "temperature": 0, "stream": stream}, headers={"x-request-id": request_id})
+    response = client.post(
+        "/llm", json={"messages": FRANCE, "temperature": 0, "stream": stream}, headers={"x-request-id": request_id}
+    )
     assert response.status_code == 200
     fields = _fields(log_line(request_id))
     assert fields["endpoint"] == "/llm" and fields["key"] == "local" and fields["status"] == "200"
@@ -37,25 +39,33 @@ def test_answered_request_is_logged_with_tokens_and_timings(client, stream):
 
 def test_refused_request_is_logged_with_its_status(client):
     request_id = "log-" + secrets.token_hex(6)
-    client.post("/v1/chat/completions", json={"model": "nope", "messages": FRANCE}, headers={"x-request-id": request_id})
+    client.post(
+        "/v1/chat/completions", json={"model": "nope", "messages": FRANCE}, headers={"x-request-id": request_id}
+    )
     fields = _fields(log_line(request_id))
     assert fields["status"] == "404" and fields["endpoint"] == "/v1/chat/completions"
 
 
 def _echo_config(logging: dict) -> ClusterConfig:
-    return ClusterConfig.model_validate({
-        "logging": logging,
-        "usage": {"enabled": False},
-        "models": [{"id": "echo", "source": {"path": "/models/echo"}, "deployment": {"num_cpus": 0.1}}],
-    })
+    return ClusterConfig.model_validate(
+        {
+            "logging": logging,
+            "usage": {"enabled": False},
+            "models": [{"id": "echo", "source": {"path": "/models/echo"}, "deployment": {"num_cpus": 0.1}}],
+        }
+    )
 
 
 def test_json_logs_carry_the_request_fields(serve_url, fake_url):
     serve_fake(_echo_config({"encoding": "JSON"}), "jsonlog")
     try:
         request_id = "json-" + secrets.token_hex(6)
-        response = httpx.post(serve_url + "/jsonlog/llm", json={"messages": [{"role": "user", "content": "a b c"}]},
-                              headers={"x-request-id": request_id}, timeout=30)
+        response = httpx.post(
+            serve_url + "/jsonlog/llm",
+            json={"messages": [{"role": "user", "content": "a b c"}]},
+            headers={"x-request-id": request_id},
+            timeout=30,
+        )
         assert response.status_code == 200
         fields = json.loads(log_line(request_id, app="jsonlog"))["llm_request"]
         assert fields["request_id"] == request_id and fields["model"] == "echo" and fields["status"] == 200
@@ -70,10 +80,15 @@ def test_serve_access_log_is_off_unless_asked(serve_url, fake_url):
     serve_fake(_echo_config({}), "quietlog")
     serve_fake(_echo_config({"access_log": True}), "accesslog")
     try:
+
         def send(app: str) -> str:
             request_id = "access-" + secrets.token_hex(6)
-            response = httpx.post(f"{serve_url}/{app}/llm", json={"messages": [{"role": "user", "content": "a b"}]},
-                                  headers={"x-request-id": request_id}, timeout=30)
+            response = httpx.post(
+                f"{serve_url}/{app}/llm",
+                json={"messages": [{"role": "user", "content": "a b"}]},
+                headers={"x-request-id": request_id},
+                timeout=30,
+            )
             assert response.status_code == 200
             log_line(request_id, app=app)
             return request_id
@@ -82,7 +97,9 @@ def test_serve_access_log_is_off_unless_asked(serve_url, fake_url):
             return [line for line in lines_of(request_id, app) if "request id=" not in line]
 
         asked = send("accesslog")
-        until(lambda: len(serve_lines(asked, "accesslog")) >= 2, 15, "Serve's access lines of the ingress and the model")
+        until(
+            lambda: len(serve_lines(asked, "accesslog")) >= 2, 15, "Serve's access lines of the ingress and the model"
+        )
         quiet = send("quietlog")
         send("quietlog")  # written after the first request's replicas were done with it
         assert serve_lines(quiet, "quietlog") == []

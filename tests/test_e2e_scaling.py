@@ -19,10 +19,16 @@ pytestmark = pytest.mark.e2e
 
 
 def _app(*models: dict, colocate: bool = False):
-    config = ClusterConfig.model_validate({"usage": {"enabled": False}, "ingress": {"colocate": colocate}, "models": [
-        {"source": {"path": "/models/fake"}} | m | {"deployment": {"num_cpus": 0.05} | m.get("deployment", {})}
-        for m in models
-    ]})
+    config = ClusterConfig.model_validate(
+        {
+            "usage": {"enabled": False},
+            "ingress": {"colocate": colocate},
+            "models": [
+                {"source": {"path": "/models/fake"}} | m | {"deployment": {"num_cpus": 0.05} | m.get("deployment", {})}
+                for m in models
+            ],
+        }
+    )
     return build_graph(config, tests.fake_engine.fake_engine)
 
 
@@ -50,8 +56,11 @@ def _message(response: httpx.Response) -> str:
 async def test_overload_gets_fast_503s_and_admitted_requests_complete(serve_url, fake_url, tmp_path, colocate):
     hold = tmp_path / "hold"
     hold.touch()
-    serve.run(_app({"id": "busy", "deployment": {"max_ongoing_requests": 1, "max_queued_requests": 1}},
-                   colocate=colocate), name="overload", route_prefix="/overload")
+    serve.run(
+        _app({"id": "busy", "deployment": {"max_ongoing_requests": 1, "max_queued_requests": 1}}, colocate=colocate),
+        name="overload",
+        route_prefix="/overload",
+    )
     held = _ask(f"WAIT {hold} one two")
     try:
         async with httpx.AsyncClient(base_url=serve_url + "/overload", timeout=60) as client:
@@ -61,8 +70,10 @@ async def test_overload_gets_fast_503s_and_admitted_requests_complete(serve_url,
             while not (tmp_path / "hold.waiting").exists():
                 await asyncio.sleep(0.02)
             # One more request fits the queue; the other three must be refused while both wait.
-            others = [asyncio.create_task(_timed_post(client, path, held))
-                      for path in ("/llm", "/llm", "/v1/chat/completions", "/llm")]
+            others = [
+                asyncio.create_task(_timed_post(client, path, held))
+                for path in ("/llm", "/llm", "/v1/chat/completions", "/llm")
+            ]
             refused_while_held = 0
             for next_done in asyncio.as_completed(others, timeout=30):
                 response, _ = await next_done
@@ -90,8 +101,11 @@ async def test_first_request_to_a_model_at_zero_replicas_is_answered(serve_url, 
     hold = tmp_path / "weights.hold"
     hold.touch()
     autoscaling = {"min_replicas": 0, "max_replicas": 1, "upscale_delay_s": 0}
-    serve.run(_app({"id": "cold", "source": {"path": str(source)}, "deployment": {"autoscaling": autoscaling}}),
-              name="cold", route_prefix="/cold")
+    serve.run(
+        _app({"id": "cold", "source": {"path": str(source)}, "deployment": {"autoscaling": autoscaling}}),
+        name="cold",
+        route_prefix="/cold",
+    )
     try:
         async with httpx.AsyncClient(base_url=serve_url + "/cold", timeout=120) as client:
             models = (await client.get("/v1/models")).json()["data"]
@@ -112,10 +126,15 @@ async def test_first_request_to_a_model_at_zero_replicas_is_answered(serve_url, 
 async def test_waiting_for_a_cold_start_is_bounded(serve_url, fake_url, tmp_path):
     source = tmp_path / "weights"
     (tmp_path / "weights.hold").touch()
-    deployment = {"autoscaling": {"min_replicas": 0, "max_replicas": 1, "upscale_delay_s": 0},
-                  "first_output_timeout_s": 2}
-    serve.run(_app({"id": "slow", "source": {"path": str(source)}, "deployment": deployment}),
-              name="slow", route_prefix="/slow")
+    deployment = {
+        "autoscaling": {"min_replicas": 0, "max_replicas": 1, "upscale_delay_s": 0},
+        "first_output_timeout_s": 2,
+    }
+    serve.run(
+        _app({"id": "slow", "source": {"path": str(source)}, "deployment": deployment}),
+        name="slow",
+        route_prefix="/slow",
+    )
     try:
         async with httpx.AsyncClient(base_url=serve_url + "/slow", timeout=60) as client:
             response, seconds = await _timed_post(client, "/v1/chat/completions", _ask("hi", "slow"))
@@ -130,12 +149,29 @@ async def test_waiting_for_a_cold_start_is_bounded(serve_url, fake_url, tmp_path
 def test_models_scale_up_under_load_and_back_down_independently(serve_url, fake_url, tmp_path):
     hold = tmp_path / "hold"
     hold.touch()
-    elastic = {"autoscaling": {"min_replicas": 1, "max_replicas": 3, "target_ongoing_requests": 1,
-                               "upscale_delay_s": 0, "downscale_delay_s": 1}}
-    steady = {"autoscaling": {"min_replicas": 1, "max_replicas": 3, "target_ongoing_requests": 1,
-                              "upscale_delay_s": 0, "downscale_delay_s": 1}}
-    serve.run(_app({"id": "elastic", "deployment": elastic}, {"id": "steady", "deployment": steady}),
-              name="scaling", route_prefix="/scaling")
+    elastic = {
+        "autoscaling": {
+            "min_replicas": 1,
+            "max_replicas": 3,
+            "target_ongoing_requests": 1,
+            "upscale_delay_s": 0,
+            "downscale_delay_s": 1,
+        }
+    }
+    steady = {
+        "autoscaling": {
+            "min_replicas": 1,
+            "max_replicas": 3,
+            "target_ongoing_requests": 1,
+            "upscale_delay_s": 0,
+            "downscale_delay_s": 1,
+        }
+    }
+    serve.run(
+        _app({"id": "elastic", "deployment": elastic}, {"id": "steady", "deployment": steady}),
+        name="scaling",
+        route_prefix="/scaling",
+    )
     url = serve_url + "/scaling/llm"
 
     async def load() -> list[int]:

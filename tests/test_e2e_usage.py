@@ -15,9 +15,16 @@ FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
 def test_the_ledger_matches_the_usage_the_real_model_reported(client):
     since = time.time()
     whole = client.post("/llm", json={"messages": FRANCE, "max_tokens": 8})
-    streamed = client.post("/v1/chat/completions", json={
-        "model": "smollm2", "messages": FRANCE, "max_tokens": 8, "stream": True, "stream_options": {"include_usage": True},
-    })
+    streamed = client.post(
+        "/v1/chat/completions",
+        json={
+            "model": "smollm2",
+            "messages": FRANCE,
+            "max_tokens": 8,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        },
+    )
     told = [whole.json()["usage"], json_chunks(streamed.text)[-1]["usage"]]
     assert all(usage["completion_tokens"] > 0 for usage in told)
 

@@ -12,7 +12,9 @@ def _ask(text: str, **fields) -> dict:
     return {"messages": [{"role": "user", "content": text}], **fields}
 
 
-@pytest.mark.parametrize("model, served", [("", "fake-b"), (None, "fake-b"), ("a", "fake-a"), ("fake-a", "fake-a"), ("fake-b", "fake-b")])
+@pytest.mark.parametrize(
+    "model, served", [("", "fake-b"), (None, "fake-b"), ("a", "fake-a"), ("fake-a", "fake-a"), ("fake-b", "fake-b")]
+)
 def test_routes_by_model_name_alias_or_default(fake_client, model, served):
     body = _ask("one two three")
     if model is not None:
@@ -35,7 +37,9 @@ def test_midstream_failure_ends_llm_stream_with_error_chunk(fake_client):
 
 
 def test_midstream_failure_ends_openai_stream_with_error_event(fake_client):
-    response = fake_client.post("/v1/chat/completions", json=_ask("alpha beta FAIL MIDSTREAM gamma", model="a", stream=True))
+    response = fake_client.post(
+        "/v1/chat/completions", json=_ask("alpha beta FAIL MIDSTREAM gamma", model="a", stream=True)
+    )
     payloads = events(response.text)
     assert payloads[-1] == "[DONE]"
     assert '"error"' in payloads[-2] and "Traceback" not in payloads[-2]

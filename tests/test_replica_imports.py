@@ -12,6 +12,8 @@ import pytest
 def test_a_support_replica_does_not_load_the_engine(module):
     loaded = subprocess.run(
         [sys.executable, "-c", f"import sys, {module}; print(sorted({{'vllm', 'torch'}} & set(sys.modules)))"],
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout.strip()
     assert loaded == "[]"

@@ -1,6 +1,6 @@
 """The admin routes' logic: usage totals from the ledger, for keys with the `admin` scope."""
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from fastapi import Request
@@ -43,8 +43,8 @@ def instant(text: str | None, name: str) -> float | None:
         moment = datetime.fromisoformat(text)
     except ValueError:
         raise BadRequest(f"{name}: {text!r} is neither an ISO 8601 time nor unix seconds") from None
-    return (moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)).timestamp()
+    return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
 
 
 def _iso(seconds: float | None) -> str | None:
-    return None if seconds is None else datetime.fromtimestamp(seconds, timezone.utc).isoformat()
+    return None if seconds is None else datetime.fromtimestamp(seconds, UTC).isoformat()

@@ -56,7 +56,7 @@ async def _first_output(
     outputs = route.call(chat)
     try:
         first = await asyncio.wait_for(outputs.__anext__(), route.first_output_timeout_s)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         outputs.cancel()
         raise Overloaded(
             f"model {route.model_id!r} gave no output within {route.first_output_timeout_s:g} s "

@@ -47,8 +47,6 @@ def livepeer_health(default_model: str, states: dict[str, ModelState]) -> dict[s
     return body
 
 
-
-
 async def hardware_info(model_id: str) -> dict[str, Any]:
     nodes = await asyncio.to_thread(ray.nodes)
     return {"pipeline": "llm", "model_id": model_id, **describe(nodes)}
@@ -65,13 +63,19 @@ def describe(nodes: list[dict[str, Any]]) -> dict[str, Any]:
         kinds = [name.removeprefix(ACCELERATOR_PREFIX) for name in resources if name.startswith(ACCELERATOR_PREFIX)]
         accelerator = kinds[0] if kinds else None
         gpus = int(resources.get("GPU", 0))
-        described.append({
-            "node_id": node["NodeID"], "address": node["NodeManagerAddress"],
-            "cpus": resources.get("CPU", 0), "gpus": gpus, "accelerator_type": accelerator,
-        })
+        described.append(
+            {
+                "node_id": node["NodeID"],
+                "address": node["NodeManagerAddress"],
+                "cpus": resources.get("CPU", 0),
+                "gpus": gpus,
+                "accelerator_type": accelerator,
+            }
+        )
         for index in range(gpus):
             gpu_info[len(gpu_info)] = {
-                "id": f"{node['NodeManagerAddress']}/{index}", "name": accelerator or "GPU",
+                "id": f"{node['NodeManagerAddress']}/{index}",
+                "name": accelerator or "GPU",
                 "node_id": node["NodeID"],
             }
     return {"gpu_info": gpu_info, "nodes": described}

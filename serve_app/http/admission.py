@@ -5,7 +5,6 @@ returns or raises, and a cancellation too, ends the lifecycle exactly once."""
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
-
 from typing import Any
 
 from fastapi import Request

@@ -77,9 +77,7 @@ def deployment_options(model: ModelConfig) -> dict[str, Any]:
             gpu_bundle[f"accelerator_type:{settings.accelerator_type}"] = 0.001
         options["placement_group_bundles"] = [{"CPU": settings.num_cpus}] + [gpu_bundle] * world
         # A tensor-parallel group needs one node's fast interconnect; pipeline stages may span nodes.
-        options["placement_group_strategy"] = (
-            "STRICT_PACK" if model.engine.pipeline_parallel_size == 1 else "PACK"
-        )
+        options["placement_group_strategy"] = "STRICT_PACK" if model.engine.pipeline_parallel_size == 1 else "PACK"
     else:
         actor["num_gpus"] = settings.num_gpus
         if settings.accelerator_type:

@@ -65,9 +65,7 @@ class VLLMEngine:
             )
             schedulers_to_engine_cores(started_by=os.getpid())
             state = State()
-            await init_app_state(
-                self._client, state, args, supported_tasks=await self._client.get_supported_tasks()
-            )
+            await init_app_state(self._client, state, args, supported_tasks=await self._client.get_supported_tasks())
             self._serving_chat = state.openai_serving_chat
 
     async def chat(self, request: ChatCompletionRequest) -> ChatResult:
@@ -100,8 +98,11 @@ def _serve_logs_kept() -> Iterator[None]:
     """vLLM applies its logging config with `dictConfig`, which closes every handler in the
     process: Serve's buffering handler then loses its log file, and the replica's log (our line
     per request included) goes nowhere. Its file is given back once the engine is up."""
-    kept = [(handler, handler.target) for handler in logging.getLogger("ray.serve").handlers
-            if isinstance(handler, MemoryHandler)]
+    kept = [
+        (handler, handler.target)
+        for handler in logging.getLogger("ray.serve").handlers
+        if isinstance(handler, MemoryHandler)
+    ]
     try:
         yield
     finally:
@@ -129,8 +130,9 @@ def vllm_namespace(model_id: str, model: str, vllm_args: dict[str, Any]):
         try:
             setattr(args, name, _as_flag_reads(actions.get(name), value))
         except (ValueError, TypeError, argparse.ArgumentTypeError) as error:
-            raise ValueError(f"vLLM argument {name} of model {model_id!r}: {value!r} is not a value "
-                             f"its flag takes ({error})") from None
+            raise ValueError(
+                f"vLLM argument {name} of model {model_id!r}: {value!r} is not a value its flag takes ({error})"
+            ) from None
     return args
 
 

@@ -6,6 +6,7 @@ import json
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import nullcontext
+from typing import ClassVar
 
 from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest, ChatCompletionResponse
 from vllm.entrypoints.serve.engine.protocol import ErrorResponse
@@ -79,7 +80,8 @@ async def _stream_outputs(lines: AsyncIterator[str]) -> AsyncIterator[str | Mode
 class InProcessStream:
     """A colocated model's outputs for one request, with the handle stream's `cancel()`."""
 
-    _closing: set[asyncio.Task] = set()
+    _closing: ClassVar[set[asyncio.Task]] = set()
+    """Closing tasks under way, held so that they are not collected before they are done."""
 
     def __init__(self, outputs: AsyncGenerator[ModelOutput, None]) -> None:
         self._outputs = outputs

@@ -44,7 +44,9 @@ def _call(model: DeploymentHandle | ModelRunner) -> Callable[[ChatCompletionRequ
 
 class Router:
     def __init__(self, config: ClusterConfig, models: dict[str, DeploymentHandle | ModelRunner]) -> None:
-        self._routes = {m.id: Route(m.id, _call(models[m.id]), m.deployment.first_output_timeout_s) for m in config.models}
+        self._routes = {
+            m.id: Route(m.id, _call(models[m.id]), m.deployment.first_output_timeout_s) for m in config.models
+        }
         self._ids = {name: m.id for m in config.models for name in (m.id, *m.aliases)}
         self._default = config.default_model_id
         self.model_ids = [m.id for m in config.models]
@@ -58,7 +60,9 @@ class Router:
         if model_id is None or not caller.may_use(self.names[model_id]):
             usable = ", ".join(n for usable_id in self.models_for(caller) for n in self.names[usable_id]) or "none"
             if not name:
-                raise NotFound(f"name a model: the default model is not one this key may use; available models: {usable}")
+                raise NotFound(
+                    f"name a model: the default model is not one this key may use; available models: {usable}"
+                )
             raise NotFound(f"model {name!r} does not exist or you do not have access to it; available models: {usable}")
         return self._routes[model_id]
 

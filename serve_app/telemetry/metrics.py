@@ -29,17 +29,22 @@ class IngressMetrics:
             "llm_completion_tokens", "Tokens generated for answered requests.", tag_keys=REQUEST_TAGS
         )
         self.ttft = Histogram(
-            "llm_time_to_first_token_seconds", "Time from a request's arrival to its first token.",
-            boundaries=LATENCY_S, tag_keys=REQUEST_TAGS,
+            "llm_time_to_first_token_seconds",
+            "Time from a request's arrival to its first token.",
+            boundaries=LATENCY_S,
+            tag_keys=REQUEST_TAGS,
         )
         self.itl = Histogram(
             "llm_inter_token_latency_seconds",
             "Mean time between consecutive streamed chunks of text, one observation per request.",
-            boundaries=TOKEN_GAP_S, tag_keys=REQUEST_TAGS,
+            boundaries=TOKEN_GAP_S,
+            tag_keys=REQUEST_TAGS,
         )
         self.duration = Histogram(
-            "llm_request_duration_seconds", "Time from a request's arrival to its last byte.",
-            boundaries=LATENCY_S, tag_keys=REQUEST_TAGS,
+            "llm_request_duration_seconds",
+            "Time from a request's arrival to its last byte.",
+            boundaries=LATENCY_S,
+            tag_keys=REQUEST_TAGS,
         )
         self.in_flight = Gauge("llm_requests_in_flight", "Requests being answered now.", tag_keys=("model",))
         self._in_flight: Tally[str] = Tally()
@@ -70,10 +75,14 @@ class IngressMetrics:
 class EngineMetrics:
     def __init__(self) -> None:
         self.ttft = Histogram(
-            "llm_engine_time_to_first_token_seconds", "Time from the replica receiving a request to the engine's first output.",
-            boundaries=LATENCY_S, tag_keys=("model",),
+            "llm_engine_time_to_first_token_seconds",
+            "Time from the replica receiving a request to the engine's first output.",
+            boundaries=LATENCY_S,
+            tag_keys=("model",),
         )
         self.duration = Histogram(
-            "llm_engine_request_duration_seconds", "Time the replica spent on a request, engine included.",
-            boundaries=LATENCY_S, tag_keys=("model",),
+            "llm_engine_request_duration_seconds",
+            "Time the replica spent on a request, engine included.",
+            boundaries=LATENCY_S,
+            tag_keys=("model",),
         )

@@ -9,7 +9,7 @@ import hashlib
 import hmac
 import os
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from cluster.schema import ApiKey, AuthConfig, Scope
 from serve_app.errors import Forbidden, Unauthorized
@@ -54,7 +54,7 @@ class KeyRing:
                 found = key
         if found is None:
             raise Unauthorized("invalid bearer token")
-        if found.expires_at is not None and datetime.now(timezone.utc) >= found.expires_at:
+        if found.expires_at is not None and datetime.now(UTC) >= found.expires_at:
             raise Unauthorized(f"API key {found.name!r} expired at {found.expires_at.isoformat()}")
         return Caller(key=found)
 

@@ -21,8 +21,8 @@ from ray.actor import ActorHandle
 from ray.serve.handle import DeploymentHandle
 
 from cluster.schema import ApiKey
-from serve_app.tenancy.keys import Caller
 from serve_app.errors import BadRequest, Overloaded, RateLimited
+from serve_app.tenancy.keys import Caller
 from serve_app.tenancy.quotas import Decision, RateLimits
 
 logger = logging.getLogger("ray.serve")
@@ -98,7 +98,9 @@ class LimitGate:
         try:
             if actor is None:
                 actor = self._actor = await self._limiter.actor.remote()
-            decision = await asyncio.wait_for(actor.acquire.remote(key.name, reserve_tokens, lease_id), ACQUIRE_TIMEOUT_S)
+            decision = await asyncio.wait_for(
+                actor.acquire.remote(key.name, reserve_tokens, lease_id), ACQUIRE_TIMEOUT_S
+            )
         except BaseException as error:
             if actor is not None:
                 # The lease may have been granted before its answer was lost (a timeout, a

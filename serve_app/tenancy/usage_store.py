@@ -31,16 +31,24 @@ class UsageRow:
     def of(cls, request: FinishedRequest) -> "UsageRow":
         """`id` is ours, not the request id: clients choose request ids and may repeat them."""
         return cls(
-            id=uuid.uuid4().hex, request_id=request.request_id, time=request.started_at, key=request.key_name,
-            model=request.model or "", endpoint=request.endpoint, prompt_tokens=request.prompt_tokens,
-            completion_tokens=request.completion_tokens, finish_reason=request.finish_reason,
-            status=request.status, latency_ms=round(request.duration_s * 1000, 1),
+            id=uuid.uuid4().hex,
+            request_id=request.request_id,
+            time=request.started_at,
+            key=request.key_name,
+            model=request.model or "",
+            endpoint=request.endpoint,
+            prompt_tokens=request.prompt_tokens,
+            completion_tokens=request.completion_tokens,
+            finish_reason=request.finish_reason,
+            status=request.status,
+            latency_ms=round(request.duration_s * 1000, 1),
         )
 
 
 _metadata = sa.MetaData()
 _usage = sa.Table(
-    "usage", _metadata,
+    "usage",
+    _metadata,
     sa.Column("id", sa.String(32), primary_key=True),
     sa.Column("request_id", sa.String(200), nullable=False),
     sa.Column("time", sa.Float, nullable=False, index=True),
@@ -76,13 +84,18 @@ class UsageStore:
     def totals(
         self, since: float | None, until: float | None, key: str | None = None, model: str | None = None
     ) -> list[dict[str, Any]]:
-        query = sa.select(
-            _usage.c.key, _usage.c.model,
-            sa.func.count().label("requests"),
-            sa.func.sum(sa.case((_usage.c.status >= 400, 1), else_=0)).label("failed_requests"),
-            sa.func.sum(_usage.c.prompt_tokens).label("prompt_tokens"),
-            sa.func.sum(_usage.c.completion_tokens).label("completion_tokens"),
-        ).group_by(_usage.c.key, _usage.c.model).order_by(_usage.c.key, _usage.c.model)
+        query = (
+            sa.select(
+                _usage.c.key,
+                _usage.c.model,
+                sa.func.count().label("requests"),
+                sa.func.sum(sa.case((_usage.c.status >= 400, 1), else_=0)).label("failed_requests"),
+                sa.func.sum(_usage.c.prompt_tokens).label("prompt_tokens"),
+                sa.func.sum(_usage.c.completion_tokens).label("completion_tokens"),
+            )
+            .group_by(_usage.c.key, _usage.c.model)
+            .order_by(_usage.c.key, _usage.c.model)
+        )
         if since is not None:
             query = query.where(_usage.c.time >= since)
         if until is not None:

@@ -69,9 +69,7 @@ def _chunk(state: StreamState, content: str, finish_reason: str | None) -> LLMRe
         model=state.model,
         created=state.created,
         usage=LLMUsage(**state.usage),
-        choices=[
-            LLMChoice(index=0, finish_reason=finish_reason, delta=LLMDelta(role="assistant", content=content))
-        ],
+        choices=[LLMChoice(index=0, finish_reason=finish_reason, delta=LLMDelta(role="assistant", content=content))],
     )
 
 

@@ -5,10 +5,10 @@ The response is typed as `TypedDict`s: the chunks are built once per token on th
 plain dicts, and these same types document the route (OpenAPI) and check every chunk in tests.
 """
 
-from typing import Any, Literal
+from typing import Any, Literal, NotRequired
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator, with_config
-from typing_extensions import NotRequired, TypedDict
+from typing_extensions import TypedDict
 from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
 
 from serve_app.errors import from_validation

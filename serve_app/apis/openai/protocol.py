@@ -40,6 +40,5 @@ def _check(chat: ChatCompletionRequest) -> None:
         role = message.get("role") if isinstance(message, dict) else getattr(message, "role", None)
         if role not in KNOWN_ROLES:
             raise BadRequest(
-                f"invalid request body: messages.{index}.role: {role!r} is not one of "
-                f"{', '.join(sorted(KNOWN_ROLES))}"
+                f"invalid request body: messages.{index}.role: {role!r} is not one of {', '.join(sorted(KNOWN_ROLES))}"
             )

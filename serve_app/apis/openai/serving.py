@@ -40,7 +40,11 @@ class OpenAIChat:
         call = await self._calls.start(route, chat, caller, lifecycle)
         if chat.stream:
             events = openai_events(
-                call, lifecycle.answer, lifecycle.request_id, bool(asked.include_usage), bool(asked.continuous_usage_stats)
+                call,
+                lifecycle.answer,
+                lifecycle.request_id,
+                bool(asked.include_usage),
+                bool(asked.continuous_usage_stats),
             )
             return EventStream(events, call.rest.cancel, lifecycle, call.headers)
         first = call.first
