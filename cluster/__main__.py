@@ -2,7 +2,9 @@
 runs `serve run FILE` as `make serve` does; `python -m cluster render FILE` prints the normalized
 Serve config it deploys; `python -m cluster render kuberay FILE` prints a KubeRay RayService
 manifest embedding it; `python -m cluster env` prints the exports a node needs before `ray start`;
-`python -m cluster keys new NAME` makes an API key; `python -m cluster docs` prints the config
+`python -m cluster keys new NAME` makes an API key for the config, `python -m cluster keys
+create|list|show|update|rotate|revoke … --url URL` manages keys on a running cluster;
+`python -m cluster docs` prints the config
 reference (docs/configuration.md) from the schema's field descriptions."""
 
 import argparse
@@ -12,7 +14,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from cluster import reference, render, runtime
+from cluster import admin_client, reference, render, runtime
 from cluster.keys import new_key
 from cluster.load import ConfigError, LoadedConfig, describe, load
 
@@ -50,7 +52,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     rendering.set_defaults(func=_render)
 
-    keys = sub.add_parser("keys", help="make API keys").add_subparsers(dest="action", required=True)
+    keys = sub.add_parser("keys", help="make API keys, or manage them on a running cluster").add_subparsers(
+        dest="action", required=True
+    )
     new = keys.add_parser("new", help="print a new random key and its config lines")
     new.add_argument("name")
     new.add_argument("--models", nargs="+", metavar="PATTERN", help="model names or glob patterns (default: all)")
@@ -60,6 +64,7 @@ def _parser() -> argparse.ArgumentParser:
     new.add_argument("--concurrency", type=int, dest="concurrent_requests", help="requests in flight")
     new.add_argument("--expires", dest="expires_at", help="ISO 8601 time from which the key is refused")
     new.set_defaults(func=_new_key)
+    admin_client.add_verbs(keys)
 
     docs = sub.add_parser("docs", help="print the config reference, generated from the schema")
     docs.add_argument(

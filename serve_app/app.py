@@ -13,6 +13,8 @@ from cluster.schema import ClusterConfig
 from serve_app.ingress import Ingress
 from serve_app.models.deployment import ModelServer, colocated_options, deployment_options
 from serve_app.models.engine import EngineFactory, vllm_engine, vllm_namespace
+from serve_app.tenancy.database import single_writer_actor_options
+from serve_app.tenancy.key_registry import KeyRegistry, registry_options
 from serve_app.tenancy.ledger import UsageLedger, ledger_options
 from serve_app.tenancy.limiter import LIMITER_OPTIONS, RateLimiter
 
@@ -25,9 +27,10 @@ def build_app(args: ClusterConfig) -> Application:
 
 
 def build_graph(config: ClusterConfig, engine_factory: EngineFactory) -> Application:
-    """One deployment per model, the rate limiter if a key has limits, the usage ledger unless it
-    is off, and the ingress holding a handle to each; or, colocated, the ingress holding the one
-    model's engine, deployed under the model's name and settings."""
+    """One deployment per model, the rate limiter if a key may have limits, the usage ledger unless
+    it is off, the key registry where keys are made at runtime, and the ingress holding a handle
+    to each; or, colocated, the ingress holding the one model's engine, deployed under the model's
+    name and settings."""
     logging_config = config.logging.serve_logging_config()
     models = (
         {}
@@ -40,8 +43,14 @@ def build_graph(config: ClusterConfig, engine_factory: EngineFactory) -> Applica
         }
     )
     limiter = None
-    if any(key.limits.any for key in config.auth.keys):
-        limiter = serve.deployment(RateLimiter, **LIMITER_OPTIONS, logging_config=logging_config).bind(config.auth.keys)
+    if config.auth.store_enabled or any(key.limits.any for key in config.auth.keys):
+        limiter = serve.deployment(RateLimiter, **LIMITER_OPTIONS, logging_config=logging_config).bind()
+    registry = None
+    if config.auth.store_enabled:
+        options = registry_options(single_writer_actor_options(config.usage.database))
+        registry = serve.deployment(KeyRegistry, **options, logging_config=logging_config).bind(
+            config.usage.database, [key.name for key in config.auth.keys]
+        )
     ledger = None
     if config.usage.enabled:
         ledger = serve.deployment(UsageLedger, **ledger_options(config.usage), logging_config=logging_config).bind(
@@ -50,10 +59,10 @@ def build_graph(config: ClusterConfig, engine_factory: EngineFactory) -> Applica
     if config.ingress.colocate:
         options = colocated_options(config.models[0])
         return Ingress.options(**options, logging_config=logging_config).bind(
-            config, {}, limiter, ledger, engine_factory
+            config, {}, limiter, ledger, registry, colocated_engine=engine_factory
         )
     return Ingress.options(**ingress_options(config), logging_config=logging_config).bind(
-        config, models, limiter, ledger
+        config, models, limiter, ledger, registry
     )
 
 

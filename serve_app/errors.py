@@ -45,6 +45,11 @@ class NotFound(APIError):
     kind = "not_found_error"
 
 
+class Conflict(APIError):
+    status = 409
+    kind = "conflict_error"
+
+
 class Overloaded(APIError):
     status = 503
     kind = "overloaded_error"
@@ -70,7 +75,9 @@ def for_status(status: int, message: str) -> APIError:
     """The error for a status another layer chose: vLLM's serving layer reports client mistakes
     (bad parameters, a prompt longer than the context) and refusals with the status its own
     server would answer; FastAPI answers unknown paths and methods with theirs."""
-    cls = {400: BadRequest, 401: Unauthorized, 403: Forbidden, 404: NotFound, 503: Overloaded}.get(status)
+    cls = {400: BadRequest, 401: Unauthorized, 403: Forbidden, 404: NotFound, 409: Conflict, 503: Overloaded}.get(
+        status
+    )
     if cls is not None:
         return cls(message)
     error = BadRequest(message) if 400 <= status < 500 else APIError(message)
@@ -91,8 +98,9 @@ def from_validation(error: ValidationError, what: str) -> BadRequest:
 
 
 def api_of(path: str) -> Api:
-    """Which shape a route's errors take: OpenAI's under `/v1/`, the Livepeer runner's elsewhere."""
-    return "openai" if path.startswith("/v1/") else "livepeer"
+    """Which shape a route's errors take: OpenAI's under `/v1/` and `/admin/` (whose clients are
+    scripts and SDKs), the Livepeer runner's elsewhere."""
+    return "openai" if path.startswith(("/v1/", "/admin/")) else "livepeer"
 
 
 def error_body(api: Api, error: APIError, request_id: str) -> dict[str, Any]:

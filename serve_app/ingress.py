@@ -15,6 +15,7 @@ from ray.serve.handle import DeploymentHandle
 
 from cluster.schema import ClusterConfig
 from serve_app.apis.admin import Admin
+from serve_app.apis.admin_keys import AdminKeys
 from serve_app.apis.livepeer.protocol import LLMResponse
 from serve_app.apis.livepeer.serving import LivepeerChat
 from serve_app.apis.model_call import ModelCalls
@@ -29,6 +30,7 @@ from serve_app.models.runner import ModelRunner
 from serve_app.routing.router import Router
 from serve_app.telemetry import request_log
 from serve_app.telemetry.metrics import IngressMetrics
+from serve_app.tenancy.key_registry import KeyWatch
 from serve_app.tenancy.keys import KeyRing
 from serve_app.tenancy.ledger import LedgerClient
 from serve_app.tenancy.limiter import LimitGate
@@ -43,6 +45,7 @@ class Ingress:
         handles: dict[str, DeploymentHandle],
         limiter: DeploymentHandle | None = None,
         ledger: DeploymentHandle | None = None,
+        registry: DeploymentHandle | None = None,
         colocated_engine: EngineFactory | None = None,
     ) -> None:
         """With `colocated_engine`, the config's one model runs in this replica (no handle); the
@@ -62,13 +65,19 @@ class Ingress:
             routed=(metrics.request_routed,),
             finished=(request_log.write, metrics.request_finished, self._ledger.record),
         )
-        self._admission = Admission(KeyRing(config.auth), listeners)
+        keys = KeyRing(config.auth)
+        self._key_watch = None if registry is None else KeyWatch(registry, keys)
+        if self._key_watch is not None:
+            await self._key_watch.start()
+        self._admission = Admission(keys, listeners)
         calls = ModelCalls(LimitGate(limiter))
         limit = config.ingress.max_tokens_limit
         self._livepeer = LivepeerChat(router, calls, limit)
         self._openai = OpenAIChat(router, calls, limit)
         self._runner_info = RunnerInfo(config.default_model_id, router.model_ids)
         self._admin = Admin(self._ledger)
+        names = {name for model in config.models for name in (model.id, *model.aliases)}
+        self._admin_keys = AdminKeys(self._key_watch, config.auth.keys, names)
 
     @app.post("/llm", response_model=LLMResponse)
     @app.post("/llm/", include_in_schema=False)
@@ -107,6 +116,42 @@ class Ingress:
     async def usage(self, request: Request):
         return await self._admission.serve(request, "/admin/usage", "admin", lambda *_: self._admin.usage(request))
 
+    @app.post("/admin/keys", status_code=201)
+    async def create_key(self, request: Request):
+        return await self._admission.serve(
+            request, "/admin/keys", "admin", lambda _, caller, __: self._admin_keys.create(request, caller)
+        )
+
+    @app.get("/admin/keys")
+    async def list_keys(self, request: Request):
+        return await self._admission.serve(request, "/admin/keys", "admin", lambda *_: self._admin_keys.all())
+
+    @app.get("/admin/keys/{name}")
+    async def show_key(self, request: Request, name: str):
+        return await self._admission.serve(request, "/admin/keys", "admin", lambda *_: self._admin_keys.show(name))
+
+    @app.patch("/admin/keys/{name}")
+    async def update_key(self, request: Request, name: str):
+        return await self._admission.serve(
+            request, "/admin/keys", "admin", lambda _, caller, __: self._admin_keys.update(request, caller, name)
+        )
+
+    @app.post("/admin/keys/{name}/rotate")
+    async def rotate_key(self, request: Request, name: str):
+        return await self._admission.serve(
+            request, "/admin/keys", "admin", lambda _, caller, __: self._admin_keys.rotate(request, caller, name)
+        )
+
+    @app.delete("/admin/keys/{name}")
+    async def delete_key(self, request: Request, name: str):
+        return await self._admission.serve(
+            request, "/admin/keys", "admin", lambda _, caller, __: self._admin_keys.delete(caller, name)
+        )
+
+    @app.get("/admin/audit")
+    async def audit(self, request: Request):
+        return await self._admission.serve(request, "/admin/audit", "admin", lambda *_: self._admin_keys.audit(request))
+
     async def check_health(self) -> None:
         """Serve calls this periodically; a failing colocated engine gets the replica replaced."""
         for runner in self._runners.values():
@@ -119,6 +164,8 @@ class Ingress:
         """Serve awaits this on a graceful stop, once requests have drained (its ingress wrapper
         awaits a coroutine `__del__`, and only calls a plain one): the ledger rows this replica
         holds are stored before it goes."""
+        if getattr(self, "_key_watch", None) is not None:
+            self._key_watch.stop()
         if hasattr(self, "_ledger"):
             await self._ledger.close()
         for runner in getattr(self, "_runners", {}).values():

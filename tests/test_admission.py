@@ -179,7 +179,7 @@ async def test_a_key_without_the_routes_scope_is_403_before_the_handler_runs():
 
     admission = Admission(_keys(), recorder.listeners())
     response = await admission.serve(_request("/admin/usage", CHAT_TOKEN), "/admin/usage", "admin", handler)
-    assert response.status_code == 403 and "lacks the 'admin' scope" in _body(response)["detail"]["msg"]
+    assert response.status_code == 403 and "lacks the 'admin' scope" in _body(response)["error"]["message"]
     assert called == [] and [(f.status, f.key_name) for f in recorder.finished] == [(403, "chatter")]
     # A route without a scope takes any valid key; the scoped route its own key.
     assert (await admission.serve(_request("/version", ADMIN_TOKEN), "/version", None, handler)).status_code == 200
@@ -269,15 +269,17 @@ async def test_a_stream_is_not_finished_by_admission_but_by_its_end():
     assert isinstance(response, EventStream) and recorder.finished == []
 
 
-async def test_without_keys_every_route_is_open():
+async def test_without_keys_the_chat_routes_are_open_and_the_admin_routes_closed():
     recorder = _Recorder()
 
     async def handler(request, caller, lifecycle):
         return {"key": caller.key_name}
 
     admission = Admission(KeyRing(AuthConfig()), recorder.listeners())
-    response = await admission.serve(_request("/admin/usage", token=None), "/admin/usage", "admin", handler)
-    assert (response.status_code, _body(response)) == (200, {"key": None})
+    chat = await admission.serve(_request("/llm", token=None), "/llm", "chat", handler)
+    assert (chat.status_code, _body(chat)) == (200, {"key": None})
+    admin = await admission.serve(_request("/admin/usage", token=None), "/admin/usage", "admin", handler)
+    assert admin.status_code == 403 and "admin scope" in _body(admin)["error"]["message"]
 
 
 # The errors' statuses.

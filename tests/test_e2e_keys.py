@@ -118,12 +118,12 @@ def test_a_key_sees_and_uses_only_its_models(keys_url):
 
 def test_admin_routes_need_the_admin_scope_and_an_admin_only_key_cannot_chat(keys_url):
     refused = _call(keys_url, "open", "GET", "/admin/usage")
-    assert refused.status_code == 403 and "lacks the 'admin' scope" in refused.json()["detail"]["msg"]
+    assert refused.status_code == 403 and "lacks the 'admin' scope" in refused.json()["error"]["message"]
     assert _post(keys_url, "admin", "/llm", _ask()).status_code == 403
     assert _call(keys_url, "admin", "GET", "/admin/usage").json()["object"] == "usage"
     bad = _call(keys_url, "admin", "GET", "/admin/usage", params={"since": "yesterday"})
     assert bad.status_code == 400
-    assert bad.json()["detail"]["msg"] == "since: 'yesterday' is neither an ISO 8601 time nor unix seconds"
+    assert bad.json()["error"]["message"] == "since: 'yesterday' is neither an ISO 8601 time nor unix seconds"
     for value in ("nan", "1e20", "-5"):
         out_of_range = _call(keys_url, "admin", "GET", "/admin/usage", params={"until": value})
         assert out_of_range.status_code == 400 and "not a time this server can represent" in out_of_range.text

@@ -14,8 +14,22 @@ class Clock:
         return self.now
 
 
-def _limits(clock: Clock, **limits) -> RateLimits:
-    return RateLimits({"k": KeyLimits(**limits), "free": KeyLimits()}, clock=clock)
+class _Keys:
+    """The bookkeeping as the limiter's gate calls it: each request with its key's limits."""
+
+    def __init__(self, clock: Clock, limits: dict[str, KeyLimits]) -> None:
+        self.limits = limits
+        self.quotas = RateLimits(clock=clock)
+
+    def acquire(self, key: str, reserve_tokens: int, lease_id: str | None = None):
+        return self.quotas.acquire(key, self.limits.get(key, KeyLimits()), reserve_tokens, lease_id)
+
+    def release(self, lease_id: str, tokens_used: int) -> None:
+        self.quotas.release(lease_id, tokens_used)
+
+
+def _limits(clock: Clock, **limits) -> _Keys:
+    return _Keys(clock, {"k": KeyLimits(**limits), "free": KeyLimits()})
 
 
 def test_requests_per_minute_is_a_sliding_minute():
@@ -90,3 +104,15 @@ def test_release_is_idempotent():
 def test_keys_without_limits_are_not_tracked(key):
     decision = _limits(Clock(), requests_per_minute=1).acquire(key, 10**9)
     assert decision.refusal is None and decision.lease_id is None and decision.headers == {}
+
+
+def test_a_changed_limit_applies_at_once_to_the_minute_already_counted():
+    clock = Clock()
+    keys = _limits(clock, requests_per_minute=5)
+    for _ in range(3):
+        assert keys.acquire("k", 0).refusal is None
+    keys.limits["k"] = KeyLimits(requests_per_minute=3)
+    assert "limit of 3 requests per minute" in keys.acquire("k", 0).refusal
+    keys.limits["new"] = KeyLimits(concurrent_requests=1)  # a key made at runtime
+    assert keys.acquire("new", 0).refusal is None
+    assert keys.acquire("new", 0).refusal is not None

@@ -102,14 +102,27 @@ class ApiKey(StrictModel):
 
 
 class AuthConfig(StrictModel):
-    """No keys means no auth: every route is open."""
+    """No keys means no auth: the chat and info routes are open to all, the admin routes to none.
+    The config's keys are the bootstrap keys, which the admin API cannot change; keys made through
+    the API (`/admin/keys`) live in the usage database and take effect on every ingress replica
+    without a redeploy."""
 
     keys: list[ApiKey] = Field(default_factory=list, description="the API keys; none: no auth")
+    runtime_keys: bool = Field(
+        default=True,
+        description="let admin keys make, change, rotate and revoke keys at runtime through `/admin/keys`, "
+        "kept in `usage.database` (only with at least one key in the config)",
+    )
 
     @model_validator(mode="after")
-    def _unique_names(self) -> "AuthConfig":
+    def _unique_names_and_tokens(self) -> "AuthConfig":
         reject_duplicates("key name", [key.name for key in self.keys])
+        reject_duplicates("key sha256", [key.sha256.lower() for key in self.keys if key.sha256 is not None])
         return self
+
+    @property
+    def store_enabled(self) -> bool:
+        return self.runtime_keys and bool(self.keys)
 
 
 class UsageSettings(StrictModel):

@@ -1,23 +1,30 @@
 """Bearer-token checks, done before any request body is read or any engine work starts, and the
 caller's rights: scopes and the models its key may use.
 
-Tokens are held only as sha256 digests, compared in constant time against every configured key,
-so neither the config nor a timing side channel reveals them.
+Tokens are held only as sha256 digests. A presented token is hashed and its digest looked up:
+what a lookup's timing could tell is about the digest, from which no token can be recovered. The
+config's keys are fixed for the replica's life; keys made through the admin API (the runtime
+keys) are replaced whole whenever the key registry publishes a change.
 """
 
 import hashlib
-import hmac
+import logging
 import os
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from cluster.schema import ApiKey, AuthConfig, Scope
 from serve_app.errors import Forbidden, Unauthorized
+from serve_app.tenancy.key_store import KeySnapshot, StoredKey
+
+logger = logging.getLogger("ray.serve")
 
 
 @dataclass(frozen=True)
 class Caller:
-    """Who made a request: its key, or None where auth is off (and every right is granted)."""
+    """Who made a request: its key, or None where auth is off (the chat and info routes are then
+    open to all, and the admin routes to none)."""
 
     key: ApiKey | None
 
@@ -26,20 +33,56 @@ class Caller:
         return self.key.name if self.key else None
 
     def require(self, scope: Scope) -> None:
-        if self.key is not None and scope not in self.key.scopes:
+        if self.key is None:
+            if scope == "admin":
+                raise Forbidden("the admin routes need an API key with the admin scope; this config has no keys")
+            return
+        if scope not in self.key.scopes:
             raise Forbidden(f"API key {self.key.name!r} lacks the {scope!r} scope this route needs")
 
     def may_use(self, names: tuple[str, ...]) -> bool:
         return self.key is None or self.key.may_use(names)
 
 
+@dataclass(frozen=True)
+class _Entry:
+    key: ApiKey
+    disabled: bool = False
+    valid_until: float | None = None
+    """For a rotated key's old secret: the end of its grace period."""
+
+
 class KeyRing:
     def __init__(self, config: AuthConfig) -> None:
-        self._keys = [(key, _digest_of(key)) for key in config.keys]
+        self._config_keys: dict[bytes, _Entry] = {}
+        for key in config.keys:
+            digest = _digest_of(key)
+            if digest in self._config_keys:
+                raise RuntimeError(f"API keys {self._config_keys[digest].key.name!r} and {key.name!r} have one token")
+            self._config_keys[digest] = _Entry(key)
+        self._runtime_keys: dict[bytes, _Entry] = {}
+        self.revision = -1
+        """The key registry's revision the runtime keys are of (-1: none yet)."""
 
     @property
     def enabled(self) -> bool:
-        return bool(self._keys)
+        """Runtime keys are made by admin keys, which the config holds: no config keys, no auth."""
+        return bool(self._config_keys)
+
+    def replace_runtime(self, snapshot: KeySnapshot) -> None:
+        keys: dict[bytes, _Entry] = {}
+        for stored in snapshot.keys:
+            key = _as_api_key(stored)
+            for digest, valid_until in ((stored.digest, None), (stored.previous_digest, stored.previous_valid_until)):
+                if digest is None:
+                    continue
+                raw = bytes.fromhex(digest)
+                if raw in self._config_keys:
+                    logger.error("runtime API key %r has the token of a config key; it is ignored", stored.name)
+                    continue
+                keys[raw] = _Entry(key, stored.disabled, valid_until)
+        self._runtime_keys = keys
+        self.revision = snapshot.revision
 
     def authenticate(self, authorization: str | None) -> Caller:
         if not self.enabled:
@@ -47,16 +90,28 @@ class KeyRing:
         scheme, _, token = (authorization or "").partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             raise Unauthorized("missing bearer token: send the header 'Authorization: Bearer <token>'")
-        presented = hashlib.sha256(token.strip().encode()).digest()
-        found = None
-        for key, digest in self._keys:
-            if hmac.compare_digest(presented, digest):
-                found = key
-        if found is None:
+        digest = hashlib.sha256(token.strip().encode()).digest()
+        entry = self._config_keys.get(digest) or self._runtime_keys.get(digest)
+        if entry is None or (entry.valid_until is not None and time.time() >= entry.valid_until):
             raise Unauthorized("invalid bearer token")
-        if found.expires_at is not None and datetime.now(UTC) >= found.expires_at:
-            raise Unauthorized(f"API key {found.name!r} expired at {found.expires_at.isoformat()}")
-        return Caller(key=found)
+        key = entry.key
+        if entry.disabled:
+            raise Unauthorized(f"API key {key.name!r} is suspended")
+        if key.expires_at is not None and datetime.now(UTC) >= key.expires_at:
+            raise Unauthorized(f"API key {key.name!r} expired at {key.expires_at.isoformat()}")
+        return Caller(key=key)
+
+
+def _as_api_key(stored: StoredKey) -> ApiKey:
+    expires_at = None if stored.expires_at is None else datetime.fromtimestamp(stored.expires_at, UTC)
+    return ApiKey(
+        name=stored.name,
+        sha256=stored.digest,
+        models=stored.models,
+        scopes=stored.scopes,
+        limits=stored.limits,
+        expires_at=expires_at,
+    )
 
 
 def _digest_of(key: ApiKey) -> bytes:

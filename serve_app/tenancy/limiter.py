@@ -20,7 +20,7 @@ import ray
 from ray.actor import ActorHandle
 from ray.serve.handle import DeploymentHandle
 
-from cluster.schema import ApiKey
+from cluster.schema import KeyLimits
 from serve_app.errors import BadRequest, Overloaded, RateLimited
 from serve_app.tenancy.keys import Caller
 from serve_app.tenancy.quotas import Decision, RateLimits
@@ -41,11 +41,11 @@ class _Limits:
     """Its methods never await: each admission is decided in one step, so concurrent calls from
     many ingress replicas cannot interleave inside one."""
 
-    def __init__(self, keys: list[ApiKey]) -> None:
-        self._limits = RateLimits({key.name: key.limits for key in keys})
+    def __init__(self) -> None:
+        self._limits = RateLimits()
 
-    async def acquire(self, key: str, reserve_tokens: int, lease_id: str) -> Decision:
-        return self._limits.acquire(key, reserve_tokens, lease_id)
+    async def acquire(self, key: str, limits: KeyLimits, reserve_tokens: int, lease_id: str) -> Decision:
+        return self._limits.acquire(key, limits, reserve_tokens, lease_id)
 
     async def release(self, lease_id: str, tokens_used: int) -> None:
         self._limits.release(lease_id, tokens_used)
@@ -57,8 +57,8 @@ class _Limits:
 class RateLimiter:
     """The Serve deployment that owns the limits actor: its health is the actor's."""
 
-    def __init__(self, keys: list[ApiKey]) -> None:
-        self._actor = _Limits.remote(keys)
+    def __init__(self) -> None:
+        self._actor = _Limits.remote()
 
     async def actor(self) -> ActorHandle:
         return self._actor
@@ -99,7 +99,7 @@ class LimitGate:
             if actor is None:
                 actor = self._actor = await self._limiter.actor.remote()
             decision = await asyncio.wait_for(
-                actor.acquire.remote(key.name, reserve_tokens, lease_id), ACQUIRE_TIMEOUT_S
+                actor.acquire.remote(key.name, key.limits, reserve_tokens, lease_id), ACQUIRE_TIMEOUT_S
             )
         except BaseException as error:
             if actor is not None:

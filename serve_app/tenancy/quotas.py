@@ -88,20 +88,25 @@ class _KeyState:
 
 
 class RateLimits:
-    def __init__(self, limits: dict[str, KeyLimits], clock: Callable[[], float] = time.monotonic) -> None:
-        self._keys = {name: _KeyState(key_limits) for name, key_limits in limits.items() if key_limits.any}
+    """Each request brings its key's limits as they are now, so that a key made or changed at
+    runtime is limited at once, and a changed limit applies to the minute already counted."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._keys: dict[str, _KeyState] = {}
         self._leases: dict[str, _Lease] = {}
         self._clock = clock
 
-    def acquire(self, key: str, reserve_tokens: int, lease_id: str | None = None) -> Decision:
+    def acquire(self, key: str, limits: KeyLimits, reserve_tokens: int, lease_id: str | None = None) -> Decision:
         """Admits the request if every one of the key's limits has room, and then only counts it.
         A caller may name the lease, so that it can release one whose answer it never got."""
         now = self._clock()
         self._expire_leases(now)
+        if not limits.any:
+            return Decision(lease_id=None, headers={})
         state = self._keys.get(key)
         if state is None:
-            return Decision(lease_id=None, headers={})
-        limits = state.limits
+            state = self._keys[key] = _KeyState(limits)
+        state.limits = limits
         state.requests.prune(now)
         state.tokens.prune(now)
         refusal, wait_s = None, 0.0

@@ -1,0 +1,148 @@
+"""The key registry: the one Serve replica that writes runtime keys, and the ingress's side of it.
+
+Every ingress replica holds the whole set of runtime keys in memory, so a request's key lookup
+never leaves its replica. It learns of changes by long polling: its call to `changes` is answered
+as soon as any change is committed (or empty after a timeout), so a created, changed, rotated or
+revoked key reaches every replica within one call's round trip, with no redeploy and no replica
+replaced. A replica that starts loads the keys before it serves; a registry that restarts reads
+its revision back from the database.
+"""
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from ray.serve.handle import DeploymentHandle
+
+from serve_app.tenancy.key_store import KeyExists, KeySnapshot, KeyStore, NoSuchKey, StoredKey
+from serve_app.tenancy.keys import KeyRing
+
+logger = logging.getLogger("ray.serve")
+
+CHANGES_TIMEOUT_S = 20.0
+"""How long a replica's poll waits for a change before it is answered empty and asked again."""
+RETRY_S = 0.5
+FIRST_LOAD_TIMEOUT_S = 30.0
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """A change the registry refused, with the status the admin route answers."""
+
+    status: int
+    message: str
+
+
+class KeyRegistry:
+    """Its methods never await between reading and writing the store, so changes from many
+    ingress replicas are applied one at a time."""
+
+    def __init__(self, database: str, config_key_names: list[str]) -> None:
+        self._store = KeyStore(database)
+        self._config_keys = set(config_key_names)
+        self._snapshot = self._store.snapshot()
+        self._changed = asyncio.Event()
+
+    async def changes(self, revision: int, timeout_s: float = CHANGES_TIMEOUT_S) -> KeySnapshot | None:
+        """The keys once the revision is past `revision`; None if nothing changed within the timeout."""
+        while self._snapshot.revision <= revision:
+            changed = self._changed
+            try:
+                await asyncio.wait_for(changed.wait(), timeout_s)
+            except TimeoutError:
+                return None
+        return self._snapshot
+
+    async def create(self, key: StoredKey, actor: str | None) -> KeySnapshot | Refusal:
+        if key.name in self._config_keys:
+            return Refusal(409, f"API key {key.name!r} is defined in the config; choose another name")
+        try:
+            self._store.create(key, actor)
+        except KeyExists:
+            return Refusal(409, f"API key {key.name!r} exists already")
+        return self._published()
+
+    async def update(
+        self, name: str, changes: dict[str, Any], actor: str | None, action: str = "update"
+    ) -> KeySnapshot | Refusal:
+        if name in self._config_keys:
+            return Refusal(409, f"API key {name!r} is defined in the config: change it there")
+        try:
+            self._store.update(name, changes, actor, action)
+        except NoSuchKey:
+            return Refusal(404, f"no API key named {name!r} was made through this API")
+        return self._published()
+
+    async def delete(self, name: str, actor: str | None) -> KeySnapshot | Refusal:
+        if name in self._config_keys:
+            return Refusal(409, f"API key {name!r} is defined in the config: remove it there")
+        try:
+            self._store.delete(name, actor)
+        except NoSuchKey:
+            return Refusal(404, f"no API key named {name!r} was made through this API")
+        return self._published()
+
+    async def audit(self, limit: int) -> list[dict[str, Any]]:
+        return self._store.audit(limit)
+
+    def _published(self) -> KeySnapshot:
+        """Wakes every waiting poll; later polls wait on a new event."""
+        self._snapshot = self._store.snapshot()
+        self._changed.set()
+        self._changed = asyncio.Event()
+        return self._snapshot
+
+
+def registry_options(actor_options: dict[str, Any]) -> dict[str, Any]:
+    """One replica; every ingress replica keeps one poll open on it at all times."""
+    return {"name": "key-registry", "num_replicas": 1, "max_ongoing_requests": 4096, "ray_actor_options": actor_options}
+
+
+class KeyWatch:
+    """The ingress's side: keeps its `KeyRing`'s runtime keys current."""
+
+    def __init__(self, registry: DeploymentHandle, keys: KeyRing) -> None:
+        self._registry = registry
+        self._keys = keys
+        self._task: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        """Loads the keys before the replica serves (bounded: a registry still starting does not
+        hold the ingress back for long; its keys then arrive with the first poll answered)."""
+        try:
+            snapshot = await asyncio.wait_for(self._registry.changes.remote(-1, 0), FIRST_LOAD_TIMEOUT_S)
+        except Exception:
+            logger.exception("the key registry did not answer; serving the config's keys until it does")
+        else:
+            if snapshot is not None:
+                self._keys.replace_runtime(snapshot)
+        self._task = asyncio.get_running_loop().create_task(self._follow())
+
+    def apply(self, snapshot: KeySnapshot) -> None:
+        """A change this replica made itself takes effect here at once."""
+        if snapshot.revision > self._keys.revision:
+            self._keys.replace_runtime(snapshot)
+
+    async def call(self, method: str, *args: Any) -> KeySnapshot | Refusal | Any:
+        result = await getattr(self._registry, method).remote(*args)
+        if isinstance(result, KeySnapshot):
+            self.apply(result)
+        return result
+
+    def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+
+    async def _follow(self) -> None:
+        while True:
+            try:
+                snapshot = await self._registry.changes.remote(self._keys.revision)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                logger.exception("polling the key registry failed; asking again in %.1f s", RETRY_S)
+                await asyncio.sleep(RETRY_S)
+                continue
+            if snapshot is not None:
+                self.apply(snapshot)

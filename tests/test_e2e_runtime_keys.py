@@ -1,0 +1,165 @@
+"""Keys made, changed, rotated and revoked through the admin API while the cluster serves: in effect
+on every ingress replica within a second, with no replica of any deployment replaced. On the test
+engine with two ingress replicas, and once on the real model's engine."""
+
+import hashlib
+import secrets
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+import ray
+from ray import serve
+
+from cluster.schema import ClusterConfig
+from tests.conftest import API_KEY, ledger_in, serve_fake
+from tests.serve_logs import replica_of
+
+pytestmark = pytest.mark.e2e
+
+APP = "runtime-keys"
+ADMIN = "sk-admin-" + secrets.token_hex(8)
+PROPAGATION_S = 1.0
+"""The promise: a change is in effect on every ingress replica within this long."""
+
+
+@pytest.fixture(scope="module")
+def app_url(serve_url, tmp_path_factory):
+    deployment = {"num_cpus": 0.05, "num_replicas": 1}
+    config = ClusterConfig.model_validate(
+        {
+            "usage": ledger_in(tmp_path_factory.mktemp(APP)).model_dump(),
+            "ingress": {"num_replicas": 2, "num_cpus": 0.05},
+            "auth": {
+                "keys": [{"name": "ops", "sha256": hashlib.sha256(ADMIN.encode()).hexdigest(), "scopes": ["admin"]}]
+            },
+            "models": [{"id": "keyed-echo", "source": {"path": "/nonexistent"}, "deployment": deployment}],
+        }
+    )
+    serve_fake(config, APP)
+    yield f"{serve_url}/{APP}"
+    serve.delete(APP)
+
+
+def _admin(url: str, method: str, path: str, token: str = ADMIN, **kwargs) -> httpx.Response:
+    return httpx.request(method, url + path, headers={"Authorization": f"Bearer {token}"}, timeout=30, **kwargs)
+
+
+def _replicas(app: str) -> set[str]:
+    """Every replica of the app's deployments, by its actor's name (which carries its id)."""
+    return {
+        actor["name"]
+        for actor in ray.util.list_named_actors(all_namespaces=True)
+        if actor["name"].startswith(f"SERVE_REPLICA::{app}#")
+    }
+
+
+def _statuses_on_both_replicas(url: str, token: str, count: int = 16) -> set[int]:
+    """The statuses of `count` concurrent chat requests with the token, which must have been
+    spread over both ingress replicas."""
+    ids = [f"rk-{secrets.token_hex(6)}" for _ in range(count)]
+    body = {"messages": [{"role": "user", "content": "one two"}]}
+
+    def ask(request_id: str) -> int:
+        headers = {"Authorization": f"Bearer {token}", "x-request-id": request_id}
+        return httpx.post(url + "/llm", json=body, headers=headers, timeout=30).status_code
+
+    with ThreadPoolExecutor(count) as pool:
+        statuses = set(pool.map(ask, ids))
+    assert len({replica_of(request_id, APP) for request_id in ids}) == 2, "both ingress replicas took requests"
+    return statuses
+
+
+def _after_propagation(changed_at: float) -> None:
+    """Waits out the promised propagation time from the change's answer: what is checked then is
+    the promise itself, not a guess at when a replica heard of it."""
+    time.sleep(max(0.0, changed_at + PROPAGATION_S - time.monotonic()))
+
+
+def test_a_key_made_changed_rotated_and_revoked_at_runtime_takes_effect_on_every_replica(app_url):
+    replicas = _replicas(APP)
+    assert any("#key-registry#" in name for name in replicas)
+    made = _admin(app_url, "POST", "/admin/keys", json={"name": "acme", "metadata": {"plan": "pro"}})
+    assert made.status_code == 201, made.text
+    first = made.json()["key"]
+    _after_propagation(time.monotonic())
+    assert _statuses_on_both_replicas(app_url, first) == {200}
+
+    suspended = _admin(app_url, "PATCH", "/admin/keys/acme", json={"disabled": True})
+    changed = time.monotonic()
+    assert suspended.json()["disabled"] is True
+    _after_propagation(changed)
+    assert _statuses_on_both_replicas(app_url, first) == {401}
+    _admin(app_url, "PATCH", "/admin/keys/acme", json={"disabled": False})
+
+    rotated = _admin(app_url, "POST", "/admin/keys/acme/rotate", json={"grace_s": 3})
+    changed = time.monotonic()
+    second = rotated.json()["key"]
+    _after_propagation(changed)
+    assert _statuses_on_both_replicas(app_url, first) == {200}  # within the grace period
+    assert _statuses_on_both_replicas(app_url, second) == {200}
+    time.sleep(max(0.0, changed + 3 - time.monotonic()))
+    assert _statuses_on_both_replicas(app_url, first) == {401}
+
+    revoked = _admin(app_url, "DELETE", "/admin/keys/acme")
+    changed = time.monotonic()
+    assert revoked.status_code == 200
+    _after_propagation(changed)
+    assert _statuses_on_both_replicas(app_url, second) == {401}
+
+    for index in range(16):  # 20 changes in all
+        _admin(app_url, "POST", "/admin/keys", json={"name": f"k{index}"}).raise_for_status()
+    assert _replicas(APP) == replicas, "no replica of any deployment was replaced"
+
+    audit = _admin(app_url, "GET", "/admin/audit", params={"limit": 1000}).json()["data"]
+    acme = [(entry["action"], entry["actor"]) for entry in reversed(audit) if entry["target"] == "acme"]
+    assert acme == [("create", "ops"), ("update", "ops"), ("update", "ops"), ("rotate", "ops"), ("delete", "ops")]
+    assert first not in str(audit) and hashlib.sha256(first.encode()).hexdigest() not in str(audit)
+
+
+def test_the_admin_key_api_refuses_what_it_must(app_url):
+    assert _admin(app_url, "PATCH", "/admin/keys/ops", json={"disabled": True}).status_code == 409  # a config key
+    assert _admin(app_url, "GET", "/admin/keys/nobody").status_code == 404
+    bad = _admin(app_url, "POST", "/admin/keys", json={"name": "x", "models": ["no-such-model"]})
+    assert bad.status_code == 400 and bad.json()["error"]["type"] == "invalid_request_error"
+    chat = _admin(app_url, "POST", "/admin/keys", json={"name": "chatter"}).json()["key"]
+    refused = _admin(app_url, "GET", "/admin/keys", token=chat)
+    assert refused.status_code == 403 and "admin" in refused.json()["error"]["message"]
+    listed = _admin(app_url, "GET", "/admin/keys").json()["data"]
+    assert {("ops", "config"), ("chatter", "api")} <= {(key["name"], key["source"]) for key in listed}
+    assert all("key" not in key and "digest" not in key for key in listed)
+
+
+def test_the_cli_drives_the_admin_api(app_url):
+    env = {"LLM_ADMIN_KEY": ADMIN, "PATH": "/usr/bin:/bin"}
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "cluster", "keys", *args, "--url", app_url], capture_output=True, text=True, env=env
+        )
+
+    made = cli("create", "from-cli", "--rpm", "100")
+    assert made.returncode == 0, made.stderr
+    secret = made.stderr.strip().splitlines()[-1]
+    assert secret.startswith("sk-") and '"requests_per_minute": 100' in made.stdout
+    _after_propagation(time.monotonic())
+    assert _statuses_on_both_replicas(app_url, secret) == {200}
+    assert cli("revoke", "from-cli").returncode == 0
+    assert cli("show", "from-cli").returncode == 1
+
+
+def test_a_key_made_at_runtime_is_served_by_the_real_engine_without_a_restart(llm_url):
+    replicas = _replicas("llm")
+    made = _admin(llm_url, "POST", "/admin/keys", token=API_KEY, json={"name": "runtime-" + secrets.token_hex(4)})
+    assert made.status_code == 201, made.text
+    name, secret = made.json()["name"], made.json()["key"]
+    body = {"messages": [{"role": "user", "content": "What is the capital of France?"}], "temperature": 0}
+    answered = httpx.post(llm_url + "/llm", json=body, headers={"Authorization": f"Bearer {secret}"}, timeout=120)
+    assert answered.status_code == 200 and "Paris" in answered.json()["choices"][0]["message"]["content"]
+    assert _admin(llm_url, "DELETE", f"/admin/keys/{name}", token=API_KEY).status_code == 200
+    refused = httpx.post(llm_url + "/llm", json=body, headers={"Authorization": f"Bearer {secret}"}, timeout=30)
+    assert refused.status_code == 401
+    assert _replicas("llm") == replicas
