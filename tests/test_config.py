@@ -224,7 +224,8 @@ def test_kuberay_manifest_embeds_the_config_and_sizes_the_gpu_group():
     assert gpu["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "2"
     head = manifest["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0]
     assert head["env"] == [{"name": name, "value": value} for name, value in NODE_ENV.items()] + [
-        {"name": "LLM_API_KEY", "valueFrom": {"secretKeyRef": {"name": "llm-api-keys", "key": "LLM_API_KEY"}}}
+        {"name": env, "valueFrom": {"secretKeyRef": {"name": "llm-api-keys", "key": env}}}
+        for env in ("LLM_API_KEY", "PARTNER_API_KEY")  # every key the config reads from the environment
     ]
 
 
