@@ -10,6 +10,7 @@ its revision back from the database.
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -123,6 +124,8 @@ class KeyWatch:
         """A change this replica made itself takes effect here at once."""
         if snapshot.revision > self._keys.revision:
             self._keys.replace_runtime(snapshot)
+            # The unix time, for `python -m bench.key_propagation` to set against the change's.
+            logger.info("runtime keys at revision %d (%d keys) t=%.6f", snapshot.revision, len(snapshot.keys), time.time())
 
     async def call(self, method: str, *args: Any) -> KeySnapshot | Refusal | Any:
         result = await getattr(self._registry, method).remote(*args)
