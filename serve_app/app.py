@@ -44,7 +44,8 @@ def build_graph(config: ClusterConfig, engine_factory: EngineFactory) -> Applica
     )
     limiter = None
     if config.auth.store_enabled or any(key.limits.any for key in config.auth.keys):
-        limiter = serve.deployment(RateLimiter, **LIMITER_OPTIONS, logging_config=logging_config).bind()
+        ledger_database = config.usage.database if config.usage.enabled else None
+        limiter = serve.deployment(RateLimiter, **LIMITER_OPTIONS, logging_config=logging_config).bind(ledger_database)
     registry = None
     if config.auth.store_enabled:
         options = registry_options(single_writer_actor_options(config.usage.database))

@@ -70,14 +70,15 @@ class Ingress:
         if self._key_watch is not None:
             await self._key_watch.start()
         self._admission = Admission(keys, listeners)
-        calls = ModelCalls(LimitGate(limiter))
+        gate = LimitGate(limiter)
+        calls = ModelCalls(gate)
         limit = config.ingress.max_tokens_limit
         self._livepeer = LivepeerChat(router, calls, limit)
         self._openai = OpenAIChat(router, calls, limit)
         self._runner_info = RunnerInfo(config.default_model_id, router.model_ids)
         self._admin = Admin(self._ledger)
         names = {name for model in config.models for name in (model.id, *model.aliases)}
-        self._admin_keys = AdminKeys(self._key_watch, config.auth.keys, names)
+        self._admin_keys = AdminKeys(self._key_watch, config.auth.keys, names, gate)
 
     @app.post("/llm", response_model=LLMResponse)
     @app.post("/llm/", include_in_schema=False)

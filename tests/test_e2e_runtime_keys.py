@@ -163,3 +163,50 @@ def test_a_key_made_at_runtime_is_served_by_the_real_engine_without_a_restart(ll
     refused = httpx.post(llm_url + "/llm", json=body, headers={"Authorization": f"Bearer {secret}"}, timeout=30)
     assert refused.status_code == 401
     assert _replicas("llm") == replicas
+
+
+def test_a_budget_admits_exactly_the_reservations_that_fit_and_counts_what_was_used(app_url, tmp_path):
+    from serve_app.apis.chat_policy import for_engine, prompt_token_bound
+    from serve_app.apis.livepeer.protocol import LLMRequest
+
+    hold = tmp_path / "hold"
+    body = {"messages": [{"role": "user", "content": f"WAIT {hold} one"}], "max_tokens": 4}
+    chat = for_engine(LLMRequest.model_validate(body).to_chat_request(), "keyed-echo", 4)
+    reservation = 4 + prompt_token_bound(chat)
+    made = _admin(
+        app_url, "POST", "/admin/keys", json={"name": "budgeted", "limits": {"tokens_per_day": 10 * reservation}}
+    )
+    secret = made.json()["key"]
+    _after_propagation(time.monotonic())
+    hold.touch()
+
+    def ask(_: int) -> httpx.Response:
+        return httpx.post(app_url + "/llm", json=body, headers={"Authorization": f"Bearer {secret}"}, timeout=60)
+
+    with ThreadPoolExecutor(32) as pool:
+        futures = [pool.submit(ask, index) for index in range(32)]
+        deadline = time.monotonic() + 30
+        while sum(future.done() for future in futures) < 22:
+            assert time.monotonic() < deadline, "the refusals did not come back while the admitted ones waited"
+            time.sleep(0.05)
+        held = _admin(app_url, "GET", "/admin/keys/budgeted").json()["budget_used"]["tokens_per_day"]
+        assert held["used"] == 10 * reservation  # ten reservations, all in flight
+        hold.unlink()
+        responses = [future.result() for future in futures]
+    admitted = [r for r in responses if r.status_code == 200]
+    refused = [r for r in responses if r.status_code == 429]
+    assert (len(admitted), len(refused)) == (10, 22)
+    assert "tokens for" in refused[0].json()["detail"]["msg"] and "resets at" in refused[0].json()["detail"]["msg"]
+    assert refused[0].headers["x-ratelimit-remaining-tokens-day"] == "0"
+    clients = sum(r.json()["usage"]["total_tokens"] for r in admitted)
+    spent = _admin(app_url, "GET", "/admin/keys/budgeted").json()["budget_used"]["tokens_per_day"]["used"]
+    assert spent == clients
+
+    def ledger() -> int:
+        rows = _admin(app_url, "GET", "/admin/usage", params={"key": "budgeted"}).json()["data"]
+        return sum(row["total_tokens"] for row in rows)
+
+    deadline = time.monotonic() + 15  # the other ingress replica's rows arrive with its next flush
+    while ledger() != clients:
+        assert time.monotonic() < deadline, f"the ledger holds {ledger()} tokens, the clients were given {clients}"
+        time.sleep(0.2)

@@ -3,6 +3,7 @@ output, which decides the HTTP status; the model's work is cancelled whenever th
 not read on."""
 
 import asyncio
+import json
 import logging
 from types import SimpleNamespace
 
@@ -29,12 +30,14 @@ class _Gate:
     def __init__(self, refuse: Exception | None = None) -> None:
         self.refuse = refuse
         self.admitted: list[int] = []
+        self.budget_reserved: list[int] = []
         self.released: list[tuple[object, int]] = []
 
-    async def admit(self, caller: Caller, reserve_tokens: int):
+    async def admit(self, caller: Caller, reserve_tokens: int, budget_tokens: int):
         if self.refuse is not None:
             raise self.refuse
         self.admitted.append(reserve_tokens)
+        self.budget_reserved.append(budget_tokens)
         return SimpleNamespace(decision=SimpleNamespace(headers={"x-ratelimit-remaining-requests": "4"}))
 
     def release(self, admission, tokens_used: int) -> None:
@@ -65,6 +68,8 @@ async def test_a_streams_first_chunk_is_read_and_the_rest_left_to_the_caller():
     assert stream.taken == 1 and stream.cancelled == 0
     assert call.headers == {"x-ratelimit-remaining-requests": "4"}
     assert gate.admitted == [40]  # max_tokens 20 for each of 2 choices
+    # Budgets reserve the prompt's bound on top: at least a token per byte of it.
+    assert gate.budget_reserved[0] >= 40 + len(json.dumps(CHAT.messages))
     assert lifecycle.reached_engine is True
 
 

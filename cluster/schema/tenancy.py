@@ -12,9 +12,10 @@ from cluster.schema.base import ENV_VAR, StrictModel, reject_duplicates
 
 
 class KeyLimits(StrictModel):
-    """Per-key limits, each over a sliding minute and enforced across the whole cluster. Unset
-    means unlimited. Tokens are prompt plus completion; a request reserves its `max_tokens` when
-    admitted and settles to its real count when it ends."""
+    """Per-key limits, over a sliding minute or (budgets) a UTC calendar period, enforced across
+    the whole cluster. Unset means unlimited. Tokens are prompt plus completion; a request
+    reserves its `max_tokens` (budgets: and its prompt's bound) when admitted and settles to its
+    real count when it ends."""
 
     requests_per_minute: Annotated[int, Field(ge=1)] | None = Field(
         default=None, description="requests admitted in any minute"
@@ -27,11 +28,26 @@ class KeyLimits(StrictModel):
     concurrent_requests: Annotated[int, Field(ge=1)] | None = Field(
         default=None, description="requests in flight at once"
     )
+    tokens_per_day: Annotated[int, Field(ge=1)] | None = Field(
+        default=None,
+        description="a budget of prompt and completion tokens per UTC calendar day, held exactly: a request "
+        "is admitted only if its reservation (its max_tokens and the most its prompt can count) fits what is "
+        "left, and settles to its real count when it ends",
+    )
+    tokens_per_month: Annotated[int, Field(ge=1)] | None = Field(
+        default=None, description="a budget of tokens per UTC calendar month, held as `tokens_per_day` is"
+    )
 
     @property
     def any(self) -> bool:
         """Asked on every request of a keyed caller, so read off the fields, not a dump."""
-        return (self.requests_per_minute, self.tokens_per_minute, self.concurrent_requests) != (None, None, None)
+        return (
+            self.requests_per_minute,
+            self.tokens_per_minute,
+            self.concurrent_requests,
+            self.tokens_per_day,
+            self.tokens_per_month,
+        ) != (None, None, None, None, None)
 
 
 Scope = Literal["chat", "admin"]

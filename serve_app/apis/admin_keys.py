@@ -18,7 +18,8 @@ from cluster.schema import ApiKey, KeyLimits, Scope
 from serve_app.errors import BadRequest, NotFound, for_status, from_validation
 from serve_app.tenancy.key_registry import KeyWatch, Refusal
 from serve_app.tenancy.key_store import KeySnapshot, StoredKey
-from serve_app.tenancy.keys import Caller
+from serve_app.tenancy.keys import Caller, as_api_key
+from serve_app.tenancy.limiter import LimitGate
 
 KEY_NAME = r"^[A-Za-z0-9_.-]{1,100}$"
 MAX_GRACE_S = 30 * 24 * 3600
@@ -59,8 +60,11 @@ class KeyRotate(_Body):
 
 
 class AdminKeys:
-    def __init__(self, watch: KeyWatch | None, config_keys: list[ApiKey], model_names: set[str]) -> None:
+    def __init__(
+        self, watch: KeyWatch | None, config_keys: list[ApiKey], model_names: set[str], gate: LimitGate
+    ) -> None:
         self._watch = watch
+        self._gate = gate
         self._config_keys = {key.name: key for key in config_keys}
         self._model_names = model_names
 
@@ -86,9 +90,14 @@ class AdminKeys:
         return {"object": "list", "data": data}
 
     async def show(self, name: str) -> dict[str, Any]:
+        """With what each of its budgets has used (or reserved) in its current period."""
         if name in self._config_keys:
-            return _config_view(self._config_keys[name])
-        return _view(_find(await self._current(), name))
+            key = self._config_keys[name]
+            view = _config_view(key)
+        else:
+            stored = _find(await self._current(), name)
+            key, view = as_api_key(stored), _view(stored)
+        return view | {"budget_used": await self._gate.budget_used(key)}
 
     async def update(self, request: Request, caller: Caller, name: str) -> dict[str, Any]:
         body = await _parsed(KeyUpdate, request)

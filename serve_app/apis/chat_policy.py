@@ -2,6 +2,8 @@
 `max_tokens` cap, usage asked of vLLM on every stream chunk, and the tokens a key's budget
 reserves for it."""
 
+import json
+
 from vllm.entrypoints.generate.base.protocol import StreamOptions
 from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
 
@@ -37,3 +39,16 @@ def reserved_tokens(chat: ChatCompletionRequest) -> int:
     """The most the request can generate, which its key's tokens-per-minute budget holds back
     until the real count is known."""
     return (chat.max_completion_tokens or chat.max_tokens or 0) * (chat.n or 1)
+
+
+PROMPT_OVERHEAD_TOKENS = 64
+MESSAGE_OVERHEAD_TOKENS = 16
+
+
+def prompt_token_bound(chat: ChatCompletionRequest) -> int:
+    """The most tokens the prompt can count, without tokenizing it: a token covers at least one
+    byte of the text (the messages and tools as JSON, which hold more bytes than their text), and
+    a chat template adds a few tokens per message and a default system prompt at most. A budget
+    reserves this beside max_tokens, so that the real count never exceeds the reservation."""
+    text = json.dumps(chat.messages, default=str) + (json.dumps(chat.tools, default=str) if chat.tools else "")
+    return len(text.encode()) + MESSAGE_OVERHEAD_TOKENS * len(chat.messages) + PROMPT_OVERHEAD_TOKENS

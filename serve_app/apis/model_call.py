@@ -12,7 +12,7 @@ from typing import Any
 from ray.serve.exceptions import BackPressureError
 from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest, ChatCompletionResponse
 
-from serve_app.apis.chat_policy import reserved_tokens
+from serve_app.apis.chat_policy import prompt_token_bound, reserved_tokens
 from serve_app.errors import EngineFailure, Overloaded, for_status
 from serve_app.http.lifecycle import RequestLifecycle
 from serve_app.models.outputs import ModelError
@@ -41,7 +41,8 @@ class ModelCalls:
         self, route: Route, chat: ChatCompletionRequest, caller: Caller, lifecycle: RequestLifecycle
     ) -> ModelCall:
         """From here on the request counts: its lease is released when it ends, however it ends."""
-        admission = await self._gate.admit(caller, reserved_tokens(chat))
+        reserved = reserved_tokens(chat)
+        admission = await self._gate.admit(caller, reserved, reserved + prompt_token_bound(chat))
         if admission is not None:
             lifecycle.on_finish(lambda done: self._gate.release(admission, done.total_tokens))
         first, rest = await _first_output(route, chat, lifecycle)

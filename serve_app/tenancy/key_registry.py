@@ -125,7 +125,9 @@ class KeyWatch:
         if snapshot.revision > self._keys.revision:
             self._keys.replace_runtime(snapshot)
             # The unix time, for `python -m bench.key_propagation` to set against the change's.
-            logger.info("runtime keys at revision %d (%d keys) t=%.6f", snapshot.revision, len(snapshot.keys), time.time())
+            logger.info(
+                "runtime keys at revision %d (%d keys) t=%.6f", snapshot.revision, len(snapshot.keys), time.time()
+            )
 
     async def call(self, method: str, *args: Any) -> KeySnapshot | Refusal | Any:
         result = await getattr(self._registry, method).remote(*args)

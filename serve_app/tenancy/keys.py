@@ -72,7 +72,7 @@ class KeyRing:
     def replace_runtime(self, snapshot: KeySnapshot) -> None:
         keys: dict[bytes, _Entry] = {}
         for stored in snapshot.keys:
-            key = _as_api_key(stored)
+            key = as_api_key(stored)
             for digest, valid_until in ((stored.digest, None), (stored.previous_digest, stored.previous_valid_until)):
                 if digest is None:
                     continue
@@ -102,7 +102,7 @@ class KeyRing:
         return Caller(key=key)
 
 
-def _as_api_key(stored: StoredKey) -> ApiKey:
+def as_api_key(stored: StoredKey) -> ApiKey:
     expires_at = None if stored.expires_at is None else datetime.fromtimestamp(stored.expires_at, UTC)
     return ApiKey(
         name=stored.name,

@@ -13,6 +13,7 @@ make the call.
 
 import asyncio
 import logging
+import time
 import uuid
 from dataclasses import dataclass
 
@@ -20,10 +21,12 @@ import ray
 from ray.actor import ActorHandle
 from ray.serve.handle import DeploymentHandle
 
-from cluster.schema import KeyLimits
+from cluster.schema import ApiKey, KeyLimits
 from serve_app.errors import BadRequest, Overloaded, RateLimited
+from serve_app.tenancy.budgets import PERIODS, Budgets, period_of
 from serve_app.tenancy.keys import Caller
 from serve_app.tenancy.quotas import Decision, RateLimits
+from serve_app.tenancy.usage_store import UsageStore
 
 logger = logging.getLogger("ray.serve")
 
@@ -41,11 +44,18 @@ class _Limits:
     """Its methods never await: each admission is decided in one step, so concurrent calls from
     many ingress replicas cannot interleave inside one."""
 
-    def __init__(self) -> None:
+    def __init__(self, database: str | None) -> None:
         self._limits = RateLimits()
+        if database is not None:
+            _seed(self._limits.budgets, database)
 
-    async def acquire(self, key: str, limits: KeyLimits, reserve_tokens: int, lease_id: str) -> Decision:
-        return self._limits.acquire(key, limits, reserve_tokens, lease_id)
+    async def acquire(
+        self, key: str, limits: KeyLimits, reserve_tokens: int, lease_id: str, budget_tokens: int
+    ) -> Decision:
+        return self._limits.acquire(key, limits, reserve_tokens, lease_id, budget_tokens)
+
+    async def budget_used(self, key: str, limits: KeyLimits) -> dict:
+        return self._limits.budgets.used(key, limits)
 
     async def release(self, lease_id: str, tokens_used: int) -> None:
         self._limits.release(lease_id, tokens_used)
@@ -54,11 +64,26 @@ class _Limits:
         return None
 
 
+def _seed(budgets: Budgets, database: str) -> None:
+    """A limiter that starts (or restarts) counts each budget's period from what the ledger holds.
+    Rows an ingress replica still holds (at most a flush interval's) are not yet there."""
+    store = UsageStore(database)
+    now = time.time()
+    for kind in PERIODS:
+        label, start, _ = period_of(kind, now)
+        spent: dict[str, int] = {}
+        for row in store.totals(since=start, until=None):
+            if row["key"] is not None:
+                spent[row["key"]] = spent.get(row["key"], 0) + row["total_tokens"]
+        for key, tokens in spent.items():
+            budgets.seed(key, kind, label, tokens)
+
+
 class RateLimiter:
     """The Serve deployment that owns the limits actor: its health is the actor's."""
 
-    def __init__(self) -> None:
-        self._actor = _Limits.remote()
+    def __init__(self, database: str | None = None) -> None:
+        self._actor = _Limits.remote(database)
 
     async def actor(self) -> ActorHandle:
         return self._actor
@@ -83,7 +108,15 @@ class LimitGate:
         self._limiter = limiter
         self._actor: ActorHandle | None = None
 
-    async def admit(self, caller: Caller, reserve_tokens: int) -> Admission | None:
+    async def budget_used(self, key: ApiKey) -> dict:
+        """Each of the key's budgets: its period, size and tokens used or reserved."""
+        if self._limiter is None or not key.limits.any:
+            return {}
+        if self._actor is None:
+            self._actor = await self._limiter.actor.remote()
+        return await self._actor.budget_used.remote(key.name, key.limits)
+
+    async def admit(self, caller: Caller, reserve_tokens: int, budget_tokens: int) -> Admission | None:
         key = caller.key
         if key is None or not key.limits.any or self._limiter is None:
             return None
@@ -99,7 +132,7 @@ class LimitGate:
             if actor is None:
                 actor = self._actor = await self._limiter.actor.remote()
             decision = await asyncio.wait_for(
-                actor.acquire.remote(key.name, key.limits, reserve_tokens, lease_id), ACQUIRE_TIMEOUT_S
+                actor.acquire.remote(key.name, key.limits, reserve_tokens, lease_id, budget_tokens), ACQUIRE_TIMEOUT_S
             )
         except BaseException as error:
             if actor is not None:

@@ -1,5 +1,5 @@
 """Per-key limits over a sliding minute: requests, tokens (reserved up front, settled to the real
-count when the request ends) and requests in flight.
+count when the request ends) and requests in flight; and the key's token budgets (`budgets`).
 
 Pure bookkeeping in one process's memory, with no I/O and no awaits, so that one call costs
 microseconds; `serve_app.tenancy.limiter` hosts it in the cluster's single limiter replica. Memory is bounded by
@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from cluster.schema import KeyLimits
+from serve_app.tenancy.budgets import Budgets, Reservation
 
 WINDOW_S = 60.0
 LEASE_TTL_S = 900.0
@@ -77,6 +78,7 @@ class _Lease:
     key: str
     expires: float
     tokens: list[float] | None
+    budget: list[Reservation]
 
 
 @dataclass
@@ -91,14 +93,25 @@ class RateLimits:
     """Each request brings its key's limits as they are now, so that a key made or changed at
     runtime is limited at once, and a changed limit applies to the minute already counted."""
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic, budgets: Budgets | None = None) -> None:
         self._keys: dict[str, _KeyState] = {}
         self._leases: dict[str, _Lease] = {}
         self._clock = clock
+        self.budgets = budgets or Budgets()
 
-    def acquire(self, key: str, limits: KeyLimits, reserve_tokens: int, lease_id: str | None = None) -> Decision:
+    def acquire(
+        self,
+        key: str,
+        limits: KeyLimits,
+        reserve_tokens: int,
+        lease_id: str | None = None,
+        budget_tokens: int | None = None,
+    ) -> Decision:
         """Admits the request if every one of the key's limits has room, and then only counts it.
-        A caller may name the lease, so that it can release one whose answer it never got."""
+        A caller may name the lease, so that it can release one whose answer it never got.
+        `budget_tokens` is what the budgets reserve (the prompt's bound on top; default
+        `reserve_tokens`)."""
+        budget_tokens = reserve_tokens if budget_tokens is None else budget_tokens
         now = self._clock()
         self._expire_leases(now)
         if not limits.any:
@@ -125,16 +138,19 @@ class RateLimits:
                 f"({state.tokens.total:.0f} used or reserved; this request reserves {reserve_tokens} for max_tokens)"
             )
             wait_s = state.tokens.wait_for_room(now, max(reserve_tokens, 1), limits.tokens_per_minute)
+        elif over_budget := self.budgets.refusal(key, limits, budget_tokens):
+            refusal, wait_s = over_budget
         if refusal is not None:
             retry = max(1, math.ceil(wait_s))
             message = f"API key {key!r} {refusal}; retry in {retry} s"
-            return Decision(lease_id=None, headers=_headers(state, now), refusal=message, retry_after_s=retry)
+            return Decision(lease_id=None, headers=self._headers(key, state, now), refusal=message, retry_after_s=retry)
         state.requests.add(now, 1)
         reserved = state.tokens.add(now, reserve_tokens) if limits.tokens_per_minute is not None else None
+        budget = self.budgets.reserve(key, limits, budget_tokens)
         state.in_flight += 1
         lease_id = lease_id or uuid.uuid4().hex
-        self._leases[lease_id] = _Lease(key=key, expires=now + LEASE_TTL_S, tokens=reserved)
-        return Decision(lease_id=lease_id, headers=_headers(state, now))
+        self._leases[lease_id] = _Lease(key=key, expires=now + LEASE_TTL_S, tokens=reserved, budget=budget)
+        return Decision(lease_id=lease_id, headers=self._headers(key, state, now))
 
     def release(self, lease_id: str, tokens_used: int) -> None:
         """Ends a lease: frees its concurrency slot and settles its reservation to the real count."""
@@ -145,6 +161,7 @@ class RateLimits:
         state.in_flight -= 1
         if lease.tokens is not None:
             state.tokens.settle(self._clock(), lease.tokens, tokens_used)
+        self.budgets.settle(lease.key, lease.budget, tokens_used)
 
     def _expire_leases(self, now: float) -> None:
         """Leases sit in the order they were made, which is the order they expire in."""
@@ -154,6 +171,9 @@ class RateLimits:
                 return
             del self._leases[lease_id]
             self._keys[lease.key].in_flight -= 1
+
+    def _headers(self, key: str, state: _KeyState, now: float) -> dict[str, str]:
+        return _headers(state, now) | self.budgets.headers(key, state.limits)
 
 
 def _headers(state: _KeyState, now: float) -> dict[str, str]:
