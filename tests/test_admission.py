@@ -10,7 +10,8 @@ import logging
 import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
-from starlette.requests import Request
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 
 from cluster.schema import AuthConfig
@@ -404,3 +405,26 @@ def test_an_app_under_a_root_path_picks_the_shape_by_the_path_within_it():
     with TestClient(_app(), root_path="/fake") as client:
         response = client.get("/fake/v1/nowhere")
     assert response.status_code == 404 and response.json()["error"]["code"] == 404
+
+
+async def test_a_client_that_leaves_while_its_body_is_read_is_recorded_as_departed_not_failed():
+    recorder = _Recorder()
+
+    async def handler(request, caller, lifecycle):
+        raise ClientDisconnect()
+
+    with serve_records() as records:
+        response = await Admission(_keys(), recorder.listeners()).serve(_request("/llm"), "/llm", "chat", handler)
+    assert response.status_code == 499 and [f.status for f in recorder.finished] == [499]
+    assert records.at(logging.ERROR) == []
+
+
+async def test_a_frameworks_http_error_inside_a_handler_keeps_its_status_in_the_endpoints_shape():
+    recorder = _Recorder()
+
+    async def handler(request, caller, lifecycle):
+        raise StarletteHTTPException(413, "body too large")
+
+    response = await Admission(_keys(), recorder.listeners()).serve(_request("/llm"), "/llm", "chat", handler)
+    assert response.status_code == 413 and _body(response)["detail"]["msg"] == "body too large"
+    assert [f.status for f in recorder.finished] == [413]

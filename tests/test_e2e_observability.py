@@ -81,7 +81,8 @@ def test_metrics_count_what_the_requests_did(client, metrics_url):
     assert delta("ray_llm_time_to_first_token_seconds_count") == 3
     assert delta("ray_llm_request_duration_seconds_count") == 3
     # One observation per stream (its mean gap between chunks of text); whole answers have none.
-    assert delta("ray_llm_inter_token_latency_seconds_count") == 1
+    assert delta("ray_llm_mean_token_gap_seconds_count") == 1
+    assert delta("ray_llm_max_token_gap_seconds_count") == 1
     engine = {"model": "smollm2-135m-instruct"}
     assert total(after, "ray_llm_engine_request_duration_seconds_count", **engine) > total(
         before, "ray_llm_engine_request_duration_seconds_count", **engine

@@ -158,7 +158,16 @@ class _Metric:
 
 def _fake_metrics() -> IngressMetrics:
     metrics = IngressMetrics()
-    for name in ("requests", "prompt_tokens", "completion_tokens", "ttft", "itl", "duration", "in_flight"):
+    for name in (
+        "requests",
+        "prompt_tokens",
+        "completion_tokens",
+        "ttft",
+        "mean_gap",
+        "max_gap",
+        "duration",
+        "in_flight",
+    ):
         setattr(metrics, name, _Metric())
     return metrics
 
@@ -178,6 +187,7 @@ def _record(**fields) -> FinishedRequest:
         ttft_s=0.2,
         mean_token_gap_s=0.05,
         reached_engine=True,
+        max_token_gap_s=0.3,
     )
     return FinishedRequest(**(base | fields))
 
@@ -189,7 +199,8 @@ def test_metrics_count_a_finished_request_once_with_its_tags():
     tags = {"model": "m", "key": "k", "endpoint": "/llm"}
     assert metrics.requests.calls == [(1, tags | {"status": "200"})]
     assert metrics.duration.calls == [(1.5, tags)]
-    assert metrics.ttft.calls == [(0.2, tags)] and metrics.itl.calls == [(0.05, tags)]
+    assert metrics.ttft.calls == [(0.2, tags)] and metrics.mean_gap.calls == [(0.05, tags)]
+    assert metrics.max_gap.calls == [(0.3, tags)]
     assert metrics.prompt_tokens.calls == [(4, tags)] and metrics.completion_tokens.calls == [(6, tags)]
     assert metrics.in_flight.calls == [(1, {"model": "m"}), (0, {"model": "m"})]
 
@@ -217,9 +228,16 @@ def test_metrics_of_a_request_never_routed_count_it_without_touching_in_flight()
 def test_metrics_skip_what_a_request_did_not_have():
     metrics = _fake_metrics()
     metrics.request_routed("m")
-    metrics.request_finished(_record(ttft_s=None, mean_token_gap_s=None, prompt_tokens=0, completion_tokens=0))
+    metrics.request_finished(
+        _record(ttft_s=None, mean_token_gap_s=None, max_token_gap_s=None, prompt_tokens=0, completion_tokens=0)
+    )
     assert (
-        metrics.ttft.calls == metrics.itl.calls == metrics.prompt_tokens.calls == metrics.completion_tokens.calls == []
+        metrics.ttft.calls
+        == metrics.mean_gap.calls
+        == metrics.max_gap.calls
+        == metrics.prompt_tokens.calls
+        == metrics.completion_tokens.calls
+        == []
     )
     assert len(metrics.requests.calls) == 1 and len(metrics.duration.calls) == 1
 

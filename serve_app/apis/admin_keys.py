@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from cluster.schema import ApiKey, KeyLimits, Scope
-from serve_app.errors import BadRequest, NotFound, for_status, from_validation
+from serve_app.errors import BadRequest, Conflict, NotFound, for_status, from_validation
 from serve_app.tenancy.key_registry import KeyWatch, Refusal
 from serve_app.tenancy.key_store import KeySnapshot, StoredKey
 from serve_app.tenancy.keys import Caller, as_api_key
@@ -91,6 +91,7 @@ class AdminKeys:
 
     async def show(self, name: str) -> dict[str, Any]:
         """With what each of its budgets has used (or reserved) in its current period."""
+        self._registry()
         if name in self._config_keys:
             key = self._config_keys[name]
             view = _config_view(key)
@@ -102,6 +103,9 @@ class AdminKeys:
     async def update(self, request: Request, caller: Caller, name: str) -> dict[str, Any]:
         body = await _parsed(KeyUpdate, request)
         changes = body.model_dump(exclude_unset=True)
+        for field_name, value in changes.items():
+            if value is None and field_name != "expires_at":
+                raise BadRequest(f"invalid request body: {field_name}: may not be null (leave it out to keep it)")
         if "models" in changes:
             self._check_models(body.models)
         if "limits" in changes:
@@ -112,6 +116,8 @@ class AdminKeys:
 
     async def rotate(self, request: Request, caller: Caller, name: str) -> dict[str, Any]:
         body = await _parsed(KeyRotate, request, empty_ok=True)
+        if name in self._config_keys:
+            raise Conflict(f"API key {name!r} is defined in the config: rotate it there")
         current = _find(await self._current(), name)
         secret = new_secret()
         changes = {

@@ -42,11 +42,11 @@ class ModelCalls:
     ) -> ModelCall:
         """From here on the request counts: its lease is released when it ends, however it ends."""
         reserved = reserved_tokens(chat)
-        admission = await self._gate.admit(caller, reserved, reserved + prompt_token_bound(chat))
-        if admission is not None:
-            lifecycle.on_finish(lambda done: self._gate.release(admission, done.total_tokens))
+        lease = await self._gate.admit(caller, reserved, reserved + prompt_token_bound(chat))
+        if lease is not None:
+            lifecycle.on_finish(lambda done: self._gate.release(lease, done.total_tokens))
         first, rest = await _first_output(route, chat, lifecycle)
-        return ModelCall(first, rest, admission.decision.headers if admission is not None else {})
+        return ModelCall(first, rest, lease.decision.headers if lease is not None else {})
 
 
 async def _first_output(
@@ -84,9 +84,9 @@ async def _first_output(
 
 async def chunks(call: ModelCall, answer: Answer) -> AsyncIterator[dict[str, Any]]:
     """A stream's chunks, parsed once for either API; their usage and finish reason go to the
-    answer, and a chunk of new text counts as a token. An error the model tells midway, or a
-    stream that stops without a finish reason, is raised as an `APIError`, for the API's stream
-    to end with."""
+    answer, and a chunk of new output (text, reasoning, tool calls) counts as a token. An error
+    the model tells midway, or a stream that stops without a finish reason, is raised as an
+    `APIError`, for the API's stream to end with."""
     item = call.first
     rest = aiter(call.rest)
     while True:
@@ -96,7 +96,8 @@ async def chunks(call: ModelCall, answer: Answer) -> AsyncIterator[dict[str, Any
         answer.usage(chunk.get("usage"))
         choices = chunk.get("choices")
         if choices:
-            if (choices[0].get("delta") or {}).get("content"):
+            delta = choices[0].get("delta") or {}
+            if delta.get("content") or delta.get("reasoning") or delta.get("tool_calls"):
                 answer.token()
             answer.finish_reason = choices[0].get("finish_reason") or answer.finish_reason
         yield chunk

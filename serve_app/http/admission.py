@@ -9,10 +9,12 @@ from typing import Any
 
 from fastapi import Request
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 
 from cluster.schema import Scope
-from serve_app.errors import APIError, api_of, error_response
+from serve_app.errors import APIError, api_of, error_response, for_status
 from serve_app.http.handlers import request_id_of
 from serve_app.http.lifecycle import Listeners, RequestLifecycle
 from serve_app.http.streaming import EventStream
@@ -44,6 +46,14 @@ class Admission:
         except asyncio.CancelledError:
             lifecycle.finish(CLIENT_CLOSED_REQUEST)
             raise
+        except ClientDisconnect:
+            # The client left while its body was being read: nothing to answer, nothing failed.
+            lifecycle.finish(CLIENT_CLOSED_REQUEST)
+            return Response(status_code=CLIENT_CLOSED_REQUEST)
+        except HTTPException as error:
+            api_error = for_status(error.status_code, str(error.detail))
+            lifecycle.finish(api_error.status)
+            return error_response(api_of(endpoint), api_error, lifecycle.request_id)
         except APIError as error:
             lifecycle.finish(error.status)
             return error_response(api_of(endpoint), error, lifecycle.request_id)

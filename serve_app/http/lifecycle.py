@@ -47,9 +47,8 @@ class RequestLifecycle:
         self._own_listeners.append(listener)
 
     def finish(self, status: int) -> FinishedRequest:
-        """The first call decides; later ones (a stream's close after an error was answered, say)
-        change nothing. A failing listener is logged and the others still hear of the request:
-        a bug in one must not lose a usage row."""
+        """The first call decides; later ones change nothing. A failing listener is logged and the
+        others still hear of the request: a bug in one must not lose a usage row."""
         if self.finished is not None:
             return self.finished
         answer = self.answer
@@ -66,6 +65,7 @@ class RequestLifecycle:
             duration_s=time.perf_counter() - self._started,
             ttft_s=None if answer.first_token_at is None else answer.first_token_at - self._started,
             mean_token_gap_s=answer.mean_token_gap_s(),
+            max_token_gap_s=answer.max_token_gap_s if answer.token_chunks > 1 else None,
             reached_engine=self.reached_engine,
         )
         for listener in (*self._listeners.finished, *self._own_listeners):

@@ -20,8 +20,12 @@ DONE = "data: [DONE]\n\n"
 HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
+_encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+"""One encoder for every event: `json.dumps` with options builds a new one per call, per token."""
+
+
 def event(payload: dict[str, Any]) -> str:
-    return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"
+    return f"data: {_encode(payload)}\n\n"
 
 
 class EventStream(StreamingResponse):
@@ -46,11 +50,16 @@ class EventStream(StreamingResponse):
             await super().__call__(scope, receive, send)
         finally:
             # A departed client leaves the events suspended: close them first, so that their
-            # cleanup runs before the request is recorded.
-            await self.body_iterator.aclose()
-            await self._events.aclose()
-            self._cancel()
-            self._lifecycle.finish(self._lifecycle.answer.stream_status())
+            # cleanup runs before the request is recorded; the model's work is cancelled and the
+            # request finished even if closing them fails.
+            try:
+                await self.body_iterator.aclose()
+                await self._events.aclose()
+            finally:
+                try:
+                    self._cancel()
+                finally:
+                    self._lifecycle.finish(self._lifecycle.answer.stream_status())
 
 
 async def _ended(events: AsyncGenerator[str, None], lifecycle: RequestLifecycle) -> AsyncIterator[str]:

@@ -34,9 +34,15 @@ class IngressMetrics:
             boundaries=LATENCY_S,
             tag_keys=REQUEST_TAGS,
         )
-        self.itl = Histogram(
-            "llm_inter_token_latency_seconds",
-            "Mean time between consecutive streamed chunks of text, one observation per request.",
+        self.mean_gap = Histogram(
+            "llm_mean_token_gap_seconds",
+            "Mean time between a stream's consecutive chunks of output, one observation per stream.",
+            boundaries=TOKEN_GAP_S,
+            tag_keys=REQUEST_TAGS,
+        )
+        self.max_gap = Histogram(
+            "llm_max_token_gap_seconds",
+            "Longest time between a stream's consecutive chunks of output (its stalls), one observation per stream.",
             boundaries=TOKEN_GAP_S,
             tag_keys=REQUEST_TAGS,
         )
@@ -65,7 +71,9 @@ class IngressMetrics:
         if request.ttft_s is not None:
             self.ttft.observe(request.ttft_s, tags)
         if request.mean_token_gap_s is not None:
-            self.itl.observe(request.mean_token_gap_s, tags)
+            self.mean_gap.observe(request.mean_token_gap_s, tags)
+        if request.max_token_gap_s is not None:
+            self.max_gap.observe(request.max_token_gap_s, tags)
         if request.prompt_tokens:
             self.prompt_tokens.inc(request.prompt_tokens, tags)
         if request.completion_tokens:

@@ -1,6 +1,6 @@
 """What a request's answer has told so far, and the frozen record of a request once it has ended,
 which every listener reads (the request log, the metrics, the rate limiter's release, the usage
-ledger). Plain data: the limiter's and the ledger's replicas import it without the engine."""
+ledger). Plain data: the ledger's replica imports it without the engine."""
 
 import time
 from dataclasses import dataclass
@@ -25,12 +25,16 @@ class Answer:
     first_token_at: float | None = None
     last_token_at: float | None = None
     token_chunks: int = 0
+    max_token_gap_s: float = 0.0
 
     def token(self) -> None:
-        """A chunk carrying new text (or a whole answer) went out."""
+        """A chunk carrying new output (text, reasoning or tool calls; or a whole answer) arrived
+        from the model, to be sent on."""
         now = time.perf_counter()
         if self.first_token_at is None:
             self.first_token_at = now
+        else:
+            self.max_token_gap_s = max(self.max_token_gap_s, now - self.last_token_at)
         self.last_token_at = now
         self.token_chunks += 1
 
@@ -71,6 +75,8 @@ class FinishedRequest:
     mean_token_gap_s: float | None
     reached_engine: bool
     """Sent to a model (and perhaps begun there): the usage ledger records such requests only."""
+    max_token_gap_s: float | None = None
+    """The longest wait between two chunks of a stream: a stall shows here, not in the mean."""
 
     @property
     def total_tokens(self) -> int:

@@ -143,11 +143,10 @@ class KeyWatch:
         while True:
             try:
                 snapshot = await self._registry.changes.remote(self._keys.revision)
+                if snapshot is not None:
+                    self.apply(snapshot)
             except asyncio.CancelledError:
                 raise
             except Exception:
-                logger.exception("polling the key registry failed; asking again in %.1f s", RETRY_S)
+                logger.exception("following the key registry failed; asking again in %.1f s", RETRY_S)
                 await asyncio.sleep(RETRY_S)
-                continue
-            if snapshot is not None:
-                self.apply(snapshot)

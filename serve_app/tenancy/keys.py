@@ -72,7 +72,12 @@ class KeyRing:
     def replace_runtime(self, snapshot: KeySnapshot) -> None:
         keys: dict[bytes, _Entry] = {}
         for stored in snapshot.keys:
-            key = as_api_key(stored)
+            try:
+                key = as_api_key(stored)
+            except ValueError:
+                # A row this version cannot read must not stop every other key from applying.
+                logger.exception("runtime API key %r cannot be read; it is refused", stored.name)
+                continue
             for digest, valid_until in ((stored.digest, None), (stored.previous_digest, stored.previous_valid_until)):
                 if digest is None:
                     continue

@@ -93,7 +93,7 @@ class RateLimiter:
 
 
 @dataclass(frozen=True)
-class Admission:
+class Lease:
     """A granted lease and the actor that holds it, which is the one to release it (the ingress
     may have moved on to a new actor meanwhile)."""
 
@@ -116,7 +116,7 @@ class LimitGate:
             self._actor = await self._limiter.actor.remote()
         return await self._actor.budget_used.remote(key.name, key.limits)
 
-    async def admit(self, caller: Caller, reserve_tokens: int, budget_tokens: int) -> Admission | None:
+    async def admit(self, caller: Caller, reserve_tokens: int, budget_tokens: int) -> Lease | None:
         key = caller.key
         if key is None or not key.limits.any or self._limiter is None:
             return None
@@ -147,10 +147,10 @@ class LimitGate:
             raise Overloaded("the rate limiter is unavailable; retry shortly") from None
         if decision.refusal is not None:
             raise RateLimited(decision.refusal, decision.retry_after_s, decision.headers)
-        return Admission(decision, actor)
+        return Lease(decision, actor)
 
     @staticmethod
-    def release(admission: Admission, tokens_used: int) -> None:
+    def release(lease: Lease, tokens_used: int) -> None:
         """Fire and forget: the client's answer never waits for the bookkeeping. A plain actor
         call, so a departing client's cancellation does not reach it."""
-        admission.actor.release.remote(admission.decision.lease_id, tokens_used)
+        lease.actor.release.remote(lease.decision.lease_id, tokens_used)

@@ -22,6 +22,8 @@ class StreamState:
     model: str = ""
     created: int = 0
     usage: LLMUsage = field(default_factory=lambda: LLMUsage(prompt_tokens=0, completion_tokens=0, total_tokens=0))
+    final_sent: bool = False
+    """The chunk with the finish reason was built: the contract has one."""
 
 
 def full_response(response: ChatCompletionResponse) -> LLMResponse:
@@ -53,6 +55,7 @@ def stream_chunks(vllm_chunk: dict[str, Any], state: StreamState) -> list[LLMRes
             chunks.append(_chunk(state, content, None))
         if choice.get("finish_reason"):
             chunks.append(_chunk(state, "", choice["finish_reason"]))
+            state.final_sent = True
     return chunks
 
 
@@ -64,13 +67,16 @@ def failure_chunk(state: StreamState, message: str) -> LLMResponse:
 
 
 def _chunk(state: StreamState, content: str, finish_reason: str | None) -> LLMResponse:
-    return LLMResponse(
-        id=state.id,
-        model=state.model,
-        created=state.created,
-        usage=LLMUsage(**state.usage),
-        choices=[LLMChoice(index=0, finish_reason=finish_reason, delta=LLMDelta(role="assistant", content=content))],
-    )
+    """Dict literals, checked against `LLMResponse` by type checkers and tests: the TypedDicts'
+    constructor calls cost the hot path a call each."""
+    chunk: LLMResponse = {
+        "id": state.id,
+        "model": state.model,
+        "created": state.created,
+        "usage": dict(state.usage),
+        "choices": [{"index": 0, "finish_reason": finish_reason, "delta": {"role": "assistant", "content": content}}],
+    }
+    return chunk
 
 
 def _usage(usage: dict[str, Any]) -> LLMUsage:

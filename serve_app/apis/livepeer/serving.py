@@ -56,7 +56,7 @@ async def livepeer_events(call: ModelCall, answer: Answer, request_id: str) -> A
             for out in stream_chunks(chunk, state):
                 yield event(out)
     except Exception as error:
-        if answer.finish_reason is not None:
+        if state.final_sent:
             logger.exception("stream failed after its final chunk (request id %s)", request_id)
             return
         if isinstance(error, APIError):
