@@ -145,8 +145,11 @@ class UsageSettings(StrictModel):
     """The usage ledger: one row per request that reached an engine. The database is a SQLAlchemy
     URL; SQLite (the default) lives on the head node, where the ledger's single writer runs, and
     `~` means that node's home folder. A `postgresql+psycopg://…` URL needs the `postgres` extra.
-    Each ingress replica sends its rows once per `flush_interval_s`, in one call; a replica that
-    dies loses the rows of that last interval."""
+    Each ingress replica sends its rows once per `flush_interval_s`, in one call, and keeps them
+    until the ledger has stored them, retrying; rows the ledger cannot take meanwhile wait in
+    `spill_directory` on the replica's node and are sent again, oldest first, when it answers
+    (`llm_usage_rows_pending` counts them). A replica that crashes loses only the rows of its last
+    interval; its rows on disk are sent by the next ingress replica on its node."""
 
     enabled: bool = Field(default=True, description="keep the ledger (and answer `/admin/usage`)")
     database: str = Field(
@@ -160,6 +163,26 @@ class UsageSettings(StrictModel):
         le=60,
         description="how often each ingress replica sends the rows it holds, in one call; rows sent one per "
         "request delayed the next requests' first tokens",
+    )
+    spill_directory: str = Field(
+        default="~/.local/state/llm-serve/usage-spill",
+        min_length=1,
+        description="where an ingress replica keeps the rows the ledger could not store yet, until it can: "
+        "JSON lines in a folder per application, on the replica's node (`~` is that node's home folder)",
+    )
+    spill_max_rows: int = Field(
+        default=1_000_000,
+        ge=1,
+        le=100_000_000,
+        description="the most rows an ingress replica keeps waiting (a row is under 1 KB); past it new rows "
+        "are dropped, counted (`llm_usage_rows_dropped`) and logged at ERROR",
+    )
+    retry_max_s: float = Field(
+        default=10.0,
+        gt=0,
+        le=600,
+        description="the longest wait between an ingress replica's attempts to store its rows while the "
+        "ledger fails (the wait doubles from 0.5 s up to it)",
     )
 
     @field_validator("database")

@@ -1,30 +1,66 @@
 """The admin routes' logic: usage totals from the ledger, for keys with the `admin` scope."""
 
+import csv
+import io
 from datetime import UTC, datetime
 from typing import Any
 
-from fastapi import Request
+from fastapi import Request, Response
 
 from serve_app.errors import BadRequest, NotFound
 from serve_app.tenancy.ledger import LedgerClient
+from serve_app.tenancy.usage_store import DEFAULT_GROUPS, GROUPS
 
 LATEST_INSTANT = 253402300800
 """10000-01-01 in unix seconds: the first time `datetime` cannot represent."""
+TOTALS = ("requests", "failed_requests", "prompt_tokens", "completion_tokens", "total_tokens")
 
 
 class Admin:
     def __init__(self, ledger: LedgerClient) -> None:
         self._ledger = ledger
 
-    async def usage(self, request: Request) -> dict[str, Any]:
-        """Totals per key and model, over `since` ≤ time < `until` (either may be left out),
-        optionally for one `key` or `model`."""
+    async def usage(self, request: Request) -> dict[str, Any] | Response:
+        """Totals over `since` ≤ time < `until` (either may be left out), optionally for one `key`
+        or `model`, per distinct value of the `group_by` fields (comma-separated, any of key, model
+        and day, the UTC date; key,model unless given; empty: one total), as JSON, or as CSV with
+        `format=csv` (a header line, then a line per group)."""
         if not self._ledger.enabled:
             raise NotFound("the usage ledger is off in this config (usage.enabled: false)")
         query = request.query_params
         since, until = instant(query.get("since"), "since"), instant(query.get("until"), "until")
-        totals = await self._ledger.totals(since, until, query.get("key"), query.get("model"))
-        return {"object": "usage", "since": _iso(since), "until": _iso(until), "data": totals}
+        group_by = groups(query.get("group_by"))
+        shape = query.get("format", "json")
+        if shape not in ("json", "csv"):
+            raise BadRequest(f"format: {shape!r} is neither json nor csv")
+        totals = await self._ledger.totals(since, until, query.get("key"), query.get("model"), group_by)
+        if shape == "csv":
+            return Response(
+                as_csv(group_by, totals),
+                media_type="text/csv; charset=utf-8",
+                headers={"content-disposition": 'attachment; filename="usage.csv"'},
+            )
+        return {"object": "usage", "since": _iso(since), "until": _iso(until), "group_by": group_by, "data": totals}
+
+
+def groups(text: str | None) -> list[str]:
+    """A query's `group_by`: names separated by commas, each once, in the order given."""
+    if text is None:
+        return list(DEFAULT_GROUPS)
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in GROUPS]
+    if unknown:
+        raise BadRequest(f"group_by: {', '.join(map(repr, unknown))} is not one of {', '.join(GROUPS)}")
+    return list(dict.fromkeys(names))
+
+
+def as_csv(group_by: list[str], totals: list[dict[str, Any]]) -> str:
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\r\n")
+    writer.writerow([*group_by, *TOTALS])
+    for row in totals:
+        writer.writerow(["" if row[name] is None else row[name] for name in (*group_by, *TOTALS)])
+    return out.getvalue()
 
 
 def instant(text: str | None, name: str) -> float | None:

@@ -94,3 +94,36 @@ class EngineMetrics:
             boundaries=LATENCY_S,
             tag_keys=("model",),
         )
+
+
+class LedgerMetrics:
+    """An ingress replica's usage rows not yet in the ledger: tagged by replica, since each holds
+    its own (in memory, or on its node's disk while the ledger fails)."""
+
+    def __init__(self, replica: str) -> None:
+        self._tags = {"replica": replica}
+        self.pending = Gauge(
+            "llm_usage_rows_pending",
+            "Usage rows an ingress replica holds that the ledger has not acknowledged yet, in memory or on disk.",
+            tag_keys=("replica",),
+        )
+        self.dropped = Counter(
+            "llm_usage_rows_dropped",
+            "Usage rows an ingress replica dropped because its spill bound (usage.spill_max_rows) was reached.",
+            tag_keys=("replica",),
+        )
+        self.failures = Counter(
+            "llm_usage_write_failures",
+            "Calls that should have stored usage rows in the ledger and failed or timed out (the rows are retried).",
+            tag_keys=("replica",),
+        )
+
+    def waiting(self, rows: int) -> None:
+        self.pending.set(rows, self._tags)
+
+    def failed(self) -> None:
+        self.failures.inc(1, self._tags)
+
+    def lost(self, rows: int) -> None:
+        if rows:
+            self.dropped.inc(rows, self._tags)
