@@ -1,34 +1,64 @@
-"""The ledger's store on a real SQLite file: rows once, totals by key and model over a range; the
-ingress's side batches its rows."""
+"""The ledger's store on a real SQLite file and, where a server can run here, on a throwaway
+Postgres (`tests/postgres.py`): rows once, totals by key, model and UTC day over a range, client
+text bounded to its column without losing its batch, and a failed write raised to the caller."""
 
 import asyncio
-import contextvars
 import sqlite3
 import uuid
+from datetime import UTC, datetime
 
-from serve_app.telemetry.record import FinishedRequest
-from serve_app.tenancy.ledger import LedgerClient
-from serve_app.tenancy.usage_store import UsageRow, UsageStore
+import pytest
+import sqlalchemy as sa
+
+from serve_app.tenancy.ledger import LedgerWriteFailed, UsageLedger
+from serve_app.tenancy.usage_store import WIDTHS, UsageRow, UsageStore, bounded
+from tests import postgres
 
 
-def _row(key: str, model: str, at: float, prompt: int, completion: int, status: int = 200) -> UsageRow:
+def _row(key: str | None, model: str, at: float, prompt: int, completion: int, status: int = 200, **fields) -> UsageRow:
     return UsageRow(
-        id=uuid.uuid4().hex,
-        request_id="r",
-        time=at,
-        key=key,
-        model=model,
-        endpoint="/llm",
-        prompt_tokens=prompt,
-        completion_tokens=completion,
-        finish_reason="stop",
-        status=status,
-        latency_ms=1.0,
+        **{
+            "id": uuid.uuid4().hex,
+            "request_id": "r",
+            "time": at,
+            "key": key,
+            "model": model,
+            "endpoint": "/llm",
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "finish_reason": "stop",
+            "status": status,
+            "latency_ms": 1.0,
+        }
+        | fields
     )
 
 
-def test_totals_per_key_and_model_over_a_range(tmp_path):
-    store = UsageStore(f"sqlite:///{tmp_path}/ledger/usage.sqlite")
+@pytest.fixture(scope="module")
+def postgres_server():
+    reason = postgres.unavailable()
+    if reason:
+        pytest.skip(reason)
+    with postgres.server() as base:
+        yield base
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def url(request, tmp_path):
+    """A fresh database of each kind."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/ledger/usage.sqlite"
+    return postgres.new_database(request.getfixturevalue("postgres_server"))
+
+
+@pytest.fixture
+def store(url):
+    store = UsageStore(url)
+    yield store
+    store.dispose()
+
+
+def test_totals_per_key_and_model_over_a_range(store):
     rows = [
         _row("a", "m1", 100, 3, 4),
         _row("a", "m1", 150, 5, 6, status=499),
@@ -73,6 +103,112 @@ def test_totals_per_key_and_model_over_a_range(tmp_path):
     assert [t["requests"] for t in store.totals(None, None, key="a", model="m1")] == [3]
 
 
+def _at(text: str) -> float:
+    return datetime.fromisoformat(text).replace(tzinfo=UTC).timestamp()
+
+
+def test_totals_by_utc_day_by_any_grouping_and_over_all(store):
+    store.add(
+        [
+            _row("a", "m1", _at("2026-03-01T00:00:00"), 1, 1),
+            _row("a", "m1", _at("2026-03-01T23:59:59.9"), 2, 2),
+            _row("b", "m2", _at("2026-03-01T12:00:00"), 3, 3, status=500),
+            _row("a", "m1", _at("2026-03-02T00:00:00"), 4, 4),
+            _row(None, "m2", _at("2026-03-31T23:00:00"), 5, 5),
+        ]
+    )
+
+    def picked(group_by, **query):
+        return [
+            tuple(row[name] for name in (*group_by, "requests", "failed_requests", "total_tokens"))
+            for row in store.totals(query.pop("since", None), query.pop("until", None), group_by=group_by, **query)
+        ]
+
+    assert picked(["day"]) == [("2026-03-01", 3, 1, 12), ("2026-03-02", 1, 0, 8), ("2026-03-31", 1, 0, 10)]
+    assert picked(["model", "day"]) == [
+        ("m1", "2026-03-01", 2, 0, 6),
+        ("m1", "2026-03-02", 1, 0, 8),
+        ("m2", "2026-03-01", 1, 1, 6),
+        ("m2", "2026-03-31", 1, 0, 10),
+    ]
+    assert picked(["day", "key"], key="a") == [("2026-03-01", "a", 2, 0, 6), ("2026-03-02", "a", 1, 0, 8)]
+    assert picked([]) == [(5, 1, 30)]
+    assert picked([], since=_at("2027-01-01T00:00:00")) == []  # nothing in range: no row, not a row of nulls
+    assert picked(["day"], since=_at("2026-03-01T12:00:00"), until=_at("2026-03-02T00:00:00")) == [
+        ("2026-03-01", 2, 1, 10)
+    ]
+    assert set(store.totals(None, None, group_by=["day"])[0]) == {
+        "day",
+        "requests",
+        "failed_requests",
+        "prompt_tokens",
+        "completion_tokens",
+        "total_tokens",
+    }
+    with pytest.raises(ValueError, match="cannot group usage by"):
+        store.totals(None, None, group_by=["tenant"])
+
+
+def test_long_client_text_is_bounded_and_stored_with_its_batch(store):
+    """A 5,000-character x-request-id once failed its whole batch on Postgres (a 200-character
+    column); now it is cut to a prefix and a digest, and two long ids alike up to the cut stay
+    apart."""
+    long_id = "x" * 4000 + "-a" * 500
+    other = "x" * 4000 + "-b" * 500
+    assert len(long_id) == 5000
+    weird = "bad\x00text\ud800"
+    rows = [
+        _row("k", "m", 1, 1, 1, request_id="short"),
+        _row("k", "m", 2, 1, 1, request_id=long_id),
+        _row("k", "m", 3, 1, 1, request_id=other),
+        _row("k" * 300, "m" * 300, 4, 1, 1, endpoint="/" * 80, finish_reason="f" * 80),
+        _row("k", "m", 5, 1, 1, request_id=weird),
+    ]
+    store.add(rows)
+    stored = {row.id: row for row in store.rows()}
+    assert len(stored) == 5
+    assert stored[rows[0].id].request_id == "short"
+    first, second = stored[rows[1].id].request_id, stored[rows[2].id].request_id
+    assert len(first) == len(second) == WIDTHS["request_id"]
+    assert first != second and first.startswith("x" * 189) and second.startswith("x" * 189)
+    assert first == bounded(long_id, 200)
+    wide = stored[rows[3].id]
+    assert (len(wide.key), len(wide.model), len(wide.endpoint), len(wide.finish_reason)) == (200, 200, 50, 50)
+    assert stored[rows[4].id].request_id == "bad\ufffdtext?"
+    # The key's totals are asked by the name as given, bounded the same way.
+    assert store.totals(None, None, key="k" * 300)[0]["requests"] == 1
+
+
+def test_a_refused_row_does_not_hold_back_its_batch(store, caplog):
+    """No bounded row should be refused; if one is (here an integer past Postgres's range; SQLite
+    takes it), the others are stored and it is logged whole."""
+    huge = _row("k", "m", 1, 2**40, 1, request_id="huge")
+    rows = [_row("k", "m", 1, 1, 1), huge, _row("k", "m", 1, 1, 1)]
+    refused = store.add(rows)
+    if store._engine.dialect.name == "postgresql":
+        assert refused == 1 and store.count() == 2
+        assert "refused a row, left out" in caplog.text and "'huge'" in caplog.text
+    else:
+        assert refused == 0 and store.count() == 3
+
+
+def test_the_ledger_raises_when_the_database_cannot_store_and_the_retry_counts_once(url):
+    ledger = UsageLedger(url)
+    rows = [_row("k", "m", 1, 1, 1) for _ in range(3)]
+    engine = sa.create_engine(url)
+    with engine.begin() as connection:
+        connection.execute(sa.text("ALTER TABLE usage RENAME TO usage_away"))
+    with pytest.raises(LedgerWriteFailed, match="storing 3 rows failed: ") as failed:
+        asyncio.run(ledger.add(rows))
+    assert "INSERT" not in str(failed.value) and "\n" not in str(failed.value)  # the driver's word, not the SQL
+    with engine.begin() as connection:
+        connection.execute(sa.text("ALTER TABLE usage_away RENAME TO usage"))
+    asyncio.run(ledger.add(rows[:2]))
+    asyncio.run(ledger.add(rows))  # the first two sent again
+    assert asyncio.run(ledger.totals(None, None, "k", None))[0]["requests"] == 3
+    engine.dispose()
+
+
 def test_rows_are_in_a_plain_sqlite_file_that_a_new_store_reads(tmp_path):
     url = f"sqlite:///{tmp_path}/usage.sqlite"
     UsageStore(url).add([_row("a", "m", 1, 2, 3)])
@@ -81,98 +217,12 @@ def test_rows_are_in_a_plain_sqlite_file_that_a_new_store_reads(tmp_path):
         assert db.execute("select key, prompt_tokens, completion_tokens from usage").fetchall() == [("a", 2, 3)]
 
 
-_REQUEST: contextvars.ContextVar[str | None] = contextvars.ContextVar("request", default=None)
-"""Stands for the serving request's context, which Serve reads to make a handle call its child."""
-
-
-class _Method:
-    def __init__(self, ledger: "_Ledger", name: str) -> None:
-        self._ledger, self._name = ledger, name
-
-    def remote(self, *args):
-        self._ledger.calls.append((self._name, args, _REQUEST.get()))
-        self._ledger.called.set()
-        future = asyncio.get_running_loop().create_future()
-        self._ledger.replies.append(future)
-        if not self._ledger.hold_replies:
-            future.set_result([] if self._name == "totals" else None)
-        return future
-
-
-class _Ledger:
-    """A ledger handle that notes its calls, and the request context each was made in; `called`
-    is set by the first call (and every later one: clear it to wait for the next)."""
-
-    def __init__(self, hold_replies: bool = False) -> None:
-        self.calls: list = []
-        self.called = asyncio.Event()
-        self.replies: list[asyncio.Future] = []
-        self.hold_replies = hold_replies
-        self.add, self.totals = _Method(self, "add"), _Method(self, "totals")
-
-    def sent(self) -> list:
-        return [
-            (name, [row.request_id for row in args[0]] if name == "add" else args, context)
-            for name, args, context in self.calls
-        ]
-
-
-def _finished(request_id: str, reached_engine: bool = True) -> FinishedRequest:
-    _REQUEST.set(request_id)
-    return FinishedRequest(
-        request_id=request_id,
-        endpoint="/llm",
-        key_name=None,
-        model="m",
-        status=200,
-        prompt_tokens=1,
-        completion_tokens=2,
-        finish_reason="stop",
-        started_at=0.0,
-        duration_s=0.1,
-        ttft_s=0.01,
-        mean_token_gap_s=None,
-        reached_engine=reached_engine,
-    )
-
-
-def test_the_ingress_sends_the_rows_of_an_interval_in_one_call_outside_any_request():
-    async def scenario():
-        ledger = _Ledger()
-        client = LedgerClient(ledger, flush_interval_s=0.05)
-        for request_id in ("a", "b"):
-            client.record(_finished(request_id))
-        client.record(_finished("never-reached-an-engine", reached_engine=False))
-        assert ledger.calls == []
-        await asyncio.wait_for(ledger.called.wait(), 5)  # the flush interval's timer fired
-        assert ledger.sent() == [("add", ["a", "b"], None)]
-        client.record(_finished("c"))
-        await client.totals(None, None, None, None)
-        client.record(_finished("d"))
-        await client.close()
-        return ledger.sent()
-
-    assert asyncio.run(scenario()) == [
-        ("add", ["a", "b"], None),
-        ("add", ["c"], None),  # held rows are stored before the totals are read
-        ("totals", (None, None, None, None), "c"),
-        ("add", ["d"], None),  # and before the replica stops
-    ]
-
-
-def test_held_rows_sent_for_the_totals_are_stored_even_if_the_admin_client_leaves():
-    async def scenario():
-        ledger = _Ledger(hold_replies=True)
-        client = LedgerClient(ledger, flush_interval_s=60)
-        client.record(_finished("a"))
-        asking = asyncio.create_task(client.totals(None, None, None, None))
-        await asyncio.wait_for(ledger.called.wait(), 5)  # the held rows' call is made, its reply held
-        assert not asking.done()
-        asking.cancel()
-        await asyncio.gather(asking, return_exceptions=True)
-        await client.close()  # nothing left to store: the rows went with the totals' call
-        return ledger
-
-    ledger = asyncio.run(scenario())
-    assert ledger.sent() == [("add", ["a"], None)]
-    assert not ledger.replies[0].cancelled()
+def test_bounded_is_stable_and_keeps_distinct_texts_distinct():
+    assert bounded(None, 10) is None
+    assert bounded("short", 10) == "short"
+    assert bounded("x" * 50, 50) == "x" * 50
+    cut = bounded("y" * 51, 50)
+    assert len(cut) == 50 and cut.startswith("y" * 39 + "~")
+    assert bounded(cut, 50) == cut  # a bounded text is its own bound
+    ids = {bounded("z" * 300 + str(n), 200) for n in range(1000)}
+    assert len(ids) == 1000
