@@ -60,7 +60,7 @@ class Ingress:
                 await runner.start()
         router = Router(config, handles | self._runners)
         metrics = IngressMetrics()
-        self._ledger = LedgerClient(ledger, config.usage.flush_interval_s)
+        self._ledger = LedgerClient(ledger, config.usage)
         listeners = Listeners(
             routed=(metrics.request_routed,),
             finished=(request_log.write, metrics.request_finished, self._ledger.record),
