@@ -7,6 +7,16 @@ from typing import Any
 from cluster.schema import ApiKey
 
 
+def new_token() -> str:
+    """A new key's secret, for the config (`keys new`) and the admin API alike."""
+    return "sk-" + secrets.token_urlsafe(32)
+
+
+def token_digest(token: str) -> str:
+    """The sha256 hex digest a key is held by."""
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
 def new_key(
     name: str,
     *,
@@ -18,13 +28,13 @@ def new_key(
     expires_at: str | None = None,
 ) -> tuple[str, dict[str, Any]]:
     """Returns the token and its `auth.keys` entry, validated as the config will validate it."""
-    token = "sk-" + secrets.token_urlsafe(32)
+    token = new_token()
     limits = {
         "requests_per_minute": requests_per_minute,
         "tokens_per_minute": tokens_per_minute,
         "concurrent_requests": concurrent_requests,
     }
-    entry: dict[str, Any] = {"name": name, "sha256": hashlib.sha256(token.encode()).hexdigest()}
+    entry: dict[str, Any] = {"name": name, "sha256": token_digest(token)}
     if expires_at is not None:
         entry["expires_at"] = expires_at
     if models:

@@ -1,5 +1,6 @@
 """Finding a request's line in the Serve replica logs of this session's Ray node."""
 
+import re
 from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
@@ -23,6 +24,11 @@ def replica_of(request_id: str, app: str, timeout_s: float = 15) -> str:
 def lines_of(request_id: str, app: str) -> list[str]:
     """Every line naming the request in the app's replica logs (any deployment), as of now."""
     return [line for _, line in _lines(app) if request_id in line]
+
+
+def fields_of(line: str) -> dict[str, str]:
+    """The `name=value` fields of a request's log line, after Serve's prefix."""
+    return dict(re.findall(r"(\w+)=(\S+)", line.split(" -- ", 1)[1]))
 
 
 def errors_since(app: str, since: datetime) -> list[str]:

@@ -64,3 +64,25 @@ def test_a_restarted_limiter_starts_from_the_ledgers_spend():
     budgets.seed("k", "day", "2026-12-01", 95)
     limits = RateLimits(budgets=budgets)
     assert limits.acquire("k", KeyLimits(tokens_per_day=100), 0, budget_tokens=10).refusal is not None
+
+
+def test_the_limiter_seeds_each_keys_budgets_from_the_ledgers_rows_of_the_period(tmp_path):
+    import time
+    import uuid
+
+    from serve_app.tenancy.limiter import _seed
+    from serve_app.tenancy.usage_store import UsageRow, UsageStore
+
+    url = f"sqlite:///{tmp_path}/usage.sqlite"
+
+    def row(key: str | None, at: float, tokens: int) -> UsageRow:
+        return UsageRow(uuid.uuid4().hex, "r", at, key, "m", "/llm", tokens, tokens, "stop", 200, 1.0)
+
+    now = time.time()
+    UsageStore(url).add([row("k", now, 10), row("k", now, 5), row("other", now, 1), row(None, now, 7)])
+    UsageStore(url).add([row("k", period_of("month", now)[1] - 3600, 100)])  # last month's
+    budgets = Budgets()
+    _seed(budgets, url)
+    used = budgets.used("k", KeyLimits(tokens_per_day=1000, tokens_per_month=1000))
+    assert used["tokens_per_day"]["used"] == 30 and used["tokens_per_month"]["used"] == 30
+    assert budgets.used("other", KeyLimits(tokens_per_day=10))["tokens_per_day"]["used"] == 2

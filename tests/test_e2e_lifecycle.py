@@ -3,7 +3,6 @@ and the usage ledger, through HTTP on a real Ray cluster over the test engine.""
 
 import hashlib
 import os
-import re
 import secrets
 import signal
 from collections.abc import Iterator
@@ -18,7 +17,7 @@ from ray import serve
 from cluster.schema import ClusterConfig
 from tests.conftest import ledger_in, serve_fake
 from tests.polling import until
-from tests.serve_logs import errors_since, log_line
+from tests.serve_logs import errors_since, fields_of, log_line
 from tests.sse import json_chunks
 from tests.test_e2e_observability import scrape, total
 
@@ -54,10 +53,6 @@ def app_url(serve_url, tmp_path_factory):
     serve.delete(APP)
 
 
-def _fields(line: str) -> dict[str, str]:
-    return dict(re.findall(r"(\w+)=(\S+)", line.split(" -- ", 1)[1]))
-
-
 def _headers(key: str, request_id: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {TOKENS[key]}", "x-request-id": request_id}
 
@@ -80,7 +75,7 @@ def test_a_livepeer_stream_that_fails_midway_is_recorded_as_the_failure(app_url,
     assert response.status_code == 200  # the failure came after the stream began
     *_, last = json_chunks(response.text)
     assert last["choices"][0]["finish_reason"] == "error" and request_id in last["error"]["message"]
-    fields = _fields(log_line(request_id, app=APP))
+    fields = fields_of(log_line(request_id, app=APP))
     assert (fields["status"], fields["finish"]) == ("500", "error")
     # The row is written once the stream has ended, which the client may see first.
     after = until(
@@ -119,7 +114,7 @@ def test_a_client_that_leaves_while_the_limiter_is_asked_is_recorded_and_not_lef
         with pytest.raises(httpx.ReadTimeout):
             httpx.post(app_url + "/llm", json=body, headers=_headers("limited", request_id), timeout=1.0)
         # Recorded while the limiter is still unanswering: the departure ended the request.
-        fields = _fields(log_line(request_id, app=APP, timeout_s=4))
+        fields = fields_of(log_line(request_id, app=APP, timeout_s=4))
     assert fields["status"] == "499" and fields["model"] == MODEL
     until(
         lambda: (
@@ -147,7 +142,7 @@ def test_reads_are_logged_too_an_admin_read_of_billing_data_included(app_url, pa
     request_id = "read-" + secrets.token_hex(6)
     response = httpx.get(app_url + path, headers=_headers("admin", request_id), timeout=30)
     assert response.status_code == 200, response.text
-    fields = _fields(log_line(request_id, app=APP))
+    fields = fields_of(log_line(request_id, app=APP))
     assert (fields["endpoint"], fields["status"], fields["key"]) == (endpoint, "200", "admin")
 
 
@@ -160,7 +155,7 @@ def test_an_unexpected_error_is_answered_in_shape_and_logged_once(app_url):
 
     assert response.status_code == 500
     assert response.json() == {"detail": {"msg": f"internal error (request id {request_id})", "request_id": request_id}}
-    assert _fields(log_line(request_id, app=APP))["status"] == "500"
+    assert fields_of(log_line(request_id, app=APP))["status"] == "500"
     # Serve logs a request that raised out of the app after its answer went out: once the next
     # request's line is written, any such line of this one's has been written too.
     after = "after-" + request_id

@@ -2,7 +2,6 @@
 counts and timings."""
 
 import json
-import re
 import secrets
 
 import httpx
@@ -12,15 +11,11 @@ from ray import serve
 from cluster.schema import ClusterConfig
 from tests.conftest import serve_fake
 from tests.polling import until
-from tests.serve_logs import lines_of, log_line
+from tests.serve_logs import fields_of, lines_of, log_line
 
 pytestmark = pytest.mark.e2e
 
 FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
-
-
-def _fields(line: str) -> dict[str, str]:
-    return dict(re.findall(r"(\w+)=(\S+)", line.split(" -- ", 1)[1]))
 
 
 @pytest.mark.parametrize("stream", [False, True])
@@ -30,7 +25,7 @@ def test_answered_request_is_logged_with_tokens_and_timings(client, stream):
         "/llm", json={"messages": FRANCE, "temperature": 0, "stream": stream}, headers={"x-request-id": request_id}
     )
     assert response.status_code == 200
-    fields = _fields(log_line(request_id))
+    fields = fields_of(log_line(request_id))
     assert fields["endpoint"] == "/llm" and fields["key"] == "local" and fields["status"] == "200"
     assert fields["model"] == "smollm2-135m-instruct" and fields["finish"] == "stop"
     assert int(fields["prompt_tokens"]) > 0 and int(fields["completion_tokens"]) > 0
@@ -42,7 +37,7 @@ def test_refused_request_is_logged_with_its_status(client):
     client.post(
         "/v1/chat/completions", json={"model": "nope", "messages": FRANCE}, headers={"x-request-id": request_id}
     )
-    fields = _fields(log_line(request_id))
+    fields = fields_of(log_line(request_id))
     assert fields["status"] == "404" and fields["endpoint"] == "/v1/chat/completions"
 
 
@@ -56,7 +51,7 @@ def _echo_config(logging: dict) -> ClusterConfig:
     )
 
 
-def test_json_logs_carry_the_request_fields(serve_url, fake_url):
+def test_json_logs_carry_the_requestfields_of(serve_url, fake_url):
     serve_fake(_echo_config({"encoding": "JSON"}), "jsonlog")
     try:
         request_id = "json-" + secrets.token_hex(6)

@@ -40,7 +40,7 @@ class Admin:
                 media_type="text/csv; charset=utf-8",
                 headers={"content-disposition": 'attachment; filename="usage.csv"'},
             )
-        return {"object": "usage", "since": _iso(since), "until": _iso(until), "group_by": group_by, "data": totals}
+        return {"object": "usage", "since": iso(since), "until": iso(until), "group_by": group_by, "data": totals}
 
 
 def groups(text: str | None) -> list[str]:
@@ -82,5 +82,5 @@ def instant(text: str | None, name: str) -> float | None:
     return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
 
 
-def _iso(seconds: float | None) -> str | None:
+def iso(seconds: float | None) -> str | None:
     return None if seconds is None else datetime.fromtimestamp(seconds, UTC).isoformat()

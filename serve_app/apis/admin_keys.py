@@ -3,8 +3,6 @@ OpenAI's shape, for keys with the `admin` scope. A key's secret is made here, re
 `"key"`) and never stored or shown again: the registry keeps its sha256 digest only. The config's
 keys are listed too, and cannot be changed here."""
 
-import hashlib
-import secrets
 import time
 from datetime import UTC, datetime
 from fnmatch import fnmatchcase
@@ -14,7 +12,9 @@ from fastapi import Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from cluster.keys import new_token, token_digest
 from cluster.schema import ApiKey, KeyLimits, Scope
+from serve_app.apis.admin import iso
 from serve_app.errors import BadRequest, Conflict, NotFound, for_status, from_validation
 from serve_app.tenancy.key_registry import KeyWatch, Refusal
 from serve_app.tenancy.key_store import KeySnapshot, StoredKey
@@ -71,10 +71,10 @@ class AdminKeys:
     async def create(self, request: Request, caller: Caller) -> JSONResponse:
         body = await _parsed(KeyCreate, request)
         self._check_models(body.models)
-        secret = new_secret()
+        secret = new_token()
         stored = StoredKey(
             name=body.name,
-            digest=digest_of(secret),
+            digest=token_digest(secret),
             models=body.models,
             scopes=list(body.scopes),
             limits=body.limits.model_dump(),
@@ -119,9 +119,9 @@ class AdminKeys:
         if name in self._config_keys:
             raise Conflict(f"API key {name!r} is defined in the config: rotate it there")
         current = _find(await self._current(), name)
-        secret = new_secret()
+        secret = new_token()
         changes = {
-            "digest": digest_of(secret),
+            "digest": token_digest(secret),
             "previous_digest": current.digest if body.grace_s > 0 else None,
             "previous_valid_until": time.time() + body.grace_s if body.grace_s > 0 else None,
         }
@@ -163,14 +163,6 @@ class AdminKeys:
                 raise BadRequest(f"models: {pattern!r} is not a model id or alias, nor matches one ({known})")
 
 
-def new_secret() -> str:
-    return "sk-" + secrets.token_urlsafe(32)
-
-
-def digest_of(secret: str) -> str:
-    return hashlib.sha256(secret.encode()).hexdigest()
-
-
 async def _parsed(model: type[_Body], request: Request, empty_ok: bool = False) -> Any:
     body = await request.body()
     if empty_ok and not body.strip():
@@ -188,10 +180,6 @@ def _find(snapshot: KeySnapshot, name: str) -> StoredKey:
     raise NotFound(f"no API key named {name!r}")
 
 
-def _iso(seconds: float | None) -> str | None:
-    return None if seconds is None else datetime.fromtimestamp(seconds, UTC).isoformat()
-
-
 def _view(key: StoredKey) -> dict[str, Any]:
     return {
         "object": "api_key",
@@ -200,12 +188,12 @@ def _view(key: StoredKey) -> dict[str, Any]:
         "models": key.models,
         "scopes": key.scopes,
         "limits": key.limits,
-        "expires_at": _iso(key.expires_at),
+        "expires_at": iso(key.expires_at),
         "disabled": key.disabled,
         "metadata": key.metadata,
-        "created_at": _iso(key.created_at),
-        "updated_at": _iso(key.updated_at),
-        "previous_key_valid_until": _iso(key.previous_valid_until),
+        "created_at": iso(key.created_at),
+        "updated_at": iso(key.updated_at),
+        "previous_key_valid_until": iso(key.previous_valid_until),
     }
 
 

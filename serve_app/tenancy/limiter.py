@@ -71,12 +71,9 @@ def _seed(budgets: Budgets, database: str) -> None:
     now = time.time()
     for kind in PERIODS:
         label, start, _ = period_of(kind, now)
-        spent: dict[str, int] = {}
-        for row in store.totals(since=start, until=None):
+        for row in store.totals(since=start, until=None, group_by=("key",)):
             if row["key"] is not None:
-                spent[row["key"]] = spent.get(row["key"], 0) + row["total_tokens"]
-        for key, tokens in spent.items():
-            budgets.seed(key, kind, label, tokens)
+                budgets.seed(row["key"], kind, label, row["total_tokens"])
 
 
 class RateLimiter:
