@@ -124,7 +124,6 @@ def vllm_namespace(model_id: str, model: str, vllm_args: dict[str, Any]):
         raise ValueError(f"unknown vLLM argument(s) for model {model_id!r}: {', '.join(unknown)}")
     args.model = model
     args.served_model_name = [model_id]
-    args.disable_uvicorn_access_log = True
     actions = {action.dest: action for action in parser._actions}
     for name, value in vllm_args.items():
         try:
