@@ -27,7 +27,7 @@ def build_app(args: ClusterConfig) -> Application:
 
 
 def build_graph(config: ClusterConfig, engine_factory: EngineFactory) -> Application:
-    """One deployment per model, the rate limiter if a key may have limits, the usage ledger unless
+    """One deployment per model, the rate limiter if a key or tenant may have limits, the usage ledger unless
     it is off, the key registry where keys are made at runtime, and the ingress holding a handle
     to each; or, colocated, the ingress holding the one model's engine, deployed under the model's
     name and settings."""
@@ -43,14 +43,19 @@ def build_graph(config: ClusterConfig, engine_factory: EngineFactory) -> Applica
         }
     )
     limiter = None
-    if config.auth.store_enabled or any(key.limits.any for key in config.auth.keys):
+    holders = (*config.auth.keys, *config.auth.tenants)
+    if config.auth.store_enabled or any(holder.limits.any for holder in holders):
         ledger_database = config.usage.database if config.usage.enabled else None
-        limiter = serve.deployment(RateLimiter, **LIMITER_OPTIONS, logging_config=logging_config).bind(ledger_database)
+        limiter = serve.deployment(RateLimiter, **LIMITER_OPTIONS, logging_config=logging_config).bind(
+            ledger_database, config.currency
+        )
     registry = None
     if config.auth.store_enabled:
         options = registry_options(single_writer_actor_options(config.usage.database))
         registry = serve.deployment(KeyRegistry, **options, logging_config=logging_config).bind(
-            config.usage.database, [key.name for key in config.auth.keys]
+            config.usage.database,
+            [key.name for key in config.auth.keys],
+            [tenant.name for tenant in config.auth.tenants],
         )
     ledger = None
     if config.usage.enabled:

@@ -16,6 +16,8 @@ from ray.serve.handle import DeploymentHandle
 from cluster.schema import ClusterConfig
 from serve_app.apis.admin import Admin
 from serve_app.apis.admin_keys import AdminKeys
+from serve_app.apis.admin_registry import RegistryCalls
+from serve_app.apis.admin_tenants import AdminTenants
 from serve_app.apis.livepeer.protocol import LLMResponse
 from serve_app.apis.livepeer.serving import LivepeerChat
 from serve_app.apis.model_call import ModelCalls
@@ -32,7 +34,7 @@ from serve_app.telemetry import request_log
 from serve_app.telemetry.metrics import IngressMetrics
 from serve_app.tenancy.key_registry import KeyWatch
 from serve_app.tenancy.keys import KeyRing
-from serve_app.tenancy.ledger import LedgerClient
+from serve_app.tenancy.ledger_client import LedgerClient
 from serve_app.tenancy.limiter import LimitGate
 
 
@@ -76,9 +78,11 @@ class Ingress:
         self._livepeer = LivepeerChat(router, calls, limit)
         self._openai = OpenAIChat(router, calls, limit)
         self._runner_info = RunnerInfo(config.default_model_id, router.model_ids)
-        self._admin = Admin(self._ledger)
+        self._admin = Admin(self._ledger, config.currency)
         names = {name for model in config.models for name in (model.id, *model.aliases)}
-        self._admin_keys = AdminKeys(self._key_watch, config.auth.keys, names, gate)
+        registry_calls = RegistryCalls(self._key_watch)
+        self._admin_keys = AdminKeys(registry_calls, config.auth.keys, names, gate)
+        self._admin_tenants = AdminTenants(registry_calls, config.auth.tenants, config.auth.keys, gate)
 
     @app.post("/llm", response_model=LLMResponse)
     @app.post("/llm/", include_in_schema=False)
@@ -147,6 +151,34 @@ class Ingress:
     async def delete_key(self, request: Request, name: str):
         return await self._admission.serve(
             request, "/admin/keys", "admin", lambda _, caller, __: self._admin_keys.delete(caller, name)
+        )
+
+    @app.post("/admin/tenants", status_code=201)
+    async def create_tenant(self, request: Request):
+        return await self._admission.serve(
+            request, "/admin/tenants", "admin", lambda _, caller, __: self._admin_tenants.create(request, caller)
+        )
+
+    @app.get("/admin/tenants")
+    async def list_tenants(self, request: Request):
+        return await self._admission.serve(request, "/admin/tenants", "admin", lambda *_: self._admin_tenants.all())
+
+    @app.get("/admin/tenants/{name}")
+    async def show_tenant(self, request: Request, name: str):
+        return await self._admission.serve(
+            request, "/admin/tenants", "admin", lambda *_: self._admin_tenants.show(name)
+        )
+
+    @app.patch("/admin/tenants/{name}")
+    async def update_tenant(self, request: Request, name: str):
+        return await self._admission.serve(
+            request, "/admin/tenants", "admin", lambda _, caller, __: self._admin_tenants.update(request, caller, name)
+        )
+
+    @app.delete("/admin/tenants/{name}")
+    async def delete_tenant(self, request: Request, name: str):
+        return await self._admission.serve(
+            request, "/admin/tenants", "admin", lambda _, caller, __: self._admin_tenants.delete(caller, name)
         )
 
     @app.get("/admin/audit")

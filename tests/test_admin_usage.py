@@ -40,8 +40,8 @@ class _Client:
     def enabled(self) -> bool:
         return self._handle is not None
 
-    async def totals(self, since, until, key, model, group_by=("key", "model")):
-        return await self._handle.totals.remote(since, until, key, model, tuple(group_by))
+    async def totals(self, since, until, key, model, group_by=("key", "model"), tenant=None):
+        return await self._handle.totals.remote(since, until, key, model, tuple(group_by), tenant)
 
 
 def _at(text: str) -> float:
@@ -111,20 +111,23 @@ def test_as_csv(handle):
     assert response.headers["content-disposition"] == 'attachment; filename="usage.csv"'
     lines = list(csv.reader(io.StringIO(response.body.decode())))
     assert lines == [
-        ["day", "key", "requests", "failed_requests", "prompt_tokens", "completion_tokens", "total_tokens"],
-        ["2026-05-01", "a", "2", "1", "4", "6", "10"],
-        ["2026-05-02", "b", "1", "0", "5", "6", "11"],
-        ["2026-05-03", "", "1", "0", "7", "8", "15"],  # a request made without a key
+        ["day", "key", "requests", "failed_requests", "prompt_tokens", "completion_tokens", "total_tokens", "cost"],
+        ["2026-05-01", "a", "2", "1", "4", "6", "10", ""],  # no price: no cost
+        ["2026-05-02", "b", "1", "0", "5", "6", "11", ""],
+        ["2026-05-03", "", "1", "0", "7", "8", "15", ""],  # a request made without a key
     ]
     assert response.body.decode().endswith("\r\n")
     empty = _usage(handle, "since=2030-01-01&format=csv")
-    assert empty.body.decode() == "key,model,requests,failed_requests,prompt_tokens,completion_tokens,total_tokens\r\n"
+    assert (
+        empty.body.decode()
+        == "key,model,requests,failed_requests,prompt_tokens,completion_tokens,total_tokens,cost\r\n"
+    )
 
 
 @pytest.mark.parametrize(
     "query, complaint",
     [
-        ("group_by=tenant,day", "group_by: 'tenant' is not one of key, model, day"),
+        ("group_by=team,day", "group_by: 'team' is not one of key, tenant, model, day"),
         ("format=xml", "format: 'xml' is neither json nor csv"),
         ("since=yesterday", "since: 'yesterday' is neither an ISO 8601 time nor unix seconds"),
     ],

@@ -116,7 +116,13 @@ def test_a_key_made_changed_rotated_and_revoked_at_runtime_takes_effect_on_every
 
     audit = _admin(app_url, "GET", "/admin/audit", params={"limit": 1000}).json()["data"]
     acme = [(entry["action"], entry["actor"]) for entry in reversed(audit) if entry["target"] == "acme"]
-    assert acme == [("create", "ops"), ("update", "ops"), ("update", "ops"), ("rotate", "ops"), ("delete", "ops")]
+    assert acme == [
+        ("key.create", "ops"),
+        ("key.update", "ops"),
+        ("key.update", "ops"),
+        ("key.rotate", "ops"),
+        ("key.delete", "ops"),
+    ]
     assert first not in str(audit) and hashlib.sha256(first.encode()).hexdigest() not in str(audit)
 
 

@@ -53,42 +53,42 @@ def test_each_change_advances_the_revision_by_one_with_its_audit_row(url):
     assert snapshot.revision == 1 and snapshot.keys == [created]
 
     [row] = store.audit()
-    assert (row["actor"], row["action"], row["target"], row["before"]) == ("ops", "create", "alice", None)
+    assert (row["actor"], row["action"], row["target"], row["before"]) == ("ops", "key.create", "alice", None)
     assert row["after"] == created.public() and row["after"]["models"] == ["m1"] and row["time"] > 0
 
-    updated = store.update("alice", {"disabled": True, "models": ["m2"]}, actor="ops")
+    updated = store.update("key", "alice", {"disabled": True, "models": ["m2"]}, actor="ops")
     assert updated.disabled and updated.models == ["m2"] and updated.metadata == {"team": "a"}
     assert updated.created_at == created.created_at and updated.updated_at >= created.updated_at
     assert store.snapshot().revision == 2 and store.snapshot().keys == [updated]
     row = store.audit()[0]
-    assert (row["action"], row["target"]) == ("update", "alice")
+    assert (row["action"], row["target"]) == ("key.update", "alice")
     assert row["before"] == created.public() and row["after"] == updated.public()
 
-    deleted = store.delete("alice", actor="root")
+    deleted = store.delete("key", "alice", actor="root")
     assert deleted == updated
     snapshot = store.snapshot()
     assert (snapshot.revision, snapshot.keys) == (3, [])
     row = store.audit()[0]
-    assert (row["actor"], row["action"], row["target"]) == ("root", "delete", "alice")
+    assert (row["actor"], row["action"], row["target"]) == ("root", "key.delete", "alice")
     assert row["before"] == updated.public() and row["after"] is None
 
-    assert [row["action"] for row in store.audit()] == ["delete", "update", "create"]  # newest first
-    assert [row["action"] for row in store.audit(limit=1)] == ["delete"]
+    assert [row["action"] for row in store.audit()] == ["key.delete", "key.update", "key.create"]  # newest first
+    assert [row["action"] for row in store.audit(limit=1)] == ["key.delete"]
 
 
 def test_the_audit_never_holds_a_digest_not_even_a_rotated_ones(url):
     store = KeyStore(url)
     store.create(_key(secret="first"), actor="ops")
     rotated = {"digest": _digest("second"), "previous_digest": _digest("first"), "previous_valid_until": 2e9}
-    after = store.update("alice", rotated, actor="ops", action="rotate")
+    after = store.update("key", "alice", rotated, actor="ops", action="rotate")
     assert (after.digest, after.previous_digest, after.previous_valid_until) == (
         _digest("second"),
         _digest("first"),
         2e9,
     )
-    store.delete("alice", actor=None)
+    store.delete("key", "alice", actor=None)
     rows = store.audit()
-    assert [row["action"] for row in rows] == ["delete", "rotate", "create"]
+    assert [row["action"] for row in rows] == ["key.delete", "key.rotate", "key.create"]
     assert rows[1]["after"]["previous_valid_until"] == 2e9
     assert rows[0]["actor"] is None
     _no_digest_in(rows, _digest("first"), _digest("second"))
@@ -109,21 +109,21 @@ def test_a_change_whose_audit_row_fails_changes_nothing(url):
     with pytest.raises(Exception, match="unwritable"):
         store.create(_key(), actor="ops")
     with pytest.raises(Exception, match="unwritable"):
-        store.update("bob", {"disabled": True}, actor="ops")
+        store.update("key", "bob", {"disabled": True}, actor="ops")
     with pytest.raises(Exception, match="unwritable"):
-        store.delete("bob", actor="ops")
+        store.delete("key", "bob", actor="ops")
     sa.event.remove(store._engine, "before_cursor_execute", refuse_the_audit)
 
     for reader in (store, KeyStore(url)):
         assert reader.snapshot() == before
-        assert [row["action"] for row in reader.audit()] == ["create"]
+        assert [row["action"] for row in reader.audit()] == ["key.create"]
 
 
 def test_a_second_store_on_the_file_reads_the_same_snapshot_and_continues_its_revision(url):
     first = KeyStore(url)
     first.create(_key("alice", "sk-alice"), actor="ops")
     first.create(_key("bob", "sk-bob", expires_at=2e9, scopes=["chat", "admin"], models=["*"]), actor="ops")
-    first.update("alice", {"previous_digest": _digest("old"), "previous_valid_until": 1.5e9}, actor="ops")
+    first.update("key", "alice", {"previous_digest": _digest("old"), "previous_valid_until": 1.5e9}, actor="ops")
 
     restarted = KeyStore(url)  # the registry's replica restarted: create_all and the revision row are kept
     assert restarted.snapshot() == first.snapshot()
@@ -131,7 +131,7 @@ def test_a_second_store_on_the_file_reads_the_same_snapshot_and_continues_its_re
     assert [key.name for key in restarted.snapshot().keys] == ["alice", "bob"]
     assert restarted.audit() == first.audit()
 
-    restarted.delete("bob", actor="ops")
+    restarted.delete("key", "bob", actor="ops")
     assert first.snapshot() == restarted.snapshot()
     assert first.snapshot().revision == 4
 
@@ -151,8 +151,8 @@ def test_update_or_delete_of_a_missing_key_raises_no_such_key_and_changes_nothin
     store.create(_key(), actor="ops")
     before = store.snapshot()
     with pytest.raises(NoSuchKey):
-        store.update("nobody", {"disabled": True}, actor="ops")
+        store.update("key", "nobody", {"disabled": True}, actor="ops")
     with pytest.raises(NoSuchKey):
-        store.delete("nobody", actor="ops")
+        store.delete("key", "nobody", actor="ops")
     assert store.snapshot() == before
     assert len(store.audit()) == 1

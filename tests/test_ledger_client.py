@@ -14,8 +14,8 @@ import pytest
 
 from cluster.schema import UsageSettings
 from serve_app.telemetry.record import FinishedRequest
-from serve_app.tenancy import ledger as ledger_module
-from serve_app.tenancy.ledger import LedgerClient
+from serve_app.tenancy import ledger_client as ledger_module
+from serve_app.tenancy.ledger_client import LedgerClient
 from serve_app.tenancy.spill import Spill
 from serve_app.tenancy.usage_store import UsageRow, UsageStore
 
@@ -161,7 +161,7 @@ def test_the_ingress_sends_the_rows_of_an_interval_in_one_call_outside_any_reque
     assert asyncio.run(scenario()) == [
         ("add", ["a", "b"], None),
         ("add", ["c"], None),  # held rows are stored before the totals are read
-        ("totals", (None, None, None, None, ("key", "model")), "c"),
+        ("totals", (None, None, None, None, ("key", "model"), None), "c"),
         ("add", ["d"], None),  # and before the replica stops
     ]
 

@@ -10,14 +10,17 @@ from types import SimpleNamespace
 import pytest
 from ray.serve.exceptions import BackPressureError
 
+from cluster.schema import Price
 from serve_app.apis.model_call import ModelCalls
 from serve_app.apis.openai.protocol import ChatCompletionRequest
 from serve_app.errors import BadRequest, EngineFailure, Overloaded, RateLimited
 from serve_app.http.lifecycle import Listeners, RequestLifecycle
 from serve_app.models.outputs import ModelError
 from serve_app.routing.router import Route
+from serve_app.tenancy.budgets import Ask
 from serve_app.tenancy.keys import Caller
 from serve_app.tenancy.limiter import LimitGate
+from serve_app.tenancy.quotas import Decision
 from tests.captured_logs import serve_records
 from tests.scripted_model import ScriptedStream, Stall, answer_script
 
@@ -30,28 +33,28 @@ class _Gate:
     def __init__(self, refuse: Exception | None = None) -> None:
         self.refuse = refuse
         self.admitted: list[int] = []
-        self.budget_reserved: list[int] = []
-        self.released: list[tuple[object, int]] = []
+        self.budget_reserved: list[Ask] = []
+        self.released: list[tuple[object, Ask]] = []
 
-    async def admit(self, caller: Caller, reserve_tokens: int, budget_tokens: int):
+    async def admit(self, caller: Caller, reserve_tokens: int, ask: Ask):
         if self.refuse is not None:
             raise self.refuse
         self.admitted.append(reserve_tokens)
-        self.budget_reserved.append(budget_tokens)
-        return SimpleNamespace(decision=SimpleNamespace(headers={"x-ratelimit-remaining-requests": "4"}))
+        self.budget_reserved.append(ask)
+        return SimpleNamespace(decision=Decision("lease", headers={"x-ratelimit-remaining-requests": "4"}))
 
-    def release(self, admission, tokens_used: int) -> None:
-        self.released.append((admission, tokens_used))
+    def release(self, admission, used: Ask) -> None:
+        self.released.append((admission, used))
 
 
-def _route(stream: ScriptedStream, timeout_s: float = 5) -> tuple[Route, list]:
+def _route(stream: ScriptedStream, timeout_s: float = 5, price: Price | None = None) -> tuple[Route, list]:
     sent: list = []
 
     def call(chat):
         sent.append(chat)
         return stream
 
-    return Route("m", call, timeout_s), sent
+    return Route("m", call, timeout_s, price), sent
 
 
 def _lifecycle(finished: list | None = None) -> RequestLifecycle:
@@ -69,7 +72,8 @@ async def test_a_streams_first_chunk_is_read_and_the_rest_left_to_the_caller():
     assert call.headers == {"x-ratelimit-remaining-requests": "4"}
     assert gate.admitted == [40]  # max_tokens 20 for each of 2 choices
     # Budgets reserve the prompt's bound on top: at least a token per byte of it.
-    assert gate.budget_reserved[0] >= 40 + len(json.dumps(CHAT.messages))
+    assert gate.budget_reserved[0].tokens >= 40 + len(json.dumps(CHAT.messages))
+    assert gate.budget_reserved[0].spend == 0  # the model has no price
     assert lifecycle.reached_engine is True
 
 
@@ -82,7 +86,21 @@ async def test_the_lease_is_released_with_the_requests_tokens_when_it_finishes()
     lifecycle.answer.usage({"prompt_tokens": 7, "completion_tokens": 5})
     lifecycle.finish(200)
     lifecycle.finish(200)
-    assert [tokens for _, tokens in gate.released] == [12]
+    assert [used for _, used in gate.released] == [Ask(12, 0.0)]
+
+
+async def test_a_priced_model_reserves_its_tokens_at_its_prices_and_settles_to_the_real_cost():
+    gate, finished = _Gate(), []
+    lifecycle = _lifecycle(finished)
+    price = Price(prompt_per_million=1_000_000, completion_per_million=2_000_000)  # 1 and 2 per token
+    route, _ = _route(ScriptedStream(answer_script("a")), price=price)
+    await ModelCalls(gate).start(route, CHAT, Caller(None), lifecycle)
+    lifecycle.routed("m", price)
+    [ask] = gate.budget_reserved
+    assert ask.spend == (ask.tokens - 40) * 1 + 40 * 2  # the prompt's bound at 1, max_tokens × n at 2
+    lifecycle.answer.usage({"prompt_tokens": 7, "completion_tokens": 5})
+    lifecycle.finish(200)
+    assert [used for _, used in gate.released] == [Ask(12, 17.0)] and finished[0].cost == 17.0
 
 
 async def test_a_refused_request_never_reaches_the_model():

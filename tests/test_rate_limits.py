@@ -3,6 +3,7 @@
 import pytest
 
 from cluster.schema import KeyLimits
+from serve_app.tenancy.budgets import Ask, Subject
 from serve_app.tenancy.quotas import LEASE_TTL_S, RateLimits
 
 
@@ -22,10 +23,10 @@ class _Keys:
         self.quotas = RateLimits(clock=clock)
 
     def acquire(self, key: str, reserve_tokens: int, lease_id: str | None = None):
-        return self.quotas.acquire(key, self.limits.get(key, KeyLimits()), reserve_tokens, lease_id)
+        return self.quotas.acquire([Subject.key(key, self.limits.get(key, KeyLimits()))], reserve_tokens, lease_id)
 
     def release(self, lease_id: str, tokens_used: int) -> None:
-        self.quotas.release(lease_id, tokens_used)
+        self.quotas.release(lease_id, Ask(tokens_used))
 
 
 def _limits(clock: Clock, **limits) -> _Keys:

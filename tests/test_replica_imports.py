@@ -8,7 +8,9 @@ import sys
 import pytest
 
 
-@pytest.mark.parametrize("module", ["serve_app.tenancy.ledger", "serve_app.tenancy.limiter"])
+@pytest.mark.parametrize(
+    "module", ["serve_app.tenancy.ledger", "serve_app.tenancy.ledger_client", "serve_app.tenancy.limiter"]
+)
 def test_a_support_replica_does_not_load_the_engine(module):
     loaded = subprocess.run(
         [sys.executable, "-c", f"import sys, {module}; print(sorted({{'vllm', 'torch'}} & set(sys.modules)))"],

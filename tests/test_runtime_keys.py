@@ -15,7 +15,9 @@ from pydantic import ValidationError
 from starlette.requests import Request
 
 from cluster.schema import ApiKey, AuthConfig, KeyLimits
+from serve_app.apis.admin_registry import RegistryCalls
 from serve_app.errors import BadRequest, Conflict, Forbidden, NotFound, Unauthorized
+from serve_app.tenancy.budgets import Ask, Subject
 from serve_app.tenancy.key_registry import KeyRegistry, KeyWatch, Refusal
 from serve_app.tenancy.key_store import KeySnapshot, KeyStore, StoredKey
 from serve_app.tenancy.keys import KeyRing
@@ -114,8 +116,8 @@ async def watched(registry):
 async def test_the_registry_refuses_to_touch_config_key_names(registry, name):
     for refusal in (
         await registry.create(_stored(name, "x"), "ops"),
-        await registry.update(name, {"disabled": True}, "ops"),
-        await registry.delete(name, "ops"),
+        await registry.update("key", name, {"disabled": True}, "ops"),
+        await registry.delete("key", name, "ops"),
     ):
         assert isinstance(refusal, Refusal) and refusal.status == 409 and name in refusal.message
     assert (await registry.changes(-1, 0)).revision == 0
@@ -123,7 +125,10 @@ async def test_the_registry_refuses_to_touch_config_key_names(registry, name):
 
 
 async def test_the_registry_answers_404_for_an_unknown_key_and_409_for_an_existing_one(registry):
-    for refusal in (await registry.update("ghost", {"disabled": True}, "ops"), await registry.delete("ghost", "ops")):
+    for refusal in (
+        await registry.update("key", "ghost", {"disabled": True}, "ops"),
+        await registry.delete("key", "ghost", "ops"),
+    ):
         assert isinstance(refusal, Refusal) and refusal.status == 404 and "'ghost'" in refusal.message
     created = await registry.create(_stored("alice", "a"), "ops")
     assert isinstance(created, KeySnapshot) and created.revision == 1
@@ -165,7 +170,7 @@ async def test_a_waiting_poll_is_woken_by_a_change_made_in_another_task(registry
 
 async def test_a_restarted_registry_reads_its_revision_and_keys_back(database, registry):
     await registry.create(_stored("alice", "a"), "ops")
-    await registry.update("alice", {"disabled": True}, "ops")
+    await registry.update("key", "alice", {"disabled": True}, "ops")
     restarted = KeyRegistry(database, ["ops", "chatter"])
     snapshot = await restarted.changes(-1, 0)
     assert snapshot.revision == 2 and snapshot.keys[0].disabled
@@ -215,16 +220,16 @@ async def test_revoked_and_suspended_keys_are_refused(watched):
     await _until(lambda: ring.revision >= 2)
     assert ring.authenticate("Bearer sk-bob").key_name == "bob"
 
-    await registry.delete("bob", "ops")
+    await registry.delete("key", "bob", "ops")
     await _until(lambda: ring.revision >= 3)
     with pytest.raises(Unauthorized, match=r"^invalid bearer token$"):
         ring.authenticate("Bearer sk-bob")
 
-    await registry.update("alice", {"disabled": True}, "ops")
+    await registry.update("key", "alice", {"disabled": True}, "ops")
     await _until(lambda: ring.revision >= 4)
     with pytest.raises(Unauthorized, match="'alice' is suspended"):
         ring.authenticate("Bearer sk-alice")
-    await registry.update("alice", {"disabled": False}, "ops")
+    await registry.update("key", "alice", {"disabled": False}, "ops")
     await _until(lambda: ring.revision >= 5)
     assert ring.authenticate("Bearer sk-alice").key_name == "alice"
 
@@ -243,7 +248,7 @@ async def test_a_rotated_keys_old_secret_works_until_its_grace_ends(watched, mon
     monkeypatch.setattr("serve_app.tenancy.keys.time", SimpleNamespace(time=lambda: now[0]))
     await registry.create(_stored("alice", "sk-old"), "ops")
     rotation = {"digest": _digest("sk-new"), "previous_digest": _digest("sk-old"), "previous_valid_until": now[0] + 60}
-    await registry.update("alice", rotation, "ops", "rotate")
+    await registry.update("key", "alice", rotation, "ops", "rotate")
     await _until(lambda: ring.revision >= 2)
 
     assert ring.authenticate("Bearer sk-new").key_name == "alice"
@@ -257,7 +262,7 @@ async def test_a_rotated_keys_old_secret_works_until_its_grace_ends(watched, mon
 
     # Suspending a rotated key suspends its old secret too, while that is still in its grace.
     now[0] -= 30
-    await registry.update("alice", {"disabled": True}, "ops")
+    await registry.update("key", "alice", {"disabled": True}, "ops")
     await _until(lambda: ring.revision >= 3)
     for secret in ("sk-old", "sk-new"):
         with pytest.raises(Unauthorized, match="suspended"):
@@ -272,7 +277,7 @@ async def test_a_runtime_key_with_a_config_keys_digest_is_ignored(watched, caplo
     # A rotated key whose old secret is a config key's: that secret is ignored, its new one is not.
     rotated = {"digest": _digest("sk-sly"), "previous_digest": _digest(CHAT_TOKEN), "previous_valid_until": 4e9}
     await registry.create(_stored("sly", "sk-sly-first"), "ops")
-    await registry.update("sly", rotated, "ops", "rotate")
+    await registry.update("key", "sly", rotated, "ops", "rotate")
     await _until(lambda: ring.revision >= 4)
     caller = ring.authenticate(f"Bearer {OPS_TOKEN}")
     assert caller.key_name == "ops" and caller.key.scopes == ["admin"]
@@ -332,7 +337,7 @@ def admin_keys():
 
 @pytest.fixture
 def admin(admin_keys, watched):
-    return admin_keys.AdminKeys(watched.watch, _auth().keys, MODEL_NAMES, gate=LimitGate(None))
+    return admin_keys.AdminKeys(RegistryCalls(watched.watch), _auth().keys, MODEL_NAMES, gate=LimitGate(None))
 
 
 def _request(body: Any = b"", method: str = "POST", query: str = "") -> Request:
@@ -381,7 +386,7 @@ async def test_create_returns_the_secret_once_and_the_store_holds_its_digest(adm
     assert stored.digest == _digest(secret)
     assert watched.ring.authenticate(f"Bearer {secret}").key_name == "alice"  # at once on this replica
     audit = (await admin.audit(_request(method="GET")))["data"]
-    assert [(row["actor"], row["action"], row["target"]) for row in audit] == [("ops", "create", "alice")]
+    assert [(row["actor"], row["action"], row["target"]) for row in audit] == [("ops", "key.create", "alice")]
 
     shown = [await admin.all(), await admin.show("alice"), {"audit": audit}]
     text = json.dumps(shown, default=str)
@@ -464,7 +469,10 @@ async def test_rotate_returns_a_new_secret_and_the_old_one_keeps_only_its_grace(
     assert graced["previous_key_valid_until"] is not None
     for secret in (rotated["key"], graced["key"]):
         assert watched.ring.authenticate(f"Bearer {secret}").key_name == "alice"
-    assert [row["action"] for row in (await admin.audit(_request(method="GET")))["data"]][:2] == ["rotate", "rotate"]
+    assert [row["action"] for row in (await admin.audit(_request(method="GET")))["data"]][:2] == [
+        "key.rotate",
+        "key.rotate",
+    ]
     with pytest.raises(BadRequest):
         await admin.rotate(_request({"grace_s": -1}), _ops(watched), "alice")
 
@@ -535,7 +543,7 @@ async def test_rotating_a_config_key_is_a_conflict(admin, watched):
 
 
 async def test_without_a_watch_every_route_is_not_found(admin_keys, watched):
-    admin = admin_keys.AdminKeys(None, _auth().keys, MODEL_NAMES, gate=LimitGate(None))
+    admin = admin_keys.AdminKeys(RegistryCalls(None), _auth().keys, MODEL_NAMES, gate=LimitGate(None))
     ops = _ops(watched)
     routes = {
         "create": admin.create(_request({"name": "alice"}), ops),
@@ -576,16 +584,19 @@ class _Clock:
 def test_limits_passed_per_call_apply_to_a_new_key_at_once():
     limits = RateLimits(clock=_Clock())
     one_at_a_time = KeyLimits(concurrent_requests=1)
-    first = limits.acquire("made-just-now", one_at_a_time, 0)
+    first = limits.acquire([Subject.key("made-just-now", one_at_a_time)], 0)
     assert first.refusal is None and first.lease_id is not None
-    refused = limits.acquire("made-just-now", one_at_a_time, 0)
+    refused = limits.acquire([Subject.key("made-just-now", one_at_a_time)], 0)
     assert "concurrent requests" in refused.refusal and refused.lease_id is None
-    limits.release(first.lease_id, 0)
-    assert limits.acquire("made-just-now", one_at_a_time, 0).refusal is None
+    limits.release(first.lease_id, Ask(0))
+    assert limits.acquire([Subject.key("made-just-now", one_at_a_time)], 0).refusal is None
 
     # Another new key, limited by tokens from its first request; one without limits is not tracked.
-    assert "this request reserves 11" in limits.acquire("other", KeyLimits(tokens_per_minute=10), 11).refusal
-    free = limits.acquire("free", KeyLimits(), 10**9)
+    assert (
+        "this request reserves 11"
+        in limits.acquire([Subject.key("other", KeyLimits(tokens_per_minute=10))], 11).refusal
+    )
+    free = limits.acquire([Subject.key("free", KeyLimits())], 10**9)
     assert free.refusal is None and free.lease_id is None and free.headers == {}
 
 
@@ -596,9 +607,9 @@ async def test_a_runtime_keys_limits_reach_the_rate_limits_as_the_ring_holds_the
     await _until(lambda: ring.revision >= 1)
     limits = RateLimits(clock=_Clock())
     key = ring.authenticate("Bearer sk-alice").key
-    assert isinstance(key, ApiKey) and limits.acquire(key.name, key.limits, 0).refusal is None
-    assert "1 requests per minute" in limits.acquire(key.name, key.limits, 0).refusal
-    await registry.update("alice", {"limits": {"requests_per_minute": 2}}, "ops")
+    assert isinstance(key, ApiKey) and limits.acquire([Subject.key(key.name, key.limits)], 0).refusal is None
+    assert "1 requests per minute" in limits.acquire([Subject.key(key.name, key.limits)], 0).refusal
+    await registry.update("key", "alice", {"limits": {"requests_per_minute": 2}}, "ops")
     await _until(lambda: ring.revision >= 2)
     key = ring.authenticate("Bearer sk-alice").key
-    assert limits.acquire(key.name, key.limits, 0).refusal is None
+    assert limits.acquire([Subject.key(key.name, key.limits)], 0).refusal is None

@@ -79,6 +79,7 @@ def test_totals_per_key_and_model_over_a_range(store):
             "failed_requests": 1,
             "prompt_tokens": 8,
             "completion_tokens": 10,
+            "cost": None,
             "total_tokens": 18,
         },
         {
@@ -88,6 +89,7 @@ def test_totals_per_key_and_model_over_a_range(store):
             "failed_requests": 0,
             "prompt_tokens": 1,
             "completion_tokens": 1,
+            "cost": None,
             "total_tokens": 2,
         },
         {
@@ -97,6 +99,7 @@ def test_totals_per_key_and_model_over_a_range(store):
             "failed_requests": 0,
             "prompt_tokens": 7,
             "completion_tokens": 8,
+            "cost": None,
             "total_tokens": 15,
         },
     ]
@@ -144,9 +147,10 @@ def test_totals_by_utc_day_by_any_grouping_and_over_all(store):
         "prompt_tokens",
         "completion_tokens",
         "total_tokens",
+        "cost",
     }
     with pytest.raises(ValueError, match="cannot group usage by"):
-        store.totals(None, None, group_by=["tenant"])
+        store.totals(None, None, group_by=["team"])
 
 
 def test_long_client_text_is_bounded_and_stored_with_its_batch(store):

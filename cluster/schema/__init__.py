@@ -8,10 +8,10 @@ One module per concern; everything is imported from here (`from cluster.schema i
 
 - `sources`: where a model's weights come from (`HubSource`, `PathSource`, `PackageGGUFSource`)
 - `engine`: the vLLM engine's settings (`EngineSettings`)
-- `deployment`: a model and its replicas (`ModelConfig`, `DeploymentSettings`, `Autoscaling`,
-  `deployment_name`)
-- `tenancy`: API keys, their limits and the usage ledger (`AuthConfig`, `ApiKey`, `KeyLimits`,
-  `Scope`, `UsageSettings`)
+- `deployment`: a model, its replicas and its price (`ModelConfig`, `DeploymentSettings`, `Autoscaling`,
+  `Price`, `deployment_name`)
+- `tenancy`: API keys, tenants, their limits and the usage ledger (`AuthConfig`, `ApiKey`, `Tenant`,
+  `KeyLimits`, `SoftBudgets`, `Scope`, `UsageSettings`)
 - `serving`: the ingress and the logs (`IngressSettings`, `LoggingSettings`)
 - `config`: the whole config and the rules across its parts (`ClusterConfig`)
 - `base`: the strict base model and the patterns of names
@@ -19,11 +19,11 @@ One module per concern; everything is imported from here (`from cluster.schema i
 
 from cluster.schema.base import StrictModel
 from cluster.schema.config import ClusterConfig
-from cluster.schema.deployment import Autoscaling, DeploymentSettings, ModelConfig, deployment_name
+from cluster.schema.deployment import Autoscaling, DeploymentSettings, ModelConfig, Price, deployment_name
 from cluster.schema.engine import EngineSettings
 from cluster.schema.serving import IngressSettings, LoggingSettings
 from cluster.schema.sources import HubSource, ModelSource, PackageGGUFSource, PathSource
-from cluster.schema.tenancy import ApiKey, AuthConfig, KeyLimits, Scope, UsageSettings
+from cluster.schema.tenancy import ApiKey, AuthConfig, KeyLimits, Scope, SoftBudgets, Tenant, UsageSettings
 
 __all__ = [
     "ApiKey",
@@ -40,8 +40,11 @@ __all__ = [
     "ModelSource",
     "PackageGGUFSource",
     "PathSource",
+    "Price",
     "Scope",
+    "SoftBudgets",
     "StrictModel",
+    "Tenant",
     "UsageSettings",
     "deployment_name",
 ]

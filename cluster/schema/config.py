@@ -50,6 +50,7 @@ class ClusterConfig(StrictModel):
                         f"auth.keys.{index}.models: {pattern!r} is not a model id or alias "
                         f"(models: {', '.join(names)}; glob patterns like 'llama-*' are allowed)"
                     )
+        self._prices_agree()
         if self.ingress.colocate:
             if len(self.models) != 1:
                 raise ValueError(f"ingress.colocate needs exactly one model, not {len(self.models)}")
@@ -60,6 +61,21 @@ class ClusterConfig(StrictModel):
                     "or nothing would answer /health"
                 )
         return self
+
+    def _prices_agree(self) -> None:
+        """Spend is summed across models, so their prices must be in one currency."""
+        currencies = {model.price.currency for model in self.models if model.price is not None}
+        if len(currencies) > 1:
+            raise ValueError(f"models' prices are in {', '.join(sorted(currencies))}: use one currency")
+        holders = [("auth.keys", key.name, key.limits) for key in self.auth.keys]
+        holders += [("auth.tenants", tenant.name, tenant.limits) for tenant in self.auth.tenants]
+        for where, name, limits in holders:
+            if limits.has_spend and not currencies:
+                raise ValueError(f"{where} {name!r}: spend budgets need a `price` on at least one model")
+
+    @property
+    def currency(self) -> str | None:
+        return next((model.price.currency for model in self.models if model.price is not None), None)
 
     @property
     def default_model_id(self) -> str:

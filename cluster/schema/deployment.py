@@ -119,6 +119,19 @@ class DeploymentSettings(StrictModel):
         return self
 
 
+class Price(StrictModel):
+    """What a model's tokens cost, for the ledger's `cost`, `/admin/usage` and spend budgets."""
+
+    prompt_per_million: float = Field(ge=0, description="the price of a million prompt tokens")
+    completion_per_million: float = Field(ge=0, description="the price of a million completion tokens")
+    currency: str = Field(
+        default="USD", pattern=r"^[A-Z]{3}$", description="an ISO 4217 code; one for every model of a config"
+    )
+
+    def cost(self, prompt_tokens: int, completion_tokens: int) -> float:
+        return (prompt_tokens * self.prompt_per_million + completion_tokens * self.completion_per_million) / 1e6
+
+
 class ModelConfig(StrictModel):
     """One model: its names, where its weights come from, its engine and its replicas."""
 
@@ -136,6 +149,9 @@ class ModelConfig(StrictModel):
     engine: EngineSettings = Field(default_factory=EngineSettings, description="the vLLM engine's settings")
     deployment: DeploymentSettings = Field(
         default_factory=DeploymentSettings, description="how Ray Serve runs the model's replicas"
+    )
+    price: Price | None = Field(
+        default=None, description="what its tokens cost (unset: nothing; the ledger's cost is then empty)"
     )
 
     @model_validator(mode="after")

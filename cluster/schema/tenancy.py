@@ -11,11 +11,36 @@ from pydantic import Field, field_validator, model_validator
 from cluster.schema.base import ENV_VAR, StrictModel, reject_duplicates
 
 
+class SoftBudgets(StrictModel):
+    """Thresholds that never refuse: each request admitted past one is counted
+    (`llm_soft_budget_exceeded_requests`) and marked in the request log, and the first in a period
+    is logged at WARNING; an operator's early warning before a hard budget refuses."""
+
+    tokens_per_day: Annotated[int, Field(ge=1)] | None = Field(default=None, description="tokens per UTC day")
+    tokens_per_month: Annotated[int, Field(ge=1)] | None = Field(default=None, description="tokens per UTC month")
+    spend_per_day: Annotated[float, Field(gt=0)] | None = Field(
+        default=None, description="spend per UTC day, in the models' price currency"
+    )
+    spend_per_month: Annotated[float, Field(gt=0)] | None = Field(
+        default=None, description="spend per UTC month, in the models' price currency"
+    )
+
+    @property
+    def any(self) -> bool:
+        return (self.tokens_per_day, self.tokens_per_month, self.spend_per_day, self.spend_per_month) != (
+            None,
+            None,
+            None,
+            None,
+        )
+
+
 class KeyLimits(StrictModel):
-    """Per-key limits, over a sliding minute or (budgets) a UTC calendar period, enforced across
-    the whole cluster. Unset means unlimited. Tokens are prompt plus completion; a request
-    reserves its `max_tokens` (budgets: and its prompt's bound) when admitted and settles to its
-    real count when it ends."""
+    """A key's or a tenant's limits, over a sliding minute or (budgets) a UTC calendar period,
+    enforced across the whole cluster; a tenant's are shared by all its keys, and a request must
+    fit both its key's and its tenant's. Unset means unlimited. Tokens are prompt plus completion;
+    a request reserves its `max_tokens` (budgets: and its prompt's bound; spend budgets: those
+    priced at its model's prices) when admitted and settles to its real count when it ends."""
 
     requests_per_minute: Annotated[int, Field(ge=1)] | None = Field(
         default=None, description="requests admitted in any minute"
@@ -37,6 +62,18 @@ class KeyLimits(StrictModel):
     tokens_per_month: Annotated[int, Field(ge=1)] | None = Field(
         default=None, description="a budget of tokens per UTC calendar month, held as `tokens_per_day` is"
     )
+    spend_per_day: Annotated[float, Field(gt=0)] | None = Field(
+        default=None,
+        description="a budget of spend per UTC calendar day, in the currency of the models' `price`, held as "
+        "`tokens_per_day` is: a request's reservation is priced at its model's prompt and completion prices "
+        "(a model without a price costs nothing)",
+    )
+    spend_per_month: Annotated[float, Field(gt=0)] | None = Field(
+        default=None, description="a budget of spend per UTC calendar month, held as `spend_per_day` is"
+    )
+    soft: SoftBudgets = Field(
+        default_factory=SoftBudgets, description="thresholds that only log and count, never refuse"
+    )
 
     @property
     def any(self) -> bool:
@@ -47,10 +84,30 @@ class KeyLimits(StrictModel):
             self.concurrent_requests,
             self.tokens_per_day,
             self.tokens_per_month,
-        ) != (None, None, None, None, None)
+            self.spend_per_day,
+            self.spend_per_month,
+        ) != (None, None, None, None, None, None, None) or self.soft.any
+
+    @property
+    def has_spend(self) -> bool:
+        return (self.spend_per_day, self.spend_per_month, self.soft.spend_per_day, self.soft.spend_per_month) != (
+            None,
+            None,
+            None,
+            None,
+        )
 
 
 Scope = Literal["chat", "admin"]
+NAME = r"^[A-Za-z0-9_.-]{1,100}$"
+
+
+class Tenant(StrictModel):
+    """A customer whose keys share limits and budgets: a request of any of its keys counts toward
+    both the key's limits and the tenant's, and the ledger records the tenant beside the key."""
+
+    name: str = Field(pattern=NAME, description="the tenant's name in the ledger, logs and admin API")
+    limits: KeyLimits = Field(default_factory=KeyLimits, description="limits and budgets its keys share (unset: none)")
 
 
 class ApiKey(StrictModel):
@@ -61,8 +118,13 @@ class ApiKey(StrictModel):
     routes: `/v1/models`, filtered to the key's models, `/version`, `/hardware/info`)."""
 
     name: str = Field(
-        pattern=r"^[A-Za-z0-9_.-]+$",
+        pattern=NAME,
         description="the key's name in logs, metrics and the usage ledger; unique in the config",
+    )
+    tenant: str | None = Field(
+        default=None,
+        pattern=NAME,
+        description="the tenant (of `auth.tenants`) the key belongs to, whose limits and budgets it shares",
     )
     sha256: str | None = Field(
         default=None,
@@ -124,6 +186,10 @@ class AuthConfig(StrictModel):
     without a redeploy."""
 
     keys: list[ApiKey] = Field(default_factory=list, description="the API keys; none: no auth")
+    tenants: list[Tenant] = Field(
+        default_factory=list,
+        description="tenants whose keys share limits and budgets; runtime ones are made through `/admin/tenants`",
+    )
     runtime_keys: bool = Field(
         default=True,
         description="let admin keys make, change, rotate and revoke keys at runtime through `/admin/keys`, "
@@ -134,6 +200,12 @@ class AuthConfig(StrictModel):
     def _unique_names_and_tokens(self) -> "AuthConfig":
         reject_duplicates("key name", [key.name for key in self.keys])
         reject_duplicates("key sha256", [key.sha256.lower() for key in self.keys if key.sha256 is not None])
+        reject_duplicates("tenant name", [tenant.name for tenant in self.tenants])
+        tenants = {tenant.name for tenant in self.tenants}
+        for index, key in enumerate(self.keys):
+            if key.tenant is not None and key.tenant not in tenants:
+                known = ", ".join(sorted(tenants)) or "none"
+                raise ValueError(f"auth.keys.{index}.tenant: {key.tenant!r} is not a tenant of auth.tenants ({known})")
         return self
 
     @property

@@ -8,23 +8,25 @@ from typing import Any
 from fastapi import Request, Response
 
 from serve_app.errors import BadRequest, NotFound
-from serve_app.tenancy.ledger import LedgerClient
+from serve_app.tenancy.ledger_client import LedgerClient
 from serve_app.tenancy.usage_store import DEFAULT_GROUPS, GROUPS
 
 LATEST_INSTANT = 253402300800
 """10000-01-01 in unix seconds: the first time `datetime` cannot represent."""
-TOTALS = ("requests", "failed_requests", "prompt_tokens", "completion_tokens", "total_tokens")
+TOTALS = ("requests", "failed_requests", "prompt_tokens", "completion_tokens", "total_tokens", "cost")
 
 
 class Admin:
-    def __init__(self, ledger: LedgerClient) -> None:
+    def __init__(self, ledger: LedgerClient, currency: str | None = None) -> None:
         self._ledger = ledger
+        self._currency = currency
 
     async def usage(self, request: Request) -> dict[str, Any] | Response:
-        """Totals over `since` ≤ time < `until` (either may be left out), optionally for one `key`
-        or `model`, per distinct value of the `group_by` fields (comma-separated, any of key, model
-        and day, the UTC date; key,model unless given; empty: one total), as JSON, or as CSV with
-        `format=csv` (a header line, then a line per group)."""
+        """Totals over `since` ≤ time < `until` (either may be left out), optionally for one `key`,
+        `tenant` or `model`, per distinct value of the `group_by` fields (comma-separated, any of
+        key, tenant, model and day, the UTC date; key,model unless given; empty: one total), as
+        JSON, or as CSV with `format=csv` (a header line, then a line per group). `cost` is in
+        the models' price currency, and empty for a group of models without a price."""
         if not self._ledger.enabled:
             raise NotFound("the usage ledger is off in this config (usage.enabled: false)")
         query = request.query_params
@@ -33,14 +35,23 @@ class Admin:
         shape = query.get("format", "json")
         if shape not in ("json", "csv"):
             raise BadRequest(f"format: {shape!r} is neither json nor csv")
-        totals = await self._ledger.totals(since, until, query.get("key"), query.get("model"), group_by)
+        totals = await self._ledger.totals(
+            since, until, query.get("key"), query.get("model"), group_by, query.get("tenant")
+        )
         if shape == "csv":
             return Response(
                 as_csv(group_by, totals),
                 media_type="text/csv; charset=utf-8",
                 headers={"content-disposition": 'attachment; filename="usage.csv"'},
             )
-        return {"object": "usage", "since": iso(since), "until": iso(until), "group_by": group_by, "data": totals}
+        return {
+            "object": "usage",
+            "since": iso(since),
+            "until": iso(until),
+            "group_by": group_by,
+            "currency": self._currency,
+            "data": totals,
+        }
 
 
 def groups(text: str | None) -> list[str]:

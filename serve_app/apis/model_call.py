@@ -18,6 +18,7 @@ from serve_app.http.lifecycle import RequestLifecycle
 from serve_app.models.outputs import ModelError
 from serve_app.routing.router import ModelStream, Route
 from serve_app.telemetry.record import Answer
+from serve_app.tenancy.budgets import Ask
 from serve_app.tenancy.keys import Caller
 from serve_app.tenancy.limiter import LimitGate
 
@@ -42,9 +43,12 @@ class ModelCalls:
     ) -> ModelCall:
         """From here on the request counts: its lease is released when it ends, however it ends."""
         reserved = reserved_tokens(chat)
-        lease = await self._gate.admit(caller, reserved, reserved + prompt_token_bound(chat))
+        prompt_bound = prompt_token_bound(chat)
+        spend = 0.0 if route.price is None else route.price.cost(prompt_bound, reserved)
+        lease = await self._gate.admit(caller, reserved, Ask(reserved + prompt_bound, spend))
         if lease is not None:
-            lifecycle.on_finish(lambda done: self._gate.release(lease, done.total_tokens))
+            lifecycle.soft_budgets = tuple(lease.decision.soft_passed)
+            lifecycle.on_finish(lambda done: self._gate.release(lease, Ask(done.total_tokens, done.cost or 0.0)))
         first, rest = await _first_output(route, chat, lifecycle)
         return ModelCall(first, rest, lease.decision.headers if lease is not None else {})
 

@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from cluster.schema import Price
 from serve_app.telemetry.record import Answer, FinishedRequest
 
 logger = logging.getLogger("ray.serve")
@@ -28,7 +29,10 @@ class RequestLifecycle:
         self.request_id = request_id
         self.endpoint = endpoint
         self.key_name: str | None = None
+        self.tenant: str | None = None
         self.model: str | None = None
+        self.price: Price | None = None
+        self.soft_budgets: tuple[str, ...] = ()
         self.reached_engine = False
         self.answer = Answer()
         self.finished: FinishedRequest | None = None
@@ -37,8 +41,9 @@ class RequestLifecycle:
         self._started = time.perf_counter()
         self._started_at = time.time()
 
-    def routed(self, model_id: str) -> None:
+    def routed(self, model_id: str, price: Price | None = None) -> None:
         self.model = model_id
+        self.price = price
         for listener in self._listeners.routed:
             listener(model_id)
 
@@ -67,6 +72,9 @@ class RequestLifecycle:
             mean_token_gap_s=answer.mean_token_gap_s(),
             max_token_gap_s=answer.max_token_gap_s if answer.token_chunks > 1 else None,
             reached_engine=self.reached_engine,
+            tenant=self.tenant,
+            cost=None if self.price is None else self.price.cost(answer.prompt_tokens, answer.completion_tokens),
+            soft_budgets=self.soft_budgets,
         )
         for listener in (*self._listeners.finished, *self._own_listeners):
             try:

@@ -8,7 +8,7 @@ from typing import Protocol
 from ray.serve.handle import DeploymentHandle
 from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
 
-from cluster.schema import ClusterConfig
+from cluster.schema import ClusterConfig, Price
 from serve_app.errors import NotFound
 from serve_app.models.outputs import ModelOutput
 from serve_app.models.runner import InProcessStream, ModelRunner
@@ -31,6 +31,7 @@ class Route:
     model_id: str
     call: Callable[[ChatCompletionRequest], ModelStream]
     first_output_timeout_s: float
+    price: Price | None = None
 
 
 def _call(model: DeploymentHandle | ModelRunner) -> Callable[[ChatCompletionRequest], ModelStream]:
@@ -45,7 +46,7 @@ def _call(model: DeploymentHandle | ModelRunner) -> Callable[[ChatCompletionRequ
 class Router:
     def __init__(self, config: ClusterConfig, models: dict[str, DeploymentHandle | ModelRunner]) -> None:
         self._routes = {
-            m.id: Route(m.id, _call(models[m.id]), m.deployment.first_output_timeout_s) for m in config.models
+            m.id: Route(m.id, _call(models[m.id]), m.deployment.first_output_timeout_s, m.price) for m in config.models
         }
         self._ids = {name: m.id for m in config.models for name in (m.id, *m.aliases)}
         self._default = config.default_model_id

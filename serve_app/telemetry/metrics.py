@@ -53,6 +53,11 @@ class IngressMetrics:
             tag_keys=REQUEST_TAGS,
         )
         self.in_flight = Gauge("llm_requests_in_flight", "Requests being answered now.", tag_keys=("model",))
+        self.soft_budget_passed = Counter(
+            "llm_soft_budget_exceeded_requests",
+            "Requests admitted past a soft budget of their key or tenant (which never refuses).",
+            tag_keys=("subject", "budget"),
+        )
         self._in_flight: Tally[str] = Tally()
 
     def request_routed(self, model: str) -> None:
@@ -64,6 +69,9 @@ class IngressMetrics:
         tags = {"model": request.model or "-", "key": request.key_name or "-", "endpoint": request.endpoint}
         self.requests.inc(1, tags | {"status": str(request.status)})
         self.duration.observe(request.duration_s, tags)
+        for passed in request.soft_budgets:
+            subject, _, budget = passed.partition(" soft ")
+            self.soft_budget_passed.inc(1, {"subject": subject, "budget": budget})
         if request.model is None:
             return
         self._in_flight[request.model] -= 1

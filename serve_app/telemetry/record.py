@@ -77,6 +77,11 @@ class FinishedRequest:
     """Sent to a model (and perhaps begun there): the usage ledger records such requests only."""
     max_token_gap_s: float | None = None
     """The longest wait between two chunks of a stream: a stall shows here, not in the mean."""
+    tenant: str | None = None
+    cost: float | None = None
+    """Its tokens at its model's prices; None where the model has no price."""
+    soft_budgets: tuple[str, ...] = ()
+    """The soft budgets it was admitted past, as `<key|tenant>:<name> soft <budget>`."""
 
     @property
     def total_tokens(self) -> int:

@@ -16,6 +16,23 @@ def engine_for(url: str) -> sa.Engine:
     return engine
 
 
+def create_tables(engine: sa.Engine, metadata: sa.MetaData) -> None:
+    """Creates what is missing: tables, and (for a database an earlier version made) the nullable
+    columns added since, which `create_all` alone leaves out of a table that exists."""
+    metadata.create_all(engine)
+    inspector = sa.inspect(engine)
+    quote = engine.dialect.identifier_preparer.quote
+    with engine.begin() as connection:
+        for table in metadata.sorted_tables:
+            present = {column["name"] for column in inspector.get_columns(table.name)}
+            for column in table.columns:
+                if column.name not in present and column.nullable:
+                    kind = column.type.compile(dialect=engine.dialect)
+                    connection.execute(
+                        sa.text(f"ALTER TABLE {quote(table.name)} ADD COLUMN {quote(column.name)} {kind}")
+                    )
+
+
 def single_writer_actor_options(url: str) -> dict[str, Any]:
     """A store's one replica: no CPU of its own, and on the head node when the database is a
     SQLite file there, which must stay where it is whichever node the replica restarts on."""

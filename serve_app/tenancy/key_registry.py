@@ -1,6 +1,7 @@
-"""The key registry: the one Serve replica that writes runtime keys, and the ingress's side of it.
+"""The key registry: the one Serve replica that writes runtime keys and tenants, and the ingress's
+side of it.
 
-Every ingress replica holds the whole set of runtime keys in memory, so a request's key lookup
+Every ingress replica holds the whole set of runtime keys and tenants in memory, so a request's key lookup
 never leaves its replica. It learns of changes by long polling: its call to `changes` is answered
 as soon as any change is committed (or empty after a timeout), so a created, changed, rotated or
 revoked key reaches every replica within one call's round trip, with no redeploy and no replica
@@ -16,11 +17,12 @@ from typing import Any
 
 from ray.serve.handle import DeploymentHandle
 
-from serve_app.tenancy.key_store import KeyExists, KeySnapshot, KeyStore, NoSuchKey, StoredKey
+from serve_app.tenancy.key_store import KeyExists, KeySnapshot, KeyStore, NoSuchKey, Stored, StoredKey, TenantInUse
 from serve_app.tenancy.keys import KeyRing
 
 logger = logging.getLogger("ray.serve")
 
+_NOUNS = {"key": "API key", "tenant": "tenant"}
 CHANGES_TIMEOUT_S = 20.0
 """How long a replica's poll waits for a change before it is answered empty and asked again."""
 RETRY_S = 0.5
@@ -39,9 +41,9 @@ class KeyRegistry:
     """Its methods never await between reading and writing the store, so changes from many
     ingress replicas are applied one at a time."""
 
-    def __init__(self, database: str, config_key_names: list[str]) -> None:
+    def __init__(self, database: str, config_key_names: list[str], config_tenant_names: list[str] = ()) -> None:
         self._store = KeyStore(database)
-        self._config_keys = set(config_key_names)
+        self._config = {"key": set(config_key_names), "tenant": set(config_tenant_names)}
         self._snapshot = self._store.snapshot()
         self._changed = asyncio.Event()
 
@@ -55,34 +57,50 @@ class KeyRegistry:
                 return None
         return self._snapshot
 
-    async def create(self, key: StoredKey, actor: str | None) -> KeySnapshot | Refusal:
-        if key.name in self._config_keys:
-            return Refusal(409, f"API key {key.name!r} is defined in the config; choose another name")
+    async def create(self, record: Stored, actor: str | None) -> KeySnapshot | Refusal:
+        kind = "key" if isinstance(record, StoredKey) else "tenant"
+        if record.name in self._config[kind]:
+            return Refusal(409, f"{_NOUNS[kind]} {record.name!r} is defined in the config; choose another name")
+        if isinstance(record, StoredKey) and (refusal := self._unknown_tenant(record.tenant)):
+            return refusal
         try:
-            self._store.create(key, actor)
+            self._store.create(record, actor)
         except KeyExists:
-            return Refusal(409, f"API key {key.name!r} exists already")
+            return Refusal(409, f"{_NOUNS[kind]} {record.name!r} exists already")
         return self._published()
 
     async def update(
-        self, name: str, changes: dict[str, Any], actor: str | None, action: str = "update"
+        self, kind: str, name: str, changes: dict[str, Any], actor: str | None, action: str = "update"
     ) -> KeySnapshot | Refusal:
-        if name in self._config_keys:
-            return Refusal(409, f"API key {name!r} is defined in the config: change it there")
+        if name in self._config[kind]:
+            return Refusal(409, f"{_NOUNS[kind]} {name!r} is defined in the config: change it there")
+        if kind == "key" and (refusal := self._unknown_tenant(changes.get("tenant"))):
+            return refusal
         try:
-            self._store.update(name, changes, actor, action)
+            self._store.update(kind, name, changes, actor, action)
         except NoSuchKey:
-            return Refusal(404, f"no API key named {name!r} was made through this API")
+            return Refusal(404, f"no {_NOUNS[kind]} named {name!r} was made through this API")
         return self._published()
 
-    async def delete(self, name: str, actor: str | None) -> KeySnapshot | Refusal:
-        if name in self._config_keys:
-            return Refusal(409, f"API key {name!r} is defined in the config: remove it there")
+    async def delete(self, kind: str, name: str, actor: str | None) -> KeySnapshot | Refusal:
+        if name in self._config[kind]:
+            return Refusal(409, f"{_NOUNS[kind]} {name!r} is defined in the config: remove it there")
         try:
-            self._store.delete(name, actor)
+            self._store.delete(kind, name, actor)
         except NoSuchKey:
-            return Refusal(404, f"no API key named {name!r} was made through this API")
+            return Refusal(404, f"no {_NOUNS[kind]} named {name!r} was made through this API")
+        except TenantInUse as error:
+            return Refusal(
+                409, f"tenant {name!r} still has API keys ({', '.join(error.keys)}): delete or move them first"
+            )
         return self._published()
+
+    def _unknown_tenant(self, tenant: str | None) -> Refusal | None:
+        if tenant is None or tenant in self._config["tenant"]:
+            return None
+        if any(stored.name == tenant for stored in self._snapshot.tenants):
+            return None
+        return Refusal(400, f"tenant: no tenant named {tenant!r}; make it first (POST /admin/tenants)")
 
     async def audit(self, limit: int) -> list[dict[str, Any]]:
         return self._store.audit(limit)

@@ -14,23 +14,36 @@ import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from cluster.schema import ApiKey, AuthConfig, Scope
+from cluster.schema import ApiKey, AuthConfig, Scope, Tenant
 from serve_app.errors import Forbidden, Unauthorized
-from serve_app.tenancy.key_store import KeySnapshot, StoredKey
+from serve_app.tenancy.budgets import Subject
+from serve_app.tenancy.key_store import KeySnapshot, StoredKey, StoredTenant
 
 logger = logging.getLogger("ray.serve")
 
 
 @dataclass(frozen=True)
 class Caller:
-    """Who made a request: its key, or None where auth is off (the chat and info routes are then
-    open to all, and the admin routes to none)."""
+    """Who made a request: its key and the key's tenant, or None where auth is off (the chat and
+    info routes are then open to all, and the admin routes to none)."""
 
     key: ApiKey | None
+    tenant: Tenant | None = None
 
     @property
     def key_name(self) -> str | None:
         return self.key.name if self.key else None
+
+    @property
+    def tenant_name(self) -> str | None:
+        return self.tenant.name if self.tenant else None
+
+    def subjects(self) -> list[Subject]:
+        """What its requests count toward: its key's limits, then its tenant's."""
+        subjects = [] if self.key is None else [Subject.key(self.key.name, self.key.limits)]
+        if self.tenant is not None:
+            subjects.append(Subject.tenant(self.tenant.name, self.tenant.limits))
+        return subjects
 
     def require(self, scope: Scope) -> None:
         if self.key is None:
@@ -47,19 +60,22 @@ class Caller:
 @dataclass(frozen=True)
 class _Entry:
     key: ApiKey
-    disabled: bool = False
+    tenant: Tenant | None = None
+    disabled: str | None = None
+    """Why the key is suspended (itself, or its tenant), if it is."""
     valid_until: float | None = None
     """For a rotated key's old secret: the end of its grace period."""
 
 
 class KeyRing:
     def __init__(self, config: AuthConfig) -> None:
+        self._config_tenants = {tenant.name: tenant for tenant in config.tenants}
         self._config_keys: dict[bytes, _Entry] = {}
         for key in config.keys:
             digest = _digest_of(key)
             if digest in self._config_keys:
                 raise RuntimeError(f"API keys {self._config_keys[digest].key.name!r} and {key.name!r} have one token")
-            self._config_keys[digest] = _Entry(key)
+            self._config_keys[digest] = _Entry(key, self._config_tenants.get(key.tenant or ""))
         self._runtime_keys: dict[bytes, _Entry] = {}
         self.revision = -1
         """The key registry's revision the runtime keys are of (-1: none yet)."""
@@ -70,6 +86,16 @@ class KeyRing:
         return bool(self._config_keys)
 
     def replace_runtime(self, snapshot: KeySnapshot) -> None:
+        tenants = dict(self._config_tenants)
+        suspended = set()
+        for stored_tenant in snapshot.tenants:
+            try:
+                tenants[stored_tenant.name] = as_tenant(stored_tenant)
+            except ValueError:
+                logger.exception("runtime tenant %r cannot be read; its keys are refused", stored_tenant.name)
+                continue
+            if stored_tenant.disabled:
+                suspended.add(stored_tenant.name)
         keys: dict[bytes, _Entry] = {}
         for stored in snapshot.keys:
             try:
@@ -78,6 +104,15 @@ class KeyRing:
                 # A row this version cannot read must not stop every other key from applying.
                 logger.exception("runtime API key %r cannot be read; it is refused", stored.name)
                 continue
+            tenant = tenants.get(stored.tenant) if stored.tenant is not None else None
+            if stored.tenant is not None and tenant is None:
+                logger.error(
+                    "runtime API key %r belongs to the unknown tenant %r; it is refused", key.name, stored.tenant
+                )
+                continue
+            disabled = "is suspended" if stored.disabled else None
+            if stored.tenant in suspended:
+                disabled = f"is suspended, as its tenant {stored.tenant!r} is"
             for digest, valid_until in ((stored.digest, None), (stored.previous_digest, stored.previous_valid_until)):
                 if digest is None:
                     continue
@@ -85,7 +120,7 @@ class KeyRing:
                 if raw in self._config_keys:
                     logger.error("runtime API key %r has the token of a config key; it is ignored", stored.name)
                     continue
-                keys[raw] = _Entry(key, stored.disabled, valid_until)
+                keys[raw] = _Entry(key, tenant, disabled, valid_until)
         self._runtime_keys = keys
         self.revision = snapshot.revision
 
@@ -100,11 +135,11 @@ class KeyRing:
         if entry is None or (entry.valid_until is not None and time.time() >= entry.valid_until):
             raise Unauthorized("invalid bearer token")
         key = entry.key
-        if entry.disabled:
-            raise Unauthorized(f"API key {key.name!r} is suspended")
+        if entry.disabled is not None:
+            raise Unauthorized(f"API key {key.name!r} {entry.disabled}")
         if key.expires_at is not None and datetime.now(UTC) >= key.expires_at:
             raise Unauthorized(f"API key {key.name!r} expired at {key.expires_at.isoformat()}")
-        return Caller(key=key)
+        return Caller(key=key, tenant=entry.tenant)
 
 
 def as_api_key(stored: StoredKey) -> ApiKey:
@@ -116,7 +151,12 @@ def as_api_key(stored: StoredKey) -> ApiKey:
         scopes=stored.scopes,
         limits=stored.limits,
         expires_at=expires_at,
+        tenant=stored.tenant,
     )
+
+
+def as_tenant(stored: StoredTenant) -> Tenant:
+    return Tenant(name=stored.name, limits=stored.limits)
 
 
 def _digest_of(key: ApiKey) -> bytes:

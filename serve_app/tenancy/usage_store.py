@@ -10,21 +10,21 @@ import hashlib
 import logging
 import uuid
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import MISSING, Field, asdict, dataclass, fields, replace
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
 from serve_app.telemetry.record import FinishedRequest
-from serve_app.tenancy.database import engine_for
+from serve_app.tenancy.database import create_tables, engine_for
 
 logger = logging.getLogger("ray.serve")
 
-WIDTHS = {"request_id": 200, "key": 200, "model": 200, "endpoint": 50, "finish_reason": 50}
+WIDTHS = {"request_id": 200, "key": 200, "tenant": 200, "model": 200, "endpoint": 50, "finish_reason": 50}
 """The text columns' widths, in characters (Postgres's `varchar(n)` counts characters)."""
 DIGEST_CHARS = 10
-GROUPS = ("key", "model", "day")
+GROUPS = ("key", "tenant", "model", "day")
 """What `/admin/usage` can total by; `day` is the UTC calendar day of a request's arrival."""
 DEFAULT_GROUPS = ("key", "model")
 
@@ -62,6 +62,9 @@ class UsageRow:
     finish_reason: str | None
     status: int
     latency_ms: float
+    tenant: str | None = None
+    cost: float | None = None
+    """Its tokens at its model's prices, when the model has one."""
 
     @classmethod
     def of(cls, request: FinishedRequest) -> "UsageRow":
@@ -78,6 +81,8 @@ class UsageRow:
             finish_reason=request.finish_reason,
             status=request.status,
             latency_ms=round(request.duration_s * 1000, 1),
+            tenant=request.tenant,
+            cost=request.cost,
         ).bounded()
 
     def bounded(self) -> "UsageRow":
@@ -95,9 +100,10 @@ class UsageRow:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "UsageRow":
-        """A row as `to_json` gave it, perhaps by another version: fields it lacks are an error,
-        fields it has that this version does not are left out."""
-        return cls(**{field.name: data[field.name] for field in fields(cls)})
+        """A row as `to_json` gave it, perhaps by another version: fields it lacks are an error
+        (unless they have a default: an earlier version's rows lack the later fields), fields it
+        has that this version does not are left out."""
+        return cls(**{field.name: data[field.name] for field in fields(cls) if field.name in data or _required(field)})
 
 
 _metadata = sa.MetaData()
@@ -115,6 +121,8 @@ _usage = sa.Table(
     sa.Column("finish_reason", sa.String(WIDTHS["finish_reason"])),
     sa.Column("status", sa.Integer, nullable=False),
     sa.Column("latency_ms", sa.Float, nullable=False),
+    sa.Column("tenant", sa.String(WIDTHS["tenant"])),
+    sa.Column("cost", sa.Float),
 )
 
 
@@ -123,7 +131,7 @@ class UsageStore:
 
     def __init__(self, url: str) -> None:
         self._engine = engine_for(url)
-        _metadata.create_all(self._engine)
+        create_tables(self._engine, _metadata)
         insert = sqlite.insert if self._engine.dialect.name == "sqlite" else postgresql.insert
         self._insert = insert(_usage).on_conflict_do_nothing(index_elements=["id"])
 
@@ -165,10 +173,11 @@ class UsageStore:
         key: str | None = None,
         model: str | None = None,
         group_by: Sequence[str] = DEFAULT_GROUPS,
+        tenant: str | None = None,
     ) -> list[dict[str, Any]]:
         """Totals over `since` ≤ time < `until`, one row per distinct value of the `group_by`
         fields (any of `GROUPS`, in the order given; none: one row for all, if any), ordered by
-        them. `day` is a UTC date, `YYYY-MM-DD`."""
+        them. `day` is a UTC date, `YYYY-MM-DD`. `cost` is None for a group of unpriced rows."""
         unknown = [name for name in group_by if name not in GROUPS]
         if unknown:
             raise ValueError(f"cannot group usage by {unknown}; by any of {', '.join(GROUPS)}")
@@ -179,6 +188,7 @@ class UsageStore:
             sa.func.sum(sa.case((_usage.c.status >= 400, 1), else_=0)).label("failed_requests"),
             sa.func.sum(_usage.c.prompt_tokens).label("prompt_tokens"),
             sa.func.sum(_usage.c.completion_tokens).label("completion_tokens"),
+            sa.func.sum(_usage.c.cost).label("cost"),
         )
         if groups:
             query = query.group_by(*groups).order_by(*groups)
@@ -190,6 +200,8 @@ class UsageStore:
             query = query.where(_usage.c.key == bounded(key, WIDTHS["key"]))
         if model is not None:
             query = query.where(_usage.c.model == bounded(model, WIDTHS["model"]))
+        if tenant is not None:
+            query = query.where(_usage.c.tenant == bounded(tenant, WIDTHS["tenant"]))
         with self._engine.connect() as connection:
             rows = [dict(row._mapping) for row in connection.execute(query)]
         totals = []
@@ -199,6 +211,8 @@ class UsageStore:
             for name in ("failed_requests", "prompt_tokens", "completion_tokens"):
                 row[name] = int(row[name])
             row["total_tokens"] = row["prompt_tokens"] + row["completion_tokens"]
+            if row["cost"] is not None:
+                row["cost"] = round(row["cost"], 9)
             totals.append(row)
         return totals
 
@@ -226,6 +240,10 @@ class UsageStore:
 
     def dispose(self) -> None:
         self._engine.dispose()
+
+
+def _required(field: Field) -> bool:
+    return field.default is MISSING and field.default_factory is MISSING
 
 
 def _first_line(error: BaseException) -> str:

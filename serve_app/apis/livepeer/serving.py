@@ -31,7 +31,7 @@ class LivepeerChat:
     async def complete(self, request: Request, caller: Caller, lifecycle: RequestLifecycle) -> Response:
         body = LLMRequest.from_body(await request.body())
         route = self._router.resolve(body.model, caller)
-        lifecycle.routed(route.model_id)
+        lifecycle.routed(route.model_id, route.price)
         max_tokens = capped_max_tokens(body.asked_max_tokens, LLM_DEFAULTS["max_tokens"], self._max_tokens_limit)
         chat = for_engine(body.to_chat_request(), route.model_id, max_tokens)
         call = await self._calls.start(route, chat, caller, lifecycle)
