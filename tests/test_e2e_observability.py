@@ -35,6 +35,7 @@ def test_hardware_info_lists_the_nodes_and_gpus_ray_sees(client):
     assert len(info["gpu_info"]) == sum(gpus)
     assert sorted(n["gpus"] for n in info["nodes"]) == sorted(gpus)
     assert len(info["nodes"]) == len(nodes) and all(n["cpus"] > 0 for n in info["nodes"])
+    assert not any(node["NodeManagerAddress"] in str(info) for node in nodes)
 
 
 def settled(metrics_url: str, timeout_s: float = 30) -> dict:

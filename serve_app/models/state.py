@@ -1,5 +1,10 @@
 """Each model's state, read from Serve's view of its deployment: for the Livepeer `/health`
-route (about the default model) and for `/v1/models` (about every model)."""
+route (about the default model) and for `/v1/models` (about every model).
+
+Callers get a fixed reason per state, never Serve's own message: Serve builds that from the
+replica's exception (a traceback, process ids, node addresses, file paths), and `/health` is
+open to all. Serve's message is kept as `detail` for the server's log.
+"""
 
 import asyncio
 from dataclasses import dataclass
@@ -10,6 +15,16 @@ from ray.serve.schema import DeploymentStatusOverview
 from cluster.schema import deployment_name
 
 FAILED = {"DEPLOY_FAILED", "UNHEALTHY"}
+FAILURE_REASONS = {
+    "REPLICA_STARTUP_FAILED": "the model's replicas failed to start; see the server logs",
+    "HEALTH_CHECK_FAILED": "the model's replicas are failing their health checks; see the server logs",
+}
+REASONS = {
+    "ready": "",
+    "starting": "the model's replicas are starting",
+    "scaled_to_zero": "the model is scaled to zero: a request starts a replica",
+    "failed": "the model's deployment failed; see the server logs",
+}
 
 
 @dataclass(frozen=True)
@@ -17,7 +32,10 @@ class ModelState:
     state: str
     """ready (a replica serves), starting, scaled_to_zero, or failed (nothing serves)."""
     replicas: int
-    message: str
+    reason: str
+    """Fixed words for callers: why the model is not ready, or empty when it is."""
+    detail: str
+    """Serve's own account, which may hold internals: for the log only."""
 
 
 async def model_states(model_ids: list[str]) -> dict[str, ModelState]:
@@ -31,7 +49,7 @@ async def model_states(model_ids: list[str]) -> dict[str, ModelState]:
 
 def state_of(deployment: DeploymentStatusOverview | None) -> ModelState:
     if deployment is None:
-        return ModelState("starting", 0, "")
+        return ModelState("starting", 0, REASONS["starting"], "")
     running = deployment.replica_states.get("RUNNING", 0)
     if running > 0:
         state = "ready"
@@ -41,4 +59,5 @@ def state_of(deployment: DeploymentStatusOverview | None) -> ModelState:
         state = "scaled_to_zero"
     else:
         state = "starting"
-    return ModelState(state, running, deployment.message)
+    reason = FAILURE_REASONS.get(deployment.status_trigger, REASONS[state]) if state == "failed" else REASONS[state]
+    return ModelState(state, running, reason, deployment.message)

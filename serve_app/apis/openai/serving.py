@@ -76,8 +76,8 @@ class OpenAIChat:
                 "state": state.state,
                 "replicas": state.replicas,
             }
-            # Why a model is not ready (unschedulable, failing to start) is Serve's message.
-            | ({"message": state.message} if state.state != "ready" and state.message else {})
+            # Why a model is not ready, in fixed words: Serve's own message may hold internals.
+            | ({"message": state.reason} if state.reason else {})
             for model_id, state in states.items()
         ]
 
