@@ -3,7 +3,8 @@ runs `serve run FILE` as `make serve` does; `python -m cluster render FILE` prin
 Serve config it deploys; `python -m cluster render kuberay FILE` prints a KubeRay RayService
 manifest embedding it; `python -m cluster env` prints the exports a node needs before `ray start`;
 `python -m cluster keys new NAME` makes an API key for the config, `python -m cluster keys
-create|list|show|update|rotate|revoke … --url URL` manages keys on a running cluster;
+create|list|show|update|rotate|revoke … --url URL` manages keys on a running cluster, and
+`python -m cluster tenants create|list|show|update|delete … --url URL` its tenants;
 `python -m cluster docs` prints the config
 reference (docs/configuration.md) from the schema's field descriptions."""
 
@@ -65,6 +66,10 @@ def _parser() -> argparse.ArgumentParser:
     new.add_argument("--expires", dest="expires_at", help="ISO 8601 time from which the key is refused")
     new.set_defaults(func=_new_key)
     admin_client.add_verbs(keys)
+    tenants = sub.add_parser("tenants", help="manage tenants on a running cluster").add_subparsers(
+        dest="action", required=True
+    )
+    admin_client.add_verbs(tenants, "tenants")
 
     docs = sub.add_parser("docs", help="print the config reference, generated from the schema")
     docs.add_argument(

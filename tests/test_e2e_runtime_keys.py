@@ -1,6 +1,7 @@
-"""Keys made, changed, rotated and revoked through the admin API while the cluster serves: in effect
-on every ingress replica within a second, with no replica of any deployment replaced. On the test
-engine with two ingress replicas, and once on the real model's engine."""
+"""Keys and tenants made, changed, rotated and revoked through the admin API while the cluster
+serves: in effect on every ingress replica within a second, with no replica of any deployment
+replaced; budgets of tokens and of spend held exactly under concurrency, per key and per tenant.
+On the test engine with two ingress replicas, and once on the real model's engine."""
 
 import hashlib
 import secrets
@@ -16,12 +17,14 @@ from ray import serve
 
 from cluster.schema import ClusterConfig
 from tests.conftest import API_KEY, ledger_in, serve_fake
-from tests.serve_logs import replica_of
+from tests.serve_logs import fields_of, log_line, replica_of
 
 pytestmark = pytest.mark.e2e
 
 APP = "runtime-keys"
 ADMIN = "sk-admin-" + secrets.token_hex(8)
+PRICE = {"prompt_per_million": 1_000_000, "completion_per_million": 2_000_000, "currency": "EUR"}
+"""A unit of currency per prompt token and two per completion token: costs are whole numbers."""
 PROPAGATION_S = 1.0
 """The promise: a change is in effect on every ingress replica within this long."""
 
@@ -36,7 +39,9 @@ def app_url(serve_url, tmp_path_factory):
             "auth": {
                 "keys": [{"name": "ops", "sha256": hashlib.sha256(ADMIN.encode()).hexdigest(), "scopes": ["admin"]}]
             },
-            "models": [{"id": "keyed-echo", "source": {"path": "/nonexistent"}, "deployment": deployment}],
+            "models": [
+                {"id": "keyed-echo", "source": {"path": "/nonexistent"}, "deployment": deployment, "price": PRICE}
+            ],
         }
     )
     serve_fake(config, APP)
@@ -216,3 +221,74 @@ def test_a_budget_admits_exactly_the_reservations_that_fit_and_counts_what_was_u
     while ledger() != clients:
         assert time.monotonic() < deadline, f"the ledger holds {ledger()} tokens, the clients were given {clients}"
         time.sleep(0.2)
+
+
+def test_a_tenants_spend_budget_is_shared_by_its_keys_exactly_and_its_soft_budget_only_reports(app_url, tmp_path):
+    """32 concurrent requests over two keys of one tenant on both ingress replicas, against a spend
+    budget that fits 10 reservations: exactly 10 admitted; the tenant's spend equals the ledger's
+    cost, which equals the clients' usage at the model's prices; requests past its soft budget are
+    marked in the request log, never refused."""
+    from serve_app.apis.chat_policy import for_engine, prompt_token_bound
+    from serve_app.apis.livepeer.protocol import LLMRequest
+
+    hold = tmp_path / "hold"
+    body = {"messages": [{"role": "user", "content": f"WAIT {hold} one"}], "max_tokens": 4}
+    chat = for_engine(LLMRequest.model_validate(body).to_chat_request(), "keyed-echo", 4)
+    reserved = prompt_token_bound(chat) * 1 + 4 * 2  # its reservation at the model's prices
+    limits = {"spend_per_day": 10 * reserved, "soft": {"tokens_per_day": 1}}
+    assert _admin(app_url, "POST", "/admin/tenants", json={"name": "acme", "limits": limits}).status_code == 201
+    secrets_ = [
+        _admin(app_url, "POST", "/admin/keys", json={"name": f"acme-{index}", "tenant": "acme"}).json()["key"]
+        for index in range(2)
+    ]
+    _after_propagation(time.monotonic())
+    hold.touch()
+    ids = [f"tenant-{index}-{secrets.token_hex(4)}" for index in range(32)]
+
+    def ask(index: int) -> httpx.Response:
+        headers = {"Authorization": f"Bearer {secrets_[index % 2]}", "x-request-id": ids[index]}
+        return httpx.post(app_url + "/llm", json=body, headers=headers, timeout=60)
+
+    with ThreadPoolExecutor(32) as pool:
+        futures = [pool.submit(ask, index) for index in range(32)]
+        deadline = time.monotonic() + 30
+        while sum(future.done() for future in futures) < 22:
+            assert time.monotonic() < deadline, "the refusals did not come back while the admitted ones waited"
+            time.sleep(0.05)
+        held = _admin(app_url, "GET", "/admin/tenants/acme").json()["budget_used"]["spend_per_day"]
+        assert held["used"] == 10 * reserved  # ten reservations, all in flight
+        hold.unlink()
+        responses = [future.result() for future in futures]
+    admitted = [index for index, r in enumerate(responses) if r.status_code == 200]
+    refused = [r for r in responses if r.status_code == 429]
+    assert (len(admitted), len(refused)) == (10, 22)
+    assert {index % 2 for index in admitted} == {0, 1}, "both keys drew on the tenant's budget"
+    message = refused[0].json()["detail"]["msg"]
+    assert message.startswith("tenant 'acme' has used or reserved") and f"of its {10 * reserved} EUR" in message
+
+    def cost(usage: dict) -> float:
+        return usage["prompt_tokens"] * 1 + usage["completion_tokens"] * 2
+
+    clients = sum(cost(responses[index].json()["usage"]) for index in admitted)
+    shown = _admin(app_url, "GET", "/admin/tenants/acme").json()
+    assert shown["keys"] == ["acme-0", "acme-1"] and shown["budget_used"]["spend_per_day"]["used"] == clients
+    assert shown["budget_used"]["soft_tokens_per_day"]["used"] > 1
+    passed = [fields_of(log_line(ids[index], APP)) for index in admitted]
+    assert all(line["tenant"] == "acme" and float(line["cost"]) > 0 for line in passed)
+    assert all(line["soft_budgets"] == "tenant:acme/soft/tokens_per_day" for line in passed)
+
+    def ledger() -> dict | None:
+        usage = _admin(app_url, "GET", "/admin/usage", params={"tenant": "acme", "group_by": "tenant"}).json()
+        return usage["data"][0] if usage["data"] else None
+
+    deadline = time.monotonic() + 15  # the other ingress replica's rows arrive with its next flush
+    while (row := ledger()) is None or row["cost"] != clients:
+        assert time.monotonic() < deadline, f"the ledger holds {row}, the clients were given {clients}"
+        time.sleep(0.2)
+    assert row["requests"] == 10 and row["tenant"] == "acme"
+
+    suspended = _admin(app_url, "PATCH", "/admin/tenants/acme", json={"disabled": True})
+    assert suspended.status_code == 200
+    _after_propagation(time.monotonic())
+    assert _statuses_on_both_replicas(app_url, secrets_[0]) == {401}
+    assert _admin(app_url, "DELETE", "/admin/tenants/acme").status_code == 409  # its keys still belong to it
