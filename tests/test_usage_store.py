@@ -230,3 +230,38 @@ def test_bounded_is_stable_and_keeps_distinct_texts_distinct():
     assert bounded(cut, 50) == cut  # a bounded text is its own bound
     ids = {bounded("z" * 300 + str(n), 200) for n in range(1000)}
     assert len(ids) == 1000
+
+
+def test_tenant_and_cost_are_stored_and_totalled_on_either_database(store):
+    store.add([_row("a", "m", 100, 1, 2, tenant="acme", cost=0.5), _row("b", "m", 100, 3, 4, tenant="acme", cost=0.25)])
+    store.add([_row("c", "m", 100, 5, 6)])
+    totals = {row["tenant"]: (row["requests"], row["cost"]) for row in store.totals(None, None, group_by=["tenant"])}
+    assert totals == {None: (1, None), "acme": (2, 0.75)}
+    assert [row["key"] for row in store.totals(None, None, group_by=["key"], tenant="acme")] == ["a", "b"]
+
+
+def test_a_ledger_an_earlier_version_made_gains_tenant_and_cost_and_keeps_its_rows(url):
+    """The columns added since the first version are nullable: `create_tables` adds them to a
+    table that exists (`create_all` alone would not), on SQLite and on Postgres."""
+    import sqlalchemy as sa
+
+    from serve_app.tenancy import usage_store
+    from serve_app.tenancy.database import engine_for
+
+    added = ("tenant", "cost")
+    old = sa.Table("usage", sa.MetaData(), *(c.copy() for c in usage_store._usage.columns if c.name not in added))
+    engine = engine_for(url)
+    old.metadata.create_all(engine)
+    row = {name: value for name, value in _row("k", "m", 1, 2, 3).to_json().items() if name not in added}
+    with engine.begin() as connection:
+        connection.execute(old.insert(), [row])
+    engine.dispose()
+    store = UsageStore(url)
+    store.add([_row("k", "m", 2, 1, 1, tenant="acme", cost=1.5)])
+    assert {
+        (row["tenant"], row["total_tokens"], row["cost"]) for row in store.totals(None, None, group_by=["tenant"])
+    } == {
+        (None, 5, None),
+        ("acme", 2, 1.5),
+    }
+    store.dispose()
