@@ -53,8 +53,9 @@ class _Method:
     def __init__(self, method) -> None:
         self._method = method
 
-    def remote(self, *args: Any):
-        return self._method(*args)
+    async def remote(self, *args: Any):
+        await asyncio.sleep(0)  # a real handle call yields to the loop while it travels
+        return await self._method(*args)
 
 
 class InProcessHandle:
@@ -475,6 +476,19 @@ async def test_rotate_returns_a_new_secret_and_the_old_one_keeps_only_its_grace(
     ]
     with pytest.raises(BadRequest):
         await admin.rotate(_request({"grace_s": -1}), _ops(watched), "alice")
+
+
+async def test_two_rotations_at_once_each_keep_the_secret_they_replaced_valid_for_the_grace(admin, watched):
+    """The registry reads the current secret and writes the new one in one step: two rotations
+    racing cannot both keep the original as the previous secret, leaving one new secret unusable."""
+    await _create(admin, watched, {"name": "alice"})
+    first, second = await asyncio.gather(
+        *(admin.rotate(_request({"grace_s": 60}), _ops(watched), "alice") for _ in range(2))
+    )
+    for secret in (first["key"], second["key"]):
+        assert watched.ring.authenticate(f"Bearer {secret}").key_name == "alice"
+    ghost = await watched.registry.rotate("ghost", "0" * 64, 0, "ops")
+    assert ghost.status == 404
 
 
 async def test_delete_then_show_is_not_found(admin, watched):

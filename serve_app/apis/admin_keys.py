@@ -3,7 +3,6 @@ OpenAI's shape, for keys with the `admin` scope. A key's secret is made here, re
 `"key"`) and never stored or shown again: the registry keeps its sha256 digest only. The config's
 keys are listed too, and cannot be changed here. A key may belong to a tenant (`/admin/tenants`)."""
 
-import time
 from datetime import datetime
 from fnmatch import fnmatchcase
 from typing import Annotated, Any
@@ -114,14 +113,8 @@ class AdminKeys:
         body = await parsed(KeyRotate, request, empty_ok=True)
         if name in self._config_keys:
             raise Conflict(f"API key {name!r} is defined in the config: rotate it there")
-        current = _find(await self._registry.current(), name)
         secret = new_token()
-        changes = {
-            "digest": token_digest(secret),
-            "previous_digest": current.digest if body.grace_s > 0 else None,
-            "previous_valid_until": time.time() + body.grace_s if body.grace_s > 0 else None,
-        }
-        snapshot = await self._registry.change("update", "key", name, changes, caller.key_name, "rotate")
+        snapshot = await self._registry.change("rotate", name, token_digest(secret), body.grace_s, caller.key_name)
         return _view(_find(snapshot, name)) | {"key": secret}
 
     async def delete(self, caller: Caller, name: str) -> dict[str, Any]:

@@ -82,6 +82,19 @@ class KeyRegistry:
             return Refusal(404, f"no {_NOUNS[kind]} named {name!r} was made through this API")
         return self._published()
 
+    async def rotate(self, name: str, digest: str, grace_s: float, actor: str | None) -> KeySnapshot | Refusal:
+        """A new secret; the current one stays valid for `grace_s`. Read and written in one step
+        here, so that two rotations at once cannot both keep the same old secret."""
+        current = next((key for key in self._snapshot.keys if key.name == name), None)
+        if current is None and name not in self._config["key"]:
+            return Refusal(404, f"no API key named {name!r} was made through this API")
+        changes = {
+            "digest": digest,
+            "previous_digest": current.digest if current is not None and grace_s > 0 else None,
+            "previous_valid_until": time.time() + grace_s if grace_s > 0 else None,
+        }
+        return await self.update("key", name, changes, actor, "rotate")
+
     async def delete(self, kind: str, name: str, actor: str | None) -> KeySnapshot | Refusal:
         if name in self._config[kind]:
             return Refusal(409, f"{_NOUNS[kind]} {name!r} is defined in the config: remove it there")
