@@ -50,6 +50,11 @@ class Conflict(APIError):
     kind = "conflict_error"
 
 
+class BodyTooLarge(APIError):
+    status = 413
+    kind = "invalid_request_error"
+
+
 class Overloaded(APIError):
     status = 503
     kind = "overloaded_error"

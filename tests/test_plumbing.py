@@ -75,3 +75,20 @@ def test_openai_request_without_max_tokens_gets_the_cap(fake_client):
     body = fake_client.post("/v1/chat/completions", json=_ask(words, model="a")).json()
     assert body["usage"]["completion_tokens"] == 64
     assert body["choices"][0]["finish_reason"] == "length"
+
+
+def test_a_body_over_the_bound_is_413_in_shape_declared_or_chunked(fake_client):
+    """The default bound, 4 MiB: a body one byte over it, with its length declared on `/llm` and in
+    chunks without one on `/v1`; the replica answers the next request."""
+    over = 4 * 1024 * 1024 + 1
+    declared = fake_client.post("/llm", content=b" " * over, headers={"content-type": "application/json"})
+    assert declared.status_code == 413, declared.text
+    assert declared.json()["detail"] == {
+        "msg": "the request body is over this server's limit of 4,194,304 bytes",
+        "request_id": declared.headers["x-request-id"],
+    }
+    chunked = fake_client.post("/v1/chat/completions", content=(b" " * 65536 for _ in range(over // 65536 + 1)))
+    assert chunked.status_code == 413, chunked.text
+    assert chunked.json()["error"]["code"] == 413
+    assert chunked.json()["request_id"] == chunked.headers["x-request-id"]
+    assert fake_client.post("/llm", json=_ask("still here")).json()["choices"][0]["message"]["content"] == "still here"

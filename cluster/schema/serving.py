@@ -6,6 +6,8 @@ from pydantic import Field
 
 from cluster.schema.base import StrictModel
 
+MAX_BODY_BYTES = 4 * 1024 * 1024
+
 
 class IngressSettings(StrictModel):
     """The HTTP front deployment. It does no heavy work, so it asks for a sliver of a CPU and
@@ -23,6 +25,12 @@ class IngressSettings(StrictModel):
         default=None,
         description="refuse requests asking for more output tokens than this (400); one that asks for none "
         "gets this, or `/llm`'s default of 256 if lower. Livepeer prices by `max_tokens`",
+    )
+    max_body_bytes: Annotated[int, Field(ge=1)] = Field(
+        default=MAX_BODY_BYTES,
+        description="the largest request body taken, in bytes; past it the request is refused with 413 before "
+        "its body is parsed, whether it declares its length or comes in chunks. 4 MiB of text is about a million "
+        "tokens, more than a model's context; raise it for requests that carry images",
     )
     colocate: bool = Field(
         default=False,

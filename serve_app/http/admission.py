@@ -1,6 +1,6 @@
 """Every route's way in and out: the request is named and its lifecycle opened, its token and the
-route's scope checked before the body is read, then its handler runs; whatever the handler
-returns or raises, and a cancellation too, ends the lifecycle exactly once."""
+route's scope checked and its body's size bounded before the body is read, then its handler runs;
+whatever the handler returns or raises, and a cancellation too, ends the lifecycle exactly once."""
 
 import asyncio
 import logging
@@ -14,7 +14,9 @@ from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 
 from cluster.schema import Scope
+from cluster.schema.serving import MAX_BODY_BYTES
 from serve_app.errors import APIError, api_of, error_response, for_status
+from serve_app.http.body_limit import bound_body
 from serve_app.http.handlers import request_id_of
 from serve_app.http.lifecycle import Listeners, RequestLifecycle
 from serve_app.http.streaming import EventStream
@@ -28,9 +30,10 @@ Handler = Callable[[Request, Caller, RequestLifecycle], Awaitable[Response | dic
 
 
 class Admission:
-    def __init__(self, keys: KeyRing, listeners: Listeners) -> None:
+    def __init__(self, keys: KeyRing, listeners: Listeners, max_body_bytes: int = MAX_BODY_BYTES) -> None:
         self._keys = keys
         self._listeners = listeners
+        self._max_body_bytes = max_body_bytes
 
     async def serve(self, request: Request, endpoint: str, scope: Scope | None, handler: Handler) -> Response:
         """A stream's lifecycle is ended by the stream, when it ends; every other answer's here."""
@@ -40,6 +43,7 @@ class Admission:
             lifecycle.key_name = caller.key_name
             if scope is not None:
                 caller.require(scope)
+            bound_body(request, self._max_body_bytes)
             response = await handler(request, caller, lifecycle)
             if not isinstance(response, Response):
                 response = JSONResponse(response)
