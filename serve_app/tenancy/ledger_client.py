@@ -82,22 +82,8 @@ class LedgerClient:
         if ledger is None:
             return
         self._metrics = metrics or LedgerMetrics(_replica_name())
-        try:
-            self._spill = Spill(
-                Path(settings.spill_directory).expanduser() / _spill_name(ledger), settings.spill_max_rows
-            )
-        except OSError as error:
-            logger.error(
-                "usage ledger: cannot keep rows in %s (%s); rows the ledger cannot store wait in memory only",
-                settings.spill_directory,
-                error,
-            )
-        else:
-            adopted = self._spill.adopt()
-            if adopted:
-                logger.warning(
-                    "usage ledger: %d rows of a stopped replica found in %s, to send", adopted, self._spill.directory
-                )
+        folder = Path(settings.spill_directory).expanduser() / _spill_name(ledger)
+        self._spill = Spill.opened(folder, settings.spill_max_rows)
         try:
             asyncio.get_running_loop()
         except RuntimeError:
@@ -204,13 +190,7 @@ class LedgerClient:
         while not self._closing.is_set():
             if self._spill is not None and time.monotonic() - last_adopt >= ADOPT_EVERY_S:
                 last_adopt = time.monotonic()
-                adopted = self._spill.adopt()
-                if adopted:
-                    logger.warning(
-                        "usage ledger: %d rows of a stopped replica found in %s, to send",
-                        adopted,
-                        self._spill.directory,
-                    )
+                if self._spill.adopt_logged():
                     self._report()
             try:
                 sent = await self._send_next()

@@ -155,6 +155,29 @@ class Spill:
         self.rows += rows
         return rows
 
+    def adopt_logged(self) -> int:
+        """`adopt`, saying so when there were rows to adopt."""
+        adopted = self.adopt()
+        if adopted:
+            logger.warning("usage ledger: %d rows of a stopped replica found in %s, to send", adopted, self.directory)
+        return adopted
+
+    @classmethod
+    def opened(cls, directory: Path, max_rows: int) -> "Spill | None":
+        """The replica's spill with the rows of stopped replicas adopted, or None (logged) where
+        the disk cannot hold rows: they then wait in memory only."""
+        try:
+            spill = cls(directory, max_rows)
+        except OSError as error:
+            logger.error(
+                "usage ledger: cannot keep rows in %s (%s); rows the ledger cannot store wait in memory only",
+                directory,
+                error,
+            )
+            return None
+        spill.adopt_logged()
+        return spill
+
     def close(self) -> None:
         """Releases the lock, leaving the segments (if any) for the next owner to adopt."""
         self._close_tail()
