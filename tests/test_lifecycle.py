@@ -167,6 +167,7 @@ def _fake_metrics() -> IngressMetrics:
         "max_gap",
         "duration",
         "in_flight",
+        "soft_budget_passed",
     ):
         setattr(metrics, name, _Metric())
     return metrics
@@ -203,6 +204,16 @@ def test_metrics_count_a_finished_request_once_with_its_tags():
     assert metrics.max_gap.calls == [(0.3, tags)]
     assert metrics.prompt_tokens.calls == [(4, tags)] and metrics.completion_tokens.calls == [(6, tags)]
     assert metrics.in_flight.calls == [(1, {"model": "m"}), (0, {"model": "m"})]
+    assert metrics.soft_budget_passed.calls == []
+
+
+def test_metrics_count_each_soft_budget_a_request_was_admitted_past():
+    metrics = _fake_metrics()
+    metrics.request_finished(_record(soft_budgets=("key:k soft tokens_per_day", "tenant:acme soft spend_per_month")))
+    assert metrics.soft_budget_passed.calls == [
+        (1, {"subject": "key:k", "budget": "tokens_per_day"}),
+        (1, {"subject": "tenant:acme", "budget": "spend_per_month"}),
+    ]
 
 
 def test_metrics_in_flight_counts_each_model_apart():
@@ -248,6 +259,7 @@ def test_metrics_skip_what_a_request_did_not_have():
         {},
         {"model": None, "key_name": None, "ttft_s": None, "mean_token_gap_s": None},
         {"status": 499, "prompt_tokens": 0},
+        {"soft_budgets": ("tenant:acme soft tokens_per_day",), "tenant": "acme", "cost": 0.5},
     ],
 )
 def test_the_real_metric_objects_take_the_tags_given(fields):
