@@ -41,7 +41,8 @@ def test_a_model_that_fits_nowhere_is_reported(report):
     assert state["status"] == "UPDATING"
     card = report["models"]["too-big"]
     assert card["state"] == "starting" and card["replicas"] == 0
-    assert "taken more than 30s to be scheduled" in card["message"] and '"GPU": 1.0' in card["message"]
+    # Why, in fixed words: Serve's own message (the resources asked and the cluster's) is not shown.
+    assert card["message"] == "the model's replicas are waiting for the resources they need to be scheduled"
     assert report["models"]["tp2"]["state"] == "ready" and "message" not in report["models"]["tp2"]
     groups = [g for g in report["placement_groups"] if sum(b.get("GPU", 0) for b in g["bundles"]) == 4]
     assert groups and all(g["state"] == "PENDING" for g in groups)

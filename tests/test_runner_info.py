@@ -52,6 +52,19 @@ def test_a_state_has_fixed_words_and_keeps_serves_message_for_the_log(status, tr
     assert (model.state, model.replicas, model.reason, model.detail) == (state, 0, reason, SERVE_MESSAGE)
 
 
+def test_a_model_no_node_can_take_yet_is_starting_for_want_of_resources():
+    message = (
+        "Deployment 'model-m' in application 'llm' has 1 replicas that have taken more than 30s to be scheduled. "
+        'Resources required for each replica: {"GPU": 1.0}, total resources available: {"CPU": 8.0}.'
+    )
+    model = state_of(_deployment("UPDATING", "CONFIG_UPDATE_STARTED", message=message))
+    assert (model.state, model.reason, model.detail) == (
+        "starting",
+        "the model's replicas are waiting for the resources they need to be scheduled",
+        message,
+    )
+
+
 def test_a_model_with_a_running_replica_is_ready_whatever_else_serve_says():
     model = state_of(_deployment("UNHEALTHY", "HEALTH_CHECK_FAILED", running=1))
     assert (model.state, model.replicas, model.reason) == ("ready", 1, "")

@@ -19,6 +19,10 @@ FAILURE_REASONS = {
     "REPLICA_STARTUP_FAILED": "the model's replicas failed to start; see the server logs",
     "HEALTH_CHECK_FAILED": "the model's replicas are failing their health checks; see the server logs",
 }
+UNSCHEDULED = "to be scheduled"
+"""In Serve's message for replicas that no node has the resources for yet (the only sign of it;
+`tests/test_e2e_placement.py` fails if Serve rewords it)."""
+WAITING_FOR_RESOURCES = "the model's replicas are waiting for the resources they need to be scheduled"
 REASONS = {
     "ready": "",
     "starting": "the model's replicas are starting",
@@ -59,5 +63,12 @@ def state_of(deployment: DeploymentStatusOverview | None) -> ModelState:
         state = "scaled_to_zero"
     else:
         state = "starting"
-    reason = FAILURE_REASONS.get(deployment.status_trigger, REASONS[state]) if state == "failed" else REASONS[state]
-    return ModelState(state, running, reason, deployment.message)
+    return ModelState(state, running, _reason(state, deployment), deployment.message)
+
+
+def _reason(state: str, deployment: DeploymentStatusOverview) -> str:
+    if state == "failed":
+        return FAILURE_REASONS.get(deployment.status_trigger, REASONS[state])
+    if state == "starting" and UNSCHEDULED in deployment.message:
+        return WAITING_FOR_RESOURCES
+    return REASONS[state]
