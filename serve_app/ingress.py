@@ -71,9 +71,9 @@ class Ingress:
         self._key_watch = None if registry is None else KeyWatch(registry, keys)
         if self._key_watch is not None:
             await self._key_watch.start()
-        self._admission = Admission(keys, listeners)
-        gate = LimitGate(limiter)
-        calls = ModelCalls(gate)
+        self._admission = Admission(keys, listeners, config.ingress.max_body_bytes)
+        gate = LimitGate(limiter, config.auth.limiter, metrics.admitted_unlimited)
+        calls = ModelCalls(gate, config.ingress.stream_keepalive_s)
         limit = config.ingress.max_tokens_limit
         self._livepeer = LivepeerChat(router, calls, limit)
         self._openai = OpenAIChat(router, calls, limit)

@@ -174,3 +174,76 @@ async def test_a_request_cancelled_while_it_waits_for_the_model_cancels_the_mode
         await starting
     assert stream.cancelled == 1
     assert lifecycle.reached_engine is True  # sent, perhaps begun: the ledger records it
+
+
+STREAMED = CHAT.model_copy(update={"stream": True})
+
+
+async def test_a_slow_first_output_sends_keepalives_until_it_comes_then_the_stream_goes_on():
+    stall = Stall()
+    script = answer_script("a")
+    stream = ScriptedStream([stall, *script])
+    route, _ = _route(stream)
+    call = await ModelCalls(_Gate(), stream_keepalive_s=0.01).start(route, STREAMED, Caller(None), _lifecycle())
+    assert call.first is None and call.pending is not None  # the 200 may go out now
+    ticks = 0
+    async for _ in call.keepalives():
+        ticks += 1
+        if ticks == 3:
+            stall.resume.set()
+    assert ticks == 3 and call.first == script[0] and call.rest is stream and call.pending is None
+
+
+async def test_a_first_output_within_the_keepalive_delay_is_read_as_before():
+    script = answer_script("a")
+    route, _ = _route(ScriptedStream(script))
+    call = await ModelCalls(_Gate(), stream_keepalive_s=5).start(route, STREAMED, Caller(None), _lifecycle())
+    assert call.first == script[0] and call.pending is None
+    assert [tick async for tick in call.keepalives()] == []
+
+
+async def test_an_error_after_keepalives_is_raised_for_the_stream_to_end_with():
+    stall = Stall()
+    stream = ScriptedStream([stall, ModelError(400, "the prompt is too long")])
+    route, _ = _route(stream)
+    call = await ModelCalls(_Gate(), stream_keepalive_s=0.01).start(route, STREAMED, Caller(None), _lifecycle())
+    await stall.reached.wait()
+    stall.resume.set()
+    with pytest.raises(BadRequest, match="the prompt is too long"):
+        async for _ in call.keepalives():
+            pass
+
+
+async def test_a_whole_answer_waits_for_its_output_whatever_the_keepalive():
+    stall = Stall()
+    stream = ScriptedStream([stall, *answer_script("a")])
+    route, _ = _route(stream)
+    starting = asyncio.create_task(
+        ModelCalls(_Gate(), stream_keepalive_s=0.01).start(route, CHAT, Caller(None), _lifecycle())
+    )
+    await stall.reached.wait()
+    await asyncio.sleep(0.05)
+    assert not starting.done()  # no 200 before the answer: its errors keep their status
+    stall.resume.set()
+    assert (await starting).pending is None
+
+
+async def test_cancelling_a_call_cancels_the_models_work_waiting_or_not():
+    stall = Stall()
+    stream = ScriptedStream([stall, *answer_script("a")])
+    route, _ = _route(stream)
+    lifecycle = _lifecycle()
+    call = await ModelCalls(_Gate(), stream_keepalive_s=0.01).start(route, STREAMED, Caller(None), lifecycle)
+    await stall.reached.wait()
+    call.cancel()  # the client left while the first output was awaited
+    await asyncio.gather(call.pending, return_exceptions=True)
+    assert stream.cancelled == 1 and lifecycle.reached_engine is True
+
+    late = Stall()
+    second = ScriptedStream([late, *answer_script("b")])
+    route, _ = _route(second)
+    call = await ModelCalls(_Gate(), stream_keepalive_s=0.01).start(route, STREAMED, Caller(None), _lifecycle())
+    late.resume.set()
+    await asyncio.wait({call.pending})
+    call.cancel()  # the first output came, but no one read it: its stream is cancelled
+    assert second.cancelled == 1 and call.pending is None

@@ -26,6 +26,14 @@ class IngressSettings(StrictModel):
         description="refuse requests asking for more output tokens than this (400); one that asks for none "
         "gets this, or `/llm`'s default of 256 if lower. Livepeer prices by `max_tokens`",
     )
+    stream_keepalive_s: Annotated[float, Field(gt=0, le=60)] | None = Field(
+        default=5.0,
+        description="a stream whose first output has not come within this many seconds (a model starting from "
+        "zero replicas, a full queue) gets its 200 and an SSE comment (`: keep-alive`) every this many seconds "
+        "until it comes, so that proxies do not cut it as idle; a failure is then told inside the stream. "
+        "`first_output_timeout_s` still bounds the wait. null: streams wait in silence, and an error found "
+        "before the first output keeps its HTTP status",
+    )
     max_body_bytes: Annotated[int, Field(ge=1)] = Field(
         default=MAX_BODY_BYTES,
         description="the largest request body taken, in bytes; past it the request is refused with 413 before "

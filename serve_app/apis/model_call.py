@@ -1,6 +1,11 @@
 """A chat request's trip to its model and back, the same for both APIs: the key's lease from the
 rate limiter, the model's first output read before any byte goes out (so that errors found there
-become real HTTP statuses), then the rest of a stream as parsed chunks."""
+become real HTTP statuses), then the rest of a stream as parsed chunks.
+
+A stream whose first output is slow to come (a model starting from zero replicas, a full queue)
+does not wait in silence: past `ingress.stream_keepalive_s` its 200 goes out and the stream sends
+SSE comments until the output comes, since proxies and load balancers cut a connection idle for
+long (60 s is common). A failure then is told inside the stream, as any later one is."""
 
 import asyncio
 import json
@@ -25,18 +30,45 @@ from serve_app.tenancy.limiter import LimitGate
 logger = logging.getLogger("ray.serve")
 
 
-@dataclass(frozen=True)
+@dataclass
 class ModelCall:
-    first: ChatCompletionResponse | str
-    """A whole answer, or a stream's first chunk."""
-    rest: ModelStream
+    first: ChatCompletionResponse | str | None
+    """A whole answer, or a stream's first chunk; None while `pending`."""
+    rest: ModelStream | None
     headers: dict[str, str]
     """The key's `x-ratelimit-*` headers."""
+    pending: "asyncio.Task[tuple[ChatCompletionResponse | str, ModelStream]] | None" = None
+    """A stream's first output, still awaited after the keep-alive delay."""
+    keepalive_s: float = 0.0
+
+    async def keepalives(self) -> AsyncIterator[None]:
+        """Once per `keepalive_s` until the first output is in (then `first` and `rest` are set);
+        raises what getting it raised, an `APIError` for the stream to end with."""
+        while self.pending is not None:
+            done, _ = await asyncio.wait({self.pending}, timeout=self.keepalive_s)
+            if not done:
+                yield None
+                continue
+            task, self.pending = self.pending, None
+            self.first, self.rest = task.result()
+
+    def cancel(self) -> None:
+        """The model's work, however far it got: a first output that came after the client left
+        still has a stream to cancel."""
+        pending = self.pending
+        if pending is not None and pending.done() and not pending.cancelled() and pending.exception() is None:
+            self.first, self.rest = pending.result()
+            self.pending = None
+        if self.pending is not None:
+            self.pending.cancel()
+        elif self.rest is not None:
+            self.rest.cancel()
 
 
 class ModelCalls:
-    def __init__(self, gate: LimitGate) -> None:
+    def __init__(self, gate: LimitGate, stream_keepalive_s: float | None = None) -> None:
         self._gate = gate
+        self._keepalive_s = stream_keepalive_s
 
     async def start(
         self, route: Route, chat: ChatCompletionRequest, caller: Caller, lifecycle: RequestLifecycle
@@ -49,8 +81,19 @@ class ModelCalls:
         if lease is not None:
             lifecycle.soft_budgets = tuple(lease.decision.soft_passed)
             lifecycle.on_finish(lambda done: self._gate.release(lease, Ask(done.total_tokens, done.cost or 0.0)))
-        first, rest = await _first_output(route, chat, lifecycle)
-        return ModelCall(first, rest, lease.decision.headers if lease is not None else {})
+        headers = lease.decision.headers if lease is not None else {}
+        if not chat.stream or self._keepalive_s is None:
+            first, rest = await _first_output(route, chat, lifecycle)
+            return ModelCall(first, rest, headers)
+        waiting = asyncio.ensure_future(_first_output(route, chat, lifecycle))
+        try:
+            first, rest = await asyncio.wait_for(asyncio.shield(waiting), self._keepalive_s)
+        except TimeoutError:
+            return ModelCall(None, None, headers, pending=waiting, keepalive_s=self._keepalive_s)
+        except asyncio.CancelledError:
+            waiting.cancel()
+            raise
+        return ModelCall(first, rest, headers)
 
 
 async def _first_output(

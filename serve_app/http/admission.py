@@ -40,7 +40,7 @@ class Admission:
         lifecycle = RequestLifecycle(request_id_of(request), endpoint, self._listeners)
         try:
             caller = self._keys.authenticate(request.headers.get("authorization"))
-            lifecycle.key_name = caller.key_name
+            lifecycle.key_name, lifecycle.tenant = caller.key_name, caller.tenant_name
             if scope is not None:
                 caller.require(scope)
             bound_body(request, self._max_body_bytes)

@@ -17,6 +17,8 @@ from starlette.responses import StreamingResponse
 from serve_app.http.lifecycle import RequestLifecycle
 
 DONE = "data: [DONE]\n\n"
+KEEPALIVE = ": keep-alive\n\n"
+"""An SSE comment: every SSE client skips it, the Livepeer gateway included (it reads `data:` lines)."""
 HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 

@@ -14,7 +14,7 @@ from serve_app.apis.livepeer.protocol import LLM_DEFAULTS, LLMRequest
 from serve_app.apis.model_call import ModelCall, ModelCalls, chunks
 from serve_app.errors import APIError
 from serve_app.http.lifecycle import RequestLifecycle
-from serve_app.http.streaming import EventStream, event
+from serve_app.http.streaming import KEEPALIVE, EventStream, event
 from serve_app.routing.router import Router
 from serve_app.telemetry.record import Answer
 from serve_app.tenancy.keys import Caller
@@ -37,7 +37,7 @@ class LivepeerChat:
         call = await self._calls.start(route, chat, caller, lifecycle)
         if body.stream:
             events = livepeer_events(call, lifecycle.answer, lifecycle.request_id)
-            return EventStream(events, call.rest.cancel, lifecycle, call.headers)
+            return EventStream(events, call.cancel, lifecycle, call.headers)
         result = full_response(call.first)
         lifecycle.answer.token()
         lifecycle.answer.usage(result["usage"])
@@ -52,6 +52,8 @@ async def livepeer_events(call: ModelCall, answer: Answer, request_id: str) -> A
     and the contract has one final chunk."""
     state = StreamState()
     try:
+        async for _ in call.keepalives():
+            yield KEEPALIVE
         async for chunk in chunks(call, answer):
             for out in stream_chunks(chunk, state):
                 yield event(out)

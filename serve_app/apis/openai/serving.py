@@ -15,7 +15,7 @@ from serve_app.apis.model_call import ModelCall, ModelCalls, chunks
 from serve_app.apis.openai.protocol import StreamOptions, parse_chat
 from serve_app.errors import APIError, EngineFailure, NotFound, error_body
 from serve_app.http.lifecycle import RequestLifecycle
-from serve_app.http.streaming import EventStream, event
+from serve_app.http.streaming import KEEPALIVE, EventStream, event
 from serve_app.models.state import model_states
 from serve_app.routing.router import Router
 from serve_app.telemetry.record import Answer
@@ -33,7 +33,7 @@ class OpenAIChat:
     async def complete(self, request: Request, caller: Caller, lifecycle: RequestLifecycle) -> Response:
         chat = parse_chat(await request.body())
         route = self._router.resolve(chat.model, caller)
-        lifecycle.routed(route.model_id)
+        lifecycle.routed(route.model_id, route.price)
         asked = chat.stream_options or StreamOptions()
         max_tokens = capped_max_tokens(chat.max_completion_tokens or chat.max_tokens, None, self._max_tokens_limit)
         chat = for_engine(chat, route.model_id, max_tokens)
@@ -46,7 +46,7 @@ class OpenAIChat:
                 bool(asked.include_usage),
                 bool(asked.continuous_usage_stats),
             )
-            return EventStream(events, call.rest.cancel, lifecycle, call.headers)
+            return EventStream(events, call.cancel, lifecycle, call.headers)
         first = call.first
         lifecycle.answer.token()
         lifecycle.answer.usage(first.usage.model_dump())
@@ -89,6 +89,8 @@ async def openai_events(
     only as far as it asked: per chunk, in the final usage-only chunk, or not at all. A failure
     after the 200 went out ends the stream with an error event, as vLLM's own server does."""
     try:
+        async for _ in call.keepalives():
+            yield KEEPALIVE
         async for chunk in chunks(call, answer):
             if chunk.get("choices"):
                 if not wants_usage_per_chunk:
