@@ -1,13 +1,19 @@
 """Scaling and overload through HTTP on the test engine, each scenario its own application on the
 session's Ray cluster: fast 503s past a model's queue bound while admitted requests complete and
-`/health` still answers (in both layouts), a first request to a model at zero replicas, the bound
-on that wait, and two models scaling up and down independently under load."""
+`/health` still answers (in both layouts), a first request to a model at zero replicas (streams
+kept alive meanwhile), the bound on that wait, and two models scaling up and down independently
+under load."""
 
 import asyncio
+import json
 import time
 
 import httpx
+import openai
 import pytest
+from livepeer_ai.models import components
+from livepeer_ai.utils import unmarshal_json
+from livepeer_ai.utils.eventstreaming import stream_events
 from ray import serve
 
 import tests.fake_engine
@@ -18,11 +24,11 @@ from tests.polling import until
 pytestmark = pytest.mark.e2e
 
 
-def _app(*models: dict, colocate: bool = False):
+def _app(*models: dict, colocate: bool = False, ingress: dict | None = None):
     config = ClusterConfig.model_validate(
         {
             "usage": {"enabled": False},
-            "ingress": {"colocate": colocate},
+            "ingress": {"colocate": colocate} | (ingress or {}),
             "models": [
                 {"source": {"path": "/models/fake"}} | m | {"deployment": {"num_cpus": 0.05} | m.get("deployment", {})}
                 for m in models
@@ -96,13 +102,35 @@ async def test_overload_gets_fast_503s_and_admitted_requests_complete(serve_url,
             assert seconds < 2, f"a refusal took {seconds:.2f} s"
 
 
+async def _raw_stream(client: httpx.AsyncClient, body: dict, kept_alive: asyncio.Event) -> tuple[int, bytes]:
+    """A `/llm` stream's status and bytes; `kept_alive` is set at its first keep-alive comment."""
+    raw = b""
+    async with client.stream("POST", "/llm", json=body | {"stream": True}) as response:
+        async for part in response.aiter_raw():
+            raw += part
+            if b": keep-alive\n\n" in raw:
+                kept_alive.set()
+    return response.status_code, raw
+
+
+async def _sdk_stream_text(base_url: str, text: str) -> str:
+    sdk = openai.AsyncOpenAI(base_url=base_url + "/v1", api_key="none", max_retries=0)
+    stream = await sdk.chat.completions.create(model="cold", messages=[{"role": "user", "content": text}], stream=True)
+    return "".join([chunk.choices[0].delta.content or "" async for chunk in stream if chunk.choices])
+
+
 async def test_first_request_to_a_model_at_zero_replicas_is_answered(serve_url, fake_url, tmp_path):
+    """Whole answers wait; streams get their 200 and keep-alive comments while the replica starts,
+    then their answer, read whole by the OpenAI SDK and by the Livepeer SDK's own SSE reader."""
     source = tmp_path / "weights"
     hold = tmp_path / "weights.hold"
     hold.touch()
     autoscaling = {"min_replicas": 0, "max_replicas": 1, "upscale_delay_s": 0}
     serve.run(
-        _app({"id": "cold", "source": {"path": str(source)}, "deployment": {"autoscaling": autoscaling}}),
+        _app(
+            {"id": "cold", "source": {"path": str(source)}, "deployment": {"autoscaling": autoscaling}},
+            ingress={"stream_keepalive_s": 0.2},
+        ),
         name="cold",
         route_prefix="/cold",
     )
@@ -111,13 +139,30 @@ async def test_first_request_to_a_model_at_zero_replicas_is_answered(serve_url, 
             models = (await client.get("/v1/models")).json()["data"]
             assert [(m["id"], m["state"], m["replicas"]) for m in models] == [("cold", "scaled_to_zero", 0)]
             request = asyncio.create_task(client.post("/llm", json=_ask("hello from zero")))
+            sdk = asyncio.create_task(_sdk_stream_text(serve_url + "/cold", "streamed from zero"))
+            kept_alive = asyncio.Event()
+            stream = asyncio.create_task(_raw_stream(client, _ask("kept alive from zero"), kept_alive))
             while (await client.get("/health")).json()["status"] != "LOADING":
                 await asyncio.sleep(0.1)
-            assert not request.done()
+            await asyncio.wait_for(kept_alive.wait(), 30)
+            assert not request.done() and not stream.done()
             hold.unlink()
             response = await request
             assert response.status_code == 200
             assert response.json()["choices"][0]["message"]["content"] == "hello from zero"
+            assert await sdk == "streamed from zero "
+            status, raw = await stream
+            assert status == 200 and raw.startswith(b": keep-alive\n\n")
+            chunks = list(
+                stream_events(
+                    httpx.Response(200, content=raw),
+                    # The SDK's reader hands on each event as JSON, its payload under `data`.
+                    lambda event: unmarshal_json(json.dumps(json.loads(event)["data"]), components.LLMResponse),
+                    sentinel="[DONE]",
+                )
+            )
+            assert "".join(chunk.choices[0].delta.content for chunk in chunks) == "kept alive from zero "
+            assert chunks[-1].choices[0].finish_reason == "stop"
             assert (await client.get("/health")).json()["status"] == "OK"
     finally:
         serve.delete("cold")
