@@ -35,9 +35,10 @@ serve: $(STAMP) $(TOKEN_FILE)
 	echo "try:  curl -H \"Authorization: Bearer $$LLM_API_KEY\" http://127.0.0.1:8000/llm -d '{\"messages\":[{\"role\":\"user\",\"content\":\"What is the capital of France?\"}]}'"; \
 	$(PY) -m cluster serve $(CONFIG)
 
-# Lint, the import contracts, the fast tier, then everything (the fast tier is not run twice).
+# Lint, the import contracts, the fast tier, then everything (the fast tier is not run twice),
+# with the slowest scenarios named at the end: the suite is kept near 20 minutes.
 test: lint unit
-	$(PY) -m pytest -v -m e2e
+	$(PY) -m pytest -v -m e2e --durations=20
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
