@@ -10,8 +10,8 @@ One module per concern; everything is imported from here (`from cluster.schema i
 - `engine`: the vLLM engine's settings (`EngineSettings`)
 - `deployment`: a model, its replicas and its price (`ModelConfig`, `DeploymentSettings`, `Autoscaling`,
   `Price`, `deployment_name`)
-- `tenancy`: API keys, tenants, their limits and the usage ledger (`AuthConfig`, `ApiKey`, `Tenant`,
-  `KeyLimits`, `SoftBudgets`, `Scope`, `UsageSettings`)
+- `tenancy`: API keys, tenants, their limits, the rate limiter's failure policy and the usage ledger
+  (`AuthConfig`, `ApiKey`, `Tenant`, `KeyLimits`, `SoftBudgets`, `LimiterSettings`, `Scope`, `UsageSettings`)
 - `serving`: the ingress and the logs (`IngressSettings`, `LoggingSettings`)
 - `config`: the whole config and the rules across its parts (`ClusterConfig`)
 - `base`: the strict base model and the patterns of names
@@ -23,7 +23,16 @@ from cluster.schema.deployment import Autoscaling, DeploymentSettings, ModelConf
 from cluster.schema.engine import EngineSettings
 from cluster.schema.serving import IngressSettings, LoggingSettings
 from cluster.schema.sources import HubSource, ModelSource, PackageGGUFSource, PathSource
-from cluster.schema.tenancy import ApiKey, AuthConfig, KeyLimits, Scope, SoftBudgets, Tenant, UsageSettings
+from cluster.schema.tenancy import (
+    ApiKey,
+    AuthConfig,
+    KeyLimits,
+    LimiterSettings,
+    Scope,
+    SoftBudgets,
+    Tenant,
+    UsageSettings,
+)
 
 __all__ = [
     "ApiKey",
@@ -35,6 +44,7 @@ __all__ = [
     "HubSource",
     "IngressSettings",
     "KeyLimits",
+    "LimiterSettings",
     "LoggingSettings",
     "ModelConfig",
     "ModelSource",

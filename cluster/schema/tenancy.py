@@ -179,6 +179,37 @@ class ApiKey(StrictModel):
         return any(fnmatchcase(name, pattern) for name in names for pattern in self.models)
 
 
+class LimiterSettings(StrictModel):
+    """What an ingress replica does with a request of a limited key or tenant while the rate limiter
+    does not answer (its replica died and Serve is replacing it, or a call timed out): refuse it
+    (`closed`: 503 with `Retry-After`), or admit it without limits for a bounded time (`open`).
+    Callers without limits never ask the limiter and are served either way. While it is down the
+    replica looks again at most every half second, as requests come, and the policy ends once it
+    answers. A replaced limiter has forgotten its minute windows and the requests in flight, and
+    reads its budgets' use back from the usage ledger (docs/operations.md)."""
+
+    on_failure: Literal["closed", "open"] = Field(
+        default="closed",
+        description="`closed`: refuse limited requests with 503 and `Retry-After` until the limiter answers; "
+        "`open`: admit them without limits for at most `fail_open_max_s` (counted, "
+        "`llm_requests_admitted_unlimited`), then refuse them as `closed` does",
+    )
+    fail_open_max_s: float = Field(
+        default=60.0,
+        gt=0,
+        le=3600,
+        description="with `open`: how long an ingress replica admits limited requests without limits, counted "
+        "from the first failure it saw; it bounds what an outage lets a key overrun",
+    )
+    timeout_s: float = Field(
+        default=5.0,
+        gt=0,
+        le=60,
+        description="how long an ingress replica waits for the limiter's decision before it counts the limiter "
+        "as down (a decision takes a few milliseconds)",
+    )
+
+
 class AuthConfig(StrictModel):
     """No keys means no auth: the chat and info routes are open to all, the admin routes to none.
     The config's keys are the bootstrap keys, which the admin API cannot change; keys made through
@@ -194,6 +225,10 @@ class AuthConfig(StrictModel):
         default=True,
         description="let admin keys make, change, rotate and revoke keys at runtime through `/admin/keys`, "
         "kept in `usage.database` (only with at least one key in the config)",
+    )
+    limiter: LimiterSettings = Field(
+        default_factory=LimiterSettings,
+        description="what limited requests get while the rate limiter does not answer",
     )
 
     @model_validator(mode="after")

@@ -58,11 +58,20 @@ class IngressMetrics:
             "Requests admitted past a soft budget of their key or tenant (which never refuses).",
             tag_keys=("subject", "budget"),
         )
+        self.unlimited = Counter(
+            "llm_requests_admitted_unlimited",
+            "Requests of limited keys admitted without their limits while the rate limiter did not answer "
+            "(auth.limiter.on_failure: open).",
+            tag_keys=("key",),
+        )
         self._in_flight: Tally[str] = Tally()
 
     def request_routed(self, model: str) -> None:
         self._in_flight[model] += 1
         self.in_flight.set(self._in_flight[model], {"model": model})
+
+    def admitted_unlimited(self, key: str | None) -> None:
+        self.unlimited.inc(1, {"key": key or "-"})
 
     def request_finished(self, request: FinishedRequest) -> None:
         """One observation per request, never per token: this runs on the loop that relays tokens."""
