@@ -12,7 +12,7 @@ from ray.exceptions import ActorDiedError
 
 from cluster.schema import ApiKey, KeyLimits, LimiterSettings
 from serve_app.errors import Overloaded, RateLimited
-from serve_app.tenancy.budgets import Ask
+from serve_app.tenancy.budgets import Ask, Subject
 from serve_app.tenancy.keys import Caller
 from serve_app.tenancy.limiter import PROBE_EVERY_S, LimitGate
 from serve_app.tenancy.quotas import RateLimits
@@ -65,6 +65,11 @@ class FakeActor:
         self.acquire = _Method(self._acquire)
         self.release = _Method(self._release)
         self.ping = _Method(self._ping)
+        self.budget_used = _Method(self._budget_used)
+
+    def _budget_used(self, subject):
+        self._check()
+        return _HANG if self.hung else self.limits.budgets.used(subject)
 
     def _acquire(self, subjects, reserve_tokens, lease_id, ask):
         """Hung, it may have decided, but its answer never comes."""
@@ -252,3 +257,16 @@ async def test_a_client_that_leaves_while_the_limiter_decides_is_no_outage():
     actor.hung = False
     # The next request asks the limiter, as before, and gets the slot the lost answer gave back.
     assert (await _admit(gate, CONCURRENT)).actor is actor
+
+
+async def test_budgets_are_read_within_the_decision_timeout_or_answered_503():
+    """An admin's view of a budget must not wait in Serve's queue for a limiter being replaced."""
+    clock = Clock()
+    gate, limiter, _ = _gate(clock, timeout_s=0.05)
+    budgeted = Subject.key("b", KeyLimits(tokens_per_day=100))
+    assert (await gate.budget_used(budgeted))["tokens_per_day"]["budget"] == 100
+    limiter.current.hung = True
+    with pytest.raises(Overloaded, match="budgets cannot be read"):
+        await gate.budget_used(budgeted)
+    with pytest.raises(Overloaded):  # the outage is known now: no second wait
+        await asyncio.wait_for(gate.budget_used(budgeted), 0.01)

@@ -152,9 +152,18 @@ class LimitGate:
         self._outage: _Outage | None = None
 
     async def budget_used(self, subject: Subject) -> dict:
-        """Each of a key's or tenant's budgets: its period, size and what is used or reserved."""
+        """Each of a key's or tenant's budgets: its period, size and what is used or reserved.
+        Bounded as a decision is: an admin asking during an outage learns of it at once."""
         if self._limiter is None or not subject.limits.any:
             return {}
+        if self._outage is None:
+            try:
+                return await asyncio.wait_for(self._budget_used(subject), self._settings.timeout_s)
+            except Exception as error:
+                self._failed(error)
+        raise Overloaded("the rate limiter is unavailable, so budgets cannot be read; retry shortly", retry_after_s=1)
+
+    async def _budget_used(self, subject: Subject) -> dict:
         if self._actor is None:
             self._actor = await self._limiter.actor.remote()
         return await self._actor.budget_used.remote(subject)
