@@ -13,6 +13,7 @@ from cluster.schema import ClusterConfig
 from serve_app.ingress import Ingress
 from serve_app.models.deployment import ModelServer, colocated_options, deployment_options
 from serve_app.models.engine import EngineFactory, vllm_engine, vllm_namespace
+from serve_app.routing.policies import request_router_options
 from serve_app.tenancy.database import single_writer_actor_options
 from serve_app.tenancy.key_registry import KeyRegistry, registry_options
 from serve_app.tenancy.ledger import UsageLedger, ledger_options
@@ -36,9 +37,12 @@ def build_graph(config: ClusterConfig, engine_factory: EngineFactory) -> Applica
         {}
         if config.ingress.colocate
         else {
-            model.id: serve.deployment(ModelServer, **deployment_options(model), logging_config=logging_config).bind(
-                model, engine_factory
-            )
+            model.id: serve.deployment(
+                ModelServer,
+                **deployment_options(model),
+                **request_router_options(model),
+                logging_config=logging_config,
+            ).bind(model, engine_factory)
             for model in config.models
         }
     )

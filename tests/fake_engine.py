@@ -7,7 +7,10 @@ Prompts steer it: "FAIL MIDSTREAM" raises after two chunks, "FAIL AT START" rais
 response without choices (which our `/llm` shaping cannot read: a bug of ours on demand), "WAIT <path> …" holds the
 request while that file exists (and touches `<path>.waiting` to say it has arrived).
 Like vLLM, it puts usage on every chunk only when asked (`continuous_usage_stats`), and sends the
-usage-only chunk only when asked (`include_usage`).
+usage-only chunk only when asked (`include_usage`). A whole answer names the replica that gave it
+in `system_fingerprint` (its Serve replica id), for tests of routing. Its load, for autoscaling on
+the engine's signals, is scripted by the prompts: a request held by "WAIT" counts as waiting in
+the engine's queue, a stream being sent as running.
 Its model's source path steers start-up: a path containing "broken" fails to load, and while a
 file `<path>.hold` exists the engine keeps loading.
 """
@@ -19,6 +22,8 @@ import uuid
 from collections.abc import AsyncGenerator
 from pathlib import Path
 
+from ray import serve
+from ray.serve.exceptions import RayServeException
 from vllm.entrypoints.openai.chat_completion.protocol import (
     ChatCompletionResponse,
     ChatCompletionResponseChoice,
@@ -28,6 +33,7 @@ from vllm.entrypoints.serve.engine.protocol import UsageInfo
 
 from cluster.schema import ModelConfig
 from serve_app.apis.openai.protocol import ChatCompletionRequest
+from serve_app.models.autoscaling import EngineLoad
 
 
 class FakeEngine:
@@ -35,6 +41,8 @@ class FakeEngine:
         self._model_id = model.id
         self._source = Path(model.source.path)
         self._unfinished = 0
+        self._held = 0
+        self._replica = _replica_id()
 
     async def start(self) -> None:
         if "broken" in str(self._source):
@@ -47,12 +55,17 @@ class FakeEngine:
             raise RuntimeError("fake engine failed before generating")
         if words[:1] == ["WAIT"]:
             Path(words[1] + ".waiting").touch()
-            await _while_exists(Path(words[1]))
+            self._held += 1
+            try:
+                await _while_exists(Path(words[1]))
+            finally:
+                self._held -= 1
         reply = words[: request.max_tokens or len(words)]
         if request.stream:
             return self._stream(request, reply)
         return ChatCompletionResponse(
             model=self._model_id,
+            system_fingerprint=self._replica,
             choices=[]
             if "NO CHOICES" in _last_message(request)
             else [
@@ -117,7 +130,18 @@ class FakeEngine:
     def num_unfinished_requests(self) -> int:
         return self._unfinished
 
+    def load(self) -> EngineLoad:
+        return EngineLoad(waiting=self._held, running=self._unfinished)
+
     def shutdown(self) -> None:
+        return None
+
+
+def _replica_id() -> str | None:
+    """The Serve replica this engine is in, if it is in one."""
+    try:
+        return serve.get_replica_context().replica_id.unique_id
+    except RayServeException:
         return None
 
 

@@ -1,5 +1,6 @@
 """The whole config, the `args` of the Serve application, and the rules across its parts: names
-unique and resolvable, keys' models known, colocation with one model."""
+unique and resolvable, keys' models known, colocation with one model (routed by Serve's proxy and
+scaled on Serve's count of requests)."""
 
 from pydantic import Field, model_validator
 
@@ -59,6 +60,16 @@ class ClusterConfig(StrictModel):
                 raise ValueError(
                     "ingress.colocate: the model cannot scale to zero (autoscaling.min_replicas: 0), "
                     "or nothing would answer /health"
+                )
+            if self.models[0].routing is not None:
+                raise ValueError(
+                    "ingress.colocate: a colocated model's requests are routed by Serve's HTTP proxy, which "
+                    "reads neither the prompt nor the session: drop `routing` or set colocate: false"
+                )
+            if scaling is not None and scaling.engine_signals is not None:
+                raise ValueError(
+                    "ingress.colocate: autoscaling.engine_signals needs the model in a deployment of its own "
+                    "(its replicas report the engine's signals): drop it or set colocate: false"
                 )
         return self
 

@@ -1,14 +1,34 @@
-"""One model and how Ray Serve runs its replicas: autoscaling, resources, queue bounds, and the
-name of its Serve deployment."""
+"""One model and how Ray Serve runs its replicas: autoscaling (on Serve's count of requests or on the
+engine's own signals), how requests are routed among them, resources, queue bounds, and the name of
+its Serve deployment."""
 
 import re
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
 from cluster.schema.base import ENV_VAR, MODEL_ID, StrictModel
 from cluster.schema.engine import EngineSettings
 from cluster.schema.sources import ModelSource
+
+
+class EngineSignals(StrictModel):
+    """Scaling on what each replica's engine reports (its waiting requests and KV-cache usage)
+    instead of Serve's count of ongoing requests: one more replica while requests have waited for
+    `max_wait_s` or the KV cache has stayed above `max_kv_cache_usage` for as long, one fewer
+    when a replica's engine held no request through `look_back_period_s` (docs/design.md)."""
+
+    max_wait_s: Annotated[float, Field(gt=0)] = Field(
+        default=5,
+        description="how long requests may wait, in an engine's queue or in Serve's for a replica with room, "
+        "before the model wants one more replica (`upscale_delay_s` then runs as usual)",
+    )
+    max_kv_cache_usage: Annotated[float, Field(gt=0, le=1)] = Field(
+        default=0.9,
+        description="the share of the KV cache in use, averaged over the replicas, above which the model "
+        "wants one more replica once it has lasted `max_wait_s`: past it the engine starts preempting "
+        "sequences",
+    )
 
 
 class Autoscaling(StrictModel):
@@ -25,7 +45,19 @@ class Autoscaling(StrictModel):
     target_ongoing_requests: Annotated[float, Field(gt=0)] = Field(
         default=16,
         description="requests per replica Serve scales to keep: an engine's throughput keeps growing with its "
-        "batch well past a handful of sequences, so scaling at 1 or 2 would waste GPUs",
+        "batch well past a handful of sequences, so scaling at 1 or 2 would waste GPUs; not with "
+        "`engine_signals`",
+    )
+    engine_signals: EngineSignals | None = Field(
+        default=None,
+        description="scale on the engines' own signals (requests waiting, KV-cache usage) instead of "
+        "`target_ongoing_requests`; not with `ingress.colocate`",
+    )
+    look_back_period_s: Annotated[float, Field(gt=10)] = Field(
+        default=30,
+        description="the window Serve averages each replica's reports over; with `engine_signals`, a replica "
+        "whose engine held no request through it counts as idle. Above the 10 s between a replica's "
+        "reports, or a window could hold none",
     )
     upscale_delay_s: Annotated[float, Field(ge=0)] = Field(
         default=10,
@@ -42,7 +74,77 @@ class Autoscaling(StrictModel):
     def _bounds(self) -> "Autoscaling":
         if self.min_replicas > self.max_replicas:
             raise ValueError(f"min_replicas ({self.min_replicas}) is above max_replicas ({self.max_replicas})")
+        if self.engine_signals is not None and "target_ongoing_requests" in self.model_fields_set:
+            raise ValueError(
+                "set either target_ongoing_requests (Serve's count of requests) or engine_signals, not both"
+            )
         return self
+
+
+class PrefixEviction(StrictModel):
+    """How the prefix router's record of the prompts each replica has seen is kept bounded: it
+    lives in one actor per model and would otherwise grow with every prompt ever routed."""
+
+    threshold_chars: Annotated[int, Field(ge=1)] = Field(
+        default=400_000,
+        description="a replica's share of the record, in characters of prompts, past which its least "
+        "recently used prefixes are dropped",
+    )
+    target_chars: Annotated[int, Field(ge=0)] = Field(
+        default=360_000, description="what a replica's share is cut down to; at most `threshold_chars`"
+    )
+    interval_s: Annotated[float, Field(gt=0)] = Field(default=10, description="how often the record is checked")
+
+    @model_validator(mode="after")
+    def _target_below_threshold(self) -> "PrefixEviction":
+        if self.target_chars > self.threshold_chars:
+            raise ValueError(f"target_chars ({self.target_chars}) is above threshold_chars ({self.threshold_chars})")
+        return self
+
+
+class PrefixCacheRouting(StrictModel):
+    """Ray Serve LLM's `PrefixCacheAffinityRouter`: a request goes to the replica that served the
+    longest prefix of its messages (whose engine likely holds it in its prefix cache) while the
+    replicas' loads are within `imbalanced_threshold`, and by load otherwise."""
+
+    policy: Literal["prefix_cache"] = Field(description="route by the prompt's prefix")
+    imbalanced_threshold: Annotated[float, Field(ge=0)] = Field(
+        default=16,
+        description="how many more requests the busiest replica may hold than the idlest before requests "
+        "go by load (power of two choices) instead of by prefix. Ray's own default never counts the load "
+        "as imbalanced, so the replica holding a popular system prompt would take every request sharing "
+        "it until it is full",
+    )
+    match_rate_threshold: Annotated[float, Field(ge=0, le=1)] = Field(
+        default=0.1,
+        description="the share of the prompt's characters a replica's record must match for the request to "
+        "follow it; below it the request goes to the replica that has seen the fewest characters",
+    )
+    eviction: PrefixEviction = Field(
+        default_factory=PrefixEviction, description="how the record of the prompts routed is kept bounded"
+    )
+
+
+class SessionRouting(StrictModel):
+    """Requests of one session (an `x-session-id` header, else the OpenAI `user` field) go to the
+    same replica while it lives, so that the turns of a conversation find their history in its
+    engine's prefix cache; requests without a session, and those whose replica is overloaded, go
+    by load. Replicas are found by consistent hashing: a replica added takes over its share of
+    the sessions, one gone hands on only its own."""
+
+    policy: Literal["session"] = Field(description="route by the request's session")
+    imbalanced_threshold: Annotated[int, Field(ge=0)] = Field(
+        default=16,
+        description="how many more requests a session's replica may hold than the idlest replica before the "
+        "session's request goes by load instead (a full replica always sends it by load)",
+    )
+    virtual_nodes: Annotated[int, Field(ge=1, le=1000)] = Field(
+        default=100,
+        description="points per replica on the hash ring: more spread sessions more evenly over the replicas",
+    )
+
+
+Routing = Annotated[PrefixCacheRouting | SessionRouting, Field(discriminator="policy")]
 
 
 class DeploymentSettings(StrictModel):
@@ -152,6 +254,12 @@ class ModelConfig(StrictModel):
     )
     price: Price | None = Field(
         default=None, description="what its tokens cost (unset: nothing; the ledger's cost is then empty)"
+    )
+    routing: Routing | None = Field(
+        default=None,
+        description="how requests are spread over the model's replicas, by `policy`: `prefix_cache` or "
+        "`session`; unset, Serve's own (the less loaded of two replicas picked at random). Not with "
+        "`ingress.colocate`",
     )
 
     @model_validator(mode="after")

@@ -1,13 +1,15 @@
 """A model's own Serve deployment (one replica, one engine) and the Serve options of the
-replicas that hold a model's engine, all derived from its config."""
+replicas that hold a model's engine, all derived from its config: the autoscaler included, on
+Serve's count of requests or on the engine's signals, which each replica reports."""
 
 from collections.abc import AsyncGenerator
 from typing import Any
 
-from ray.serve.config import BackpressureConfig
+from ray.serve.config import AutoscalingPolicy, BackpressureConfig
 from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
 
-from cluster.schema import ModelConfig, deployment_name
+from cluster.schema import Autoscaling, ModelConfig, deployment_name
+from serve_app.models.autoscaling import EngineSignalPolicy
 from serve_app.models.bounds import CONTROL_PLACES, colocated_bounds
 from serve_app.models.engine import EngineFactory, vllm_engine
 from serve_app.models.outputs import ModelOutput
@@ -31,6 +33,11 @@ class ModelServer:
 
     def num_unfinished_requests(self) -> int:
         return self._runner.num_unfinished_requests()
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """Serve samples this for its controller several times per look-back window when the
+        model autoscales; `EngineSignalPolicy` reads it (Serve's own policy ignores it)."""
+        return self._runner.load().metrics()
 
     def __del__(self) -> None:
         runner = getattr(self, "_runner", None)
@@ -64,7 +71,7 @@ def deployment_options(model: ModelConfig) -> dict[str, Any]:
         "max_surge_percent": settings.max_surge_percent,
     }
     if settings.autoscaling is not None:
-        options["autoscaling_config"] = settings.autoscaling.model_dump()
+        options["autoscaling_config"] = autoscaling_config(settings.autoscaling)
     else:
         options["num_replicas"] = settings.num_replicas or 1
     actor: dict[str, Any] = {"num_cpus": settings.num_cpus}
@@ -84,3 +91,14 @@ def deployment_options(model: ModelConfig) -> dict[str, Any]:
             actor["accelerator_type"] = settings.accelerator_type
     options["ray_actor_options"] = actor
     return options
+
+
+def autoscaling_config(autoscaling: Autoscaling) -> dict[str, Any]:
+    """Serve's autoscaling config: its own policy on `target_ongoing_requests`, or ours on the
+    engine's signals, with the thresholds as the policy's arguments."""
+    config = autoscaling.model_dump(exclude={"engine_signals"})
+    if autoscaling.engine_signals is not None:
+        config["policy"] = AutoscalingPolicy(
+            policy_function=EngineSignalPolicy, policy_kwargs=autoscaling.engine_signals.model_dump()
+        )
+    return config

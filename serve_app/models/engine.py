@@ -12,7 +12,7 @@ import os
 from collections.abc import AsyncGenerator, Callable, Iterator
 from contextlib import contextmanager
 from logging.handlers import MemoryHandler
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from vllm.entrypoints.openai.chat_completion.protocol import (
     ChatCompletionRequest,
@@ -22,6 +22,10 @@ from vllm.entrypoints.serve.engine.protocol import ErrorResponse
 
 from cluster.runtime import schedulers_to_engine_cores
 from cluster.schema import ModelConfig
+from serve_app.models.autoscaling import EngineLoad
+
+if TYPE_CHECKING:
+    from serve_app.models.engine_load import SchedulerLoad
 
 ChatResult = AsyncGenerator[str, None] | ChatCompletionResponse | ErrorResponse
 """What vLLM's serving layer returns: SSE lines when streaming, else one response or an error."""
@@ -37,6 +41,9 @@ class ChatEngine(Protocol):
 
     def num_unfinished_requests(self) -> int: ...
 
+    def load(self) -> EngineLoad:
+        """What the engine holds now, for autoscaling on its signals."""
+
     def shutdown(self) -> None: ...
 
 
@@ -49,6 +56,7 @@ class VLLMEngine:
         self._vllm_args = vllm_args
         self._client: Any = None
         self._serving_chat: Any = None
+        self._loads: list[SchedulerLoad] = []
 
     async def start(self) -> None:
         from starlette.datastructures import State
@@ -57,11 +65,18 @@ class VLLMEngine:
         from vllm.v1.engine.async_llm import AsyncLLM
         from vllm.v1.metrics.ray_wrappers import RayPrometheusStatLogger
 
+        from serve_app.models.engine_load import SchedulerLoad
+
+        def scheduler_load(config, engine_index: int) -> SchedulerLoad:
+            self._loads.append(SchedulerLoad(config, engine_index))
+            return self._loads[-1]
+
         with _serve_logs_kept():
             args = vllm_namespace(self._model_id, self._model, self._vllm_args)
-            # vLLM's engine metrics go out through Ray's metrics, labelled with the model's id.
+            # vLLM's engine metrics go out through Ray's metrics, labelled with the model's id;
+            # the scheduler's load is kept for autoscaling on it.
             self._client = AsyncLLM.from_engine_args(
-                AsyncEngineArgs.from_cli_args(args), stat_loggers=[RayPrometheusStatLogger]
+                AsyncEngineArgs.from_cli_args(args), stat_loggers=[RayPrometheusStatLogger, scheduler_load]
             )
             schedulers_to_engine_cores(started_by=os.getpid())
             state = State()
@@ -87,6 +102,18 @@ class VLLMEngine:
 
     def num_unfinished_requests(self) -> int:
         return self._client.output_processor.get_num_unfinished_requests()
+
+    def load(self) -> EngineLoad:
+        """The scheduler's last word, unless the engine holds no request: a request aborted
+        (its client gone) leaves no engine step after it to say so."""
+        if self.num_unfinished_requests() == 0:
+            return EngineLoad()
+        stats = [load.last for load in self._loads]
+        return EngineLoad(
+            waiting=sum(s.num_waiting_reqs + s.num_skipped_waiting_reqs for s in stats),
+            running=sum(s.num_running_reqs for s in stats),
+            kv_cache_usage=sum(s.kv_cache_usage for s in stats) / len(stats),
+        )
 
     def shutdown(self) -> None:
         if self._client is not None:

@@ -12,6 +12,7 @@ from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionReque
 from vllm.entrypoints.serve.engine.protocol import ErrorResponse
 
 from cluster.schema import ModelConfig
+from serve_app.models.autoscaling import EngineLoad
 from serve_app.models.bounds import Slots
 from serve_app.models.engine import EngineFactory
 from serve_app.models.outputs import ModelError, ModelOutput
@@ -58,6 +59,9 @@ class ModelRunner:
 
     def num_unfinished_requests(self) -> int:
         return self._engine.num_unfinished_requests()
+
+    def load(self) -> EngineLoad:
+        return self._engine.load()
 
     def shutdown(self) -> None:
         self._engine.shutdown()

@@ -8,10 +8,11 @@ from typing import Protocol
 from ray.serve.handle import DeploymentHandle
 from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
 
-from cluster.schema import ClusterConfig, Price
+from cluster.schema import ClusterConfig, ModelConfig, Price
 from serve_app.errors import NotFound
 from serve_app.models.outputs import ModelOutput
 from serve_app.models.runner import InProcessStream, ModelRunner
+from serve_app.routing.session import session_of
 from serve_app.tenancy.keys import Caller
 
 
@@ -34,19 +35,34 @@ class Route:
     price: Price | None = None
 
 
-def _call(model: DeploymentHandle | ModelRunner) -> Callable[[ChatCompletionRequest], ModelStream]:
+def _call(model: DeploymentHandle | ModelRunner, by_session: bool) -> Callable[[ChatCompletionRequest], ModelStream]:
     if isinstance(model, ModelRunner):
         return lambda request: InProcessStream(model.chat(request))
     # One streaming handle per model, made once: `.options()` per request is costly. Calls go
     # over Serve's gRPC transport rather than Ray actor calls, which cost more per request and
     # per token through the ingress (docs/benchmarks.md, "Ingress overhead alone").
-    return model.options(stream=True, _by_reference=False).chat.remote
+    chat = model.options(stream=True, _by_reference=False).chat
+    if not by_session:
+        return chat.remote
+
+    # A session rides in the call's options, where the model's request router reads it: one
+    # more `.options()` for the requests that carry one, and only for models routed by session.
+    def call(request: ChatCompletionRequest) -> ModelStream:
+        session = session_of(request)
+        return (chat.options(session_id=session) if session else chat).remote(request)
+
+    return call
+
+
+def _by_session(model: ModelConfig) -> bool:
+    return model.routing is not None and model.routing.policy == "session"
 
 
 class Router:
     def __init__(self, config: ClusterConfig, models: dict[str, DeploymentHandle | ModelRunner]) -> None:
         self._routes = {
-            m.id: Route(m.id, _call(models[m.id]), m.deployment.first_output_timeout_s, m.price) for m in config.models
+            m.id: Route(m.id, _call(models[m.id], _by_session(m)), m.deployment.first_output_timeout_s, m.price)
+            for m in config.models
         }
         self._ids = {name: m.id for m in config.models for name in (m.id, *m.aliases)}
         self._default = config.default_model_id
