@@ -8,8 +8,9 @@ One module per concern; everything is imported from here (`from cluster.schema i
 
 - `sources`: where a model's weights come from (`HubSource`, `PathSource`, `PackageGGUFSource`)
 - `engine`: the vLLM engine's settings (`EngineSettings`)
-- `deployment`: a model, its replicas and its price (`ModelConfig`, `DeploymentSettings`, `Autoscaling`,
-  `Price`, `deployment_name`)
+- `deployment`: a model, its replicas, their routing and its price (`ModelConfig`, `DeploymentSettings`,
+  `Autoscaling`, `EngineSignals`, `PrefixCacheRouting`, `PrefixEviction`, `SessionRouting`, `Price`,
+  `deployment_name`)
 - `tenancy`: API keys, tenants, their limits, the rate limiter's failure policy and the usage ledger
   (`AuthConfig`, `ApiKey`, `Tenant`, `KeyLimits`, `SoftBudgets`, `LimiterSettings`, `Scope`, `UsageSettings`)
 - `serving`: the ingress and the logs (`IngressSettings`, `LoggingSettings`)
@@ -19,7 +20,17 @@ One module per concern; everything is imported from here (`from cluster.schema i
 
 from cluster.schema.base import StrictModel
 from cluster.schema.config import ClusterConfig
-from cluster.schema.deployment import Autoscaling, DeploymentSettings, ModelConfig, Price, deployment_name
+from cluster.schema.deployment import (
+    Autoscaling,
+    DeploymentSettings,
+    EngineSignals,
+    ModelConfig,
+    PrefixCacheRouting,
+    PrefixEviction,
+    Price,
+    SessionRouting,
+    deployment_name,
+)
 from cluster.schema.engine import EngineSettings
 from cluster.schema.serving import IngressSettings, LoggingSettings
 from cluster.schema.sources import HubSource, ModelSource, PackageGGUFSource, PathSource
@@ -41,6 +52,7 @@ __all__ = [
     "ClusterConfig",
     "DeploymentSettings",
     "EngineSettings",
+    "EngineSignals",
     "HubSource",
     "IngressSettings",
     "KeyLimits",
@@ -50,8 +62,11 @@ __all__ = [
     "ModelSource",
     "PackageGGUFSource",
     "PathSource",
+    "PrefixCacheRouting",
+    "PrefixEviction",
     "Price",
     "Scope",
+    "SessionRouting",
     "SoftBudgets",
     "StrictModel",
     "Tenant",
