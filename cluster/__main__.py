@@ -45,8 +45,8 @@ def _parser() -> argparse.ArgumentParser:
     rendering.add_argument("--name", default="llm", help="RayService name (kuberay)")
     rendering.add_argument(
         "--image",
-        default="livepeer-llm-serve:0.1.0-gpu",
-        help="an image with this project and vLLM installed (kuberay)",
+        default=render.IMAGE,
+        help="an image with this project and vLLM installed (kuberay; default: %(default)s, built by `make image-gpu`)",
     )
     rendering.add_argument(
         "--gpus-per-node", type=int, help="GPUs per worker pod (kuberay; default: largest tensor-parallel size)"

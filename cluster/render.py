@@ -16,6 +16,10 @@ from cluster.schema import ClusterConfig, ModelConfig
 # KubeRay's `rayVersion`: the Ray this project is installed with (pyproject.toml pins it), as in
 # the image built from it.
 RAY_VERSION = version("ray")
+# The image `make image-gpu` builds (docker/Dockerfile.gpu) and the manifest names by default:
+# this project's name and version, as the Makefile reads them from pyproject.toml, then `-gpu`.
+PROJECT = "livepeer-llm-serve"
+IMAGE = f"{PROJECT}:{version(PROJECT)}-gpu"
 SERVE_PORT = 8000
 
 
