@@ -80,7 +80,7 @@ class Ingress:
         self._runner_info = RunnerInfo(config.default_model_id, router.model_ids)
         self._admin = Admin(self._ledger, config.currency)
         names = {name for model in config.models for name in (model.id, *model.aliases)}
-        registry_calls = RegistryCalls(self._key_watch)
+        registry_calls = RegistryCalls(self._key_watch, config.currency)
         self._admin_keys = AdminKeys(registry_calls, config.auth.keys, names, gate)
         self._admin_tenants = AdminTenants(registry_calls, config.auth.tenants, config.auth.keys, gate)
 

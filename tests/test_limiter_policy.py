@@ -270,3 +270,6 @@ async def test_budgets_are_read_within_the_decision_timeout_or_answered_503():
         await gate.budget_used(budgeted)
     with pytest.raises(Overloaded):  # the outage is known now: no second wait
         await asyncio.wait_for(gate.budget_used(budgeted), 0.01)
+    limiter.current.hung = False
+    await _probes_done()  # the reads started a probe: the outage ends without any chat request
+    assert (await gate.budget_used(budgeted))["tokens_per_day"]["used"] == 0

@@ -5,12 +5,13 @@ not read on."""
 import asyncio
 import json
 import logging
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
 from ray.serve.exceptions import BackPressureError
 
-from cluster.schema import Price
+from cluster.schema import ApiKey, KeyLimits, Price
 from serve_app.apis.model_call import ModelCalls
 from serve_app.apis.openai.protocol import ChatCompletionRequest
 from serve_app.errors import BadRequest, EngineFailure, Overloaded, RateLimited
@@ -247,3 +248,20 @@ async def test_cancelling_a_call_cancels_the_models_work_waiting_or_not():
     await asyncio.wait({call.pending})
     call.cancel()  # the first output came, but no one read it: its stream is cancelled
     assert second.cancelled == 1 and call.pending is None
+
+
+BUDGETED = Caller(ApiKey(name="b", sha256="0" * 64, limits=KeyLimits(tokens_per_day=10**6)))
+
+
+async def test_a_limited_request_without_max_tokens_reserves_the_models_context_for_each_choice():
+    """It may generate up to the context: reserving less would let budgets be overrun."""
+    unbounded = CHAT.model_copy(update={"max_tokens": None, "n": 3})
+    gate = _Gate()
+    route, _ = _route(ScriptedStream(answer_script("a")))
+    route = replace(route, max_model_len=2048)
+    await ModelCalls(gate).start(route, unbounded, BUDGETED, _lifecycle())
+    assert gate.admitted == [3 * 2048] and gate.budget_reserved[0].tokens > 3 * 2048
+    await ModelCalls(gate).start(route, unbounded, Caller(None), _lifecycle())  # no limits: nothing to hold
+    assert gate.admitted[-1] == 0
+    with pytest.raises(BadRequest, match="set max_tokens: API key 'b' has token limits"):
+        await ModelCalls(gate).start(replace(route, max_model_len=None), unbounded, BUDGETED, _lifecycle())

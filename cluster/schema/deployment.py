@@ -224,8 +224,10 @@ class DeploymentSettings(StrictModel):
 class Price(StrictModel):
     """What a model's tokens cost, for the ledger's `cost`, `/admin/usage` and spend budgets."""
 
-    prompt_per_million: float = Field(ge=0, description="the price of a million prompt tokens")
-    completion_per_million: float = Field(ge=0, description="the price of a million completion tokens")
+    prompt_per_million: float = Field(ge=0, allow_inf_nan=False, description="the price of a million prompt tokens")
+    completion_per_million: float = Field(
+        ge=0, allow_inf_nan=False, description="the price of a million completion tokens"
+    )
     currency: str = Field(
         default="USD", pattern=r"^[A-Z]{3}$", description="an ISO 4217 code; one for every model of a config"
     )

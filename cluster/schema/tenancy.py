@@ -18,10 +18,10 @@ class SoftBudgets(StrictModel):
 
     tokens_per_day: Annotated[int, Field(ge=1)] | None = Field(default=None, description="tokens per UTC day")
     tokens_per_month: Annotated[int, Field(ge=1)] | None = Field(default=None, description="tokens per UTC month")
-    spend_per_day: Annotated[float, Field(gt=0)] | None = Field(
+    spend_per_day: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = Field(
         default=None, description="spend per UTC day, in the models' price currency"
     )
-    spend_per_month: Annotated[float, Field(gt=0)] | None = Field(
+    spend_per_month: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = Field(
         default=None, description="spend per UTC month, in the models' price currency"
     )
 
@@ -62,13 +62,13 @@ class KeyLimits(StrictModel):
     tokens_per_month: Annotated[int, Field(ge=1)] | None = Field(
         default=None, description="a budget of tokens per UTC calendar month, held as `tokens_per_day` is"
     )
-    spend_per_day: Annotated[float, Field(gt=0)] | None = Field(
+    spend_per_day: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = Field(
         default=None,
         description="a budget of spend per UTC calendar day, in the currency of the models' `price`, held as "
         "`tokens_per_day` is: a request's reservation is priced at its model's prompt and completion prices "
         "(a model without a price costs nothing)",
     )
-    spend_per_month: Annotated[float, Field(gt=0)] | None = Field(
+    spend_per_month: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = Field(
         default=None, description="a budget of spend per UTC calendar month, held as `spend_per_day` is"
     )
     soft: SoftBudgets = Field(

@@ -15,7 +15,7 @@ from cluster.keys import new_token, token_digest
 from cluster.schema import ApiKey, KeyLimits, Scope
 from cluster.schema.tenancy import NAME
 from serve_app.apis.admin import iso
-from serve_app.apis.admin_registry import Body, RegistryCalls, parsed
+from serve_app.apis.admin_registry import Body, RegistryCalls, parsed, refuse_unpriced_spend
 from serve_app.errors import BadRequest, Conflict, NotFound
 from serve_app.tenancy.budgets import Subject
 from serve_app.tenancy.key_store import KeySnapshot, StoredKey
@@ -65,6 +65,7 @@ class AdminKeys:
     async def create(self, request: Request, caller: Caller) -> JSONResponse:
         body = await parsed(KeyCreate, request)
         self._check_models(body.models)
+        refuse_unpriced_spend(body.limits, self._registry.currency)
         secret = new_token()
         stored = StoredKey(
             name=body.name,
@@ -104,6 +105,7 @@ class AdminKeys:
         if "models" in changes:
             self._check_models(body.models)
         if "limits" in changes:
+            refuse_unpriced_spend(body.limits, self._registry.currency)
             changes["limits"] = body.limits.model_dump()
         if "expires_at" in changes:
             changes["expires_at"] = None if body.expires_at is None else body.expires_at.timestamp()
@@ -122,11 +124,15 @@ class AdminKeys:
         return {"object": "api_key.deleted", "name": name, "deleted": True}
 
     async def audit(self, request: Request) -> dict[str, Any]:
+        """The latest changes first, at most `limit` (100 unless given; 1,000 at most). The
+        database reads a negative limit as none, and cannot bind one past 64 bits."""
         try:
-            limit = min(int(request.query_params.get("limit", "100")), 1000)
+            limit = int(request.query_params.get("limit", "100"))
         except ValueError:
             raise BadRequest("limit: must be a whole number") from None
-        return {"object": "list", "data": await self._registry.watch().call("audit", limit)}
+        if limit < 1:
+            raise BadRequest("limit: must be at least 1")
+        return {"object": "list", "data": await self._registry.watch().call("audit", min(limit, 1000))}
 
     def _check_models(self, patterns: list[str]) -> None:
         """As the config's keys are checked: a pattern must match, and a plain name be, a model."""

@@ -1,13 +1,15 @@
 """What the admin routes for keys and for tenants share: their bodies' parsing and their calls to
 the key registry, whose refusals become the statuses they name."""
 
+import math
 from datetime import UTC, datetime
 from typing import Any
 
 from fastapi import Request
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
-from serve_app.errors import NotFound, for_status, from_validation
+from cluster.schema import KeyLimits
+from serve_app.errors import BadRequest, NotFound, for_status, from_validation
 from serve_app.tenancy.key_registry import KeyWatch, Refusal
 from serve_app.tenancy.key_store import KeySnapshot
 
@@ -18,7 +20,37 @@ class Body(BaseModel):
     @field_validator("expires_at", mode="after", check_fields=False)
     @classmethod
     def _utc_unless_zoned(cls, value: datetime | None) -> datetime | None:
-        return value.replace(tzinfo=UTC) if value is not None and value.tzinfo is None else value
+        """A time is stored as unix seconds and shown in UTC: one whose UTC date falls outside
+        years 1 to 9999 (0001-01-01 at +14:00) could be stored, and then not shown, breaking
+        every listing of the keys."""
+        if value is None:
+            return None
+        value = value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+        try:
+            value.astimezone(UTC)
+        except OverflowError:
+            raise ValueError("must be a time whose UTC date is within years 1 to 9999") from None
+        return value
+
+    @field_validator("limits", mode="after", check_fields=False)
+    @classmethod
+    def _finite(cls, limits: KeyLimits | None) -> KeyLimits | None:
+        """JSON has no infinity, yet a number too large for a float (`1e999`) reads as one: a
+        budget of infinite spend would be stored, and then not shown, breaking every listing."""
+        for name, value in _numbers(limits.model_dump() if limits is not None else {}):
+            if not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number")
+        return limits
+
+
+def _numbers(values: dict[str, Any], prefix: str = "") -> list[tuple[str, float]]:
+    found = []
+    for name, value in values.items():
+        if isinstance(value, dict):
+            found += _numbers(value, f"{prefix}{name}.")
+        elif isinstance(value, float):
+            found.append((prefix + name, value))
+    return found
 
 
 async def parsed(model: type[Body], request: Request, empty_ok: bool = False) -> Any:
@@ -28,12 +60,21 @@ async def parsed(model: type[Body], request: Request, empty_ok: bool = False) ->
     try:
         return model.model_validate_json(body)
     except ValidationError as error:
-        raise from_validation(error, "request body") from None
+        raise from_validation(error, "request body", body) from None
+
+
+def refuse_unpriced_spend(limits: KeyLimits, currency: str | None) -> None:
+    """As the config refuses them: a spend budget over models without prices never moves, and an
+    operator would believe spending capped when it is not."""
+    if limits.has_spend and currency is None:
+        raise BadRequest("limits: spend budgets need a `price` on at least one model of the config; none has one")
 
 
 class RegistryCalls:
-    def __init__(self, watch: KeyWatch | None) -> None:
+    def __init__(self, watch: KeyWatch | None, currency: str | None = None) -> None:
         self._watch = watch
+        self.currency = currency
+        """The models' price currency, for the checks of spend budgets."""
 
     def watch(self) -> KeyWatch:
         if self._watch is None:

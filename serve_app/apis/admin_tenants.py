@@ -11,7 +11,7 @@ from pydantic import Field
 from cluster.schema import ApiKey, KeyLimits, Tenant
 from cluster.schema.tenancy import NAME
 from serve_app.apis.admin import iso
-from serve_app.apis.admin_registry import Body, RegistryCalls, parsed
+from serve_app.apis.admin_registry import Body, RegistryCalls, parsed, refuse_unpriced_spend
 from serve_app.errors import BadRequest, NotFound
 from serve_app.tenancy.budgets import Subject
 from serve_app.tenancy.key_store import KeySnapshot, StoredTenant
@@ -44,6 +44,7 @@ class AdminTenants:
 
     async def create(self, request: Request, caller: Caller) -> JSONResponse:
         body = await parsed(TenantCreate, request)
+        refuse_unpriced_spend(body.limits, self._registry.currency)
         stored = StoredTenant(name=body.name, limits=body.limits.model_dump(), metadata=body.metadata)
         snapshot = await self._registry.change("create", stored, caller.key_name)
         return JSONResponse(self._view(_find(snapshot, body.name), snapshot), status_code=201)
@@ -69,6 +70,7 @@ class AdminTenants:
             if value is None:
                 raise BadRequest(f"invalid request body: {field_name}: may not be null (leave it out to keep it)")
         if "limits" in changes:
+            refuse_unpriced_spend(body.limits, self._registry.currency)
             changes["limits"] = body.limits.model_dump()
         snapshot = await self._registry.change("update", "tenant", name, changes, caller.key_name)
         return self._view(_find(snapshot, name), snapshot)

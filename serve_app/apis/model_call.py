@@ -18,7 +18,7 @@ from ray.serve.exceptions import BackPressureError
 from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest, ChatCompletionResponse
 
 from serve_app.apis.chat_policy import prompt_token_bound, reserved_tokens
-from serve_app.errors import EngineFailure, Overloaded, for_status
+from serve_app.errors import BadRequest, EngineFailure, Overloaded, for_status
 from serve_app.http.lifecycle import RequestLifecycle
 from serve_app.models.outputs import ModelError
 from serve_app.routing.router import ModelStream, Route
@@ -42,12 +42,13 @@ class ModelCall:
     keepalive_s: float = 0.0
 
     async def keepalives(self) -> AsyncIterator[None]:
-        """Once per `keepalive_s` until the first output is in (then `first` and `rest` are set);
-        raises what getting it raised, an `APIError` for the stream to end with."""
+        """At once (the call has waited `keepalive_s` already), then once per `keepalive_s`, until
+        the first output is in (then `first` and `rest` are set); raises what getting it raised,
+        an `APIError` for the stream to end with."""
         while self.pending is not None:
-            done, _ = await asyncio.wait({self.pending}, timeout=self.keepalive_s)
-            if not done:
+            if not self.pending.done():
                 yield None
+                await asyncio.wait({self.pending}, timeout=self.keepalive_s)
                 continue
             task, self.pending = self.pending, None
             self.first, self.rest = task.result()
@@ -74,7 +75,7 @@ class ModelCalls:
         self, route: Route, chat: ChatCompletionRequest, caller: Caller, lifecycle: RequestLifecycle
     ) -> ModelCall:
         """From here on the request counts: its lease is released when it ends, however it ends."""
-        reserved = reserved_tokens(chat)
+        reserved = reserved_tokens(chat) or _unbounded_reservation(route, chat, caller)
         prompt_bound = prompt_token_bound(chat)
         spend = 0.0 if route.price is None else route.price.cost(prompt_bound, reserved)
         lease = await self._gate.admit(caller, reserved, Ask(reserved + prompt_bound, spend))
@@ -94,6 +95,20 @@ class ModelCalls:
             waiting.cancel()
             raise
         return ModelCall(first, rest, headers)
+
+
+def _unbounded_reservation(route: Route, chat: ChatCompletionRequest, caller: Caller) -> int:
+    """What a request that sets no `max_tokens` (and meets no server cap) must reserve against its
+    key's or tenant's token limits: it may generate up to the model's context, so it reserves that
+    for each choice; otherwise a budget would be overrun by what it had not reserved."""
+    if not any(subject.limits.any for subject in caller.subjects()):
+        return 0
+    if route.max_model_len is None:
+        raise BadRequest(
+            f"set max_tokens: {caller.subjects()[0].label} has token limits, and the most model "
+            f"{route.model_id!r} can generate is not known to this server (its engine.max_model_len is not set)"
+        )
+    return route.max_model_len * (chat.n or 1)
 
 
 async def _first_output(

@@ -33,6 +33,8 @@ class Route:
     call: Callable[[ChatCompletionRequest], ModelStream]
     first_output_timeout_s: float
     price: Price | None = None
+    max_model_len: int | None = None
+    """The model's context length, where the config sets it: the most a request can use."""
 
 
 def _call(model: DeploymentHandle | ModelRunner, by_session: bool) -> Callable[[ChatCompletionRequest], ModelStream]:
@@ -61,7 +63,13 @@ def _by_session(model: ModelConfig) -> bool:
 class Router:
     def __init__(self, config: ClusterConfig, models: dict[str, DeploymentHandle | ModelRunner]) -> None:
         self._routes = {
-            m.id: Route(m.id, _call(models[m.id], _by_session(m)), m.deployment.first_output_timeout_s, m.price)
+            m.id: Route(
+                m.id,
+                _call(models[m.id], _by_session(m)),
+                m.deployment.first_output_timeout_s,
+                m.price,
+                m.engine.max_model_len,
+            )
             for m in config.models
         }
         self._ids = {name: m.id for m in config.models for name in (m.id, *m.aliases)}

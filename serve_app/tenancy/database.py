@@ -21,16 +21,24 @@ def create_tables(engine: sa.Engine, metadata: sa.MetaData) -> None:
     columns added since, which `create_all` alone leaves out of a table that exists."""
     metadata.create_all(engine)
     inspector = sa.inspect(engine)
+    for table in metadata.sorted_tables:
+        present = {column["name"] for column in inspector.get_columns(table.name)}
+        for column in table.columns:
+            if column.name not in present and column.nullable:
+                _add_column(engine, table, column)
+
+
+def _add_column(engine: sa.Engine, table: sa.Table, column: sa.Column) -> None:
+    """The ledger and the limiter open the same database as the application starts: the one that
+    adds a column second finds it there, which is what it wanted."""
     quote = engine.dialect.identifier_preparer.quote
-    with engine.begin() as connection:
-        for table in metadata.sorted_tables:
-            present = {column["name"] for column in inspector.get_columns(table.name)}
-            for column in table.columns:
-                if column.name not in present and column.nullable:
-                    kind = column.type.compile(dialect=engine.dialect)
-                    connection.execute(
-                        sa.text(f"ALTER TABLE {quote(table.name)} ADD COLUMN {quote(column.name)} {kind}")
-                    )
+    kind = column.type.compile(dialect=engine.dialect)
+    try:
+        with engine.begin() as connection:
+            connection.execute(sa.text(f"ALTER TABLE {quote(table.name)} ADD COLUMN {quote(column.name)} {kind}"))
+    except sa.exc.DBAPIError:
+        if column.name not in {found["name"] for found in sa.inspect(engine).get_columns(table.name)}:
+            raise
 
 
 def single_writer_actor_options(url: str) -> dict[str, Any]:

@@ -161,6 +161,7 @@ class LimitGate:
                 return await asyncio.wait_for(self._budget_used(subject), self._settings.timeout_s)
             except Exception as error:
                 self._failed(error)
+        self._probe_soon()
         raise Overloaded("the rate limiter is unavailable, so budgets cannot be read; retry shortly", retry_after_s=1)
 
     async def _budget_used(self, subject: Subject) -> dict:
@@ -176,7 +177,8 @@ class LimitGate:
             per_minute = subject.limits.tokens_per_minute
             if per_minute is not None and reserve_tokens > per_minute:
                 raise BadRequest(
-                    f"max_tokens is {reserve_tokens}, more than {subject.label} may use in a minute "
+                    f"this request may use {reserve_tokens} tokens (its max_tokens for each choice, or the model's "
+                    f"context where it sets none), more than {subject.label} may use in a minute "
                     f"({per_minute} tokens); lower max_tokens"
                 )
         if self._outage is None:
@@ -236,9 +238,9 @@ class LimitGate:
             self._settings.on_failure,
         )
 
-    def _without_limiter(self, caller: Caller) -> None:
-        """Admits the request (returns) or raises the 503, as the policy says for this moment of
-        the outage; starts a probe if none ran in the last `PROBE_EVERY_S`."""
+    def _probe_soon(self) -> None:
+        """Starts a probe if none ran in the last `PROBE_EVERY_S`: whatever meets the outage (a
+        request, an admin reading budgets) helps end it."""
         outage = self._outage
         now = self._clock()
         if (outage.probe is None or outage.probe.done()) and now - outage.probed_at >= PROBE_EVERY_S:
@@ -246,6 +248,13 @@ class LimitGate:
             # Outside the request's context: a handle call made in it is the request's child,
             # cancelled when its client leaves.
             outage.probe = asyncio.create_task(self._probe(outage), context=contextvars.Context())
+
+    def _without_limiter(self, caller: Caller) -> None:
+        """Admits the request (returns) or raises the 503, as the policy says for this moment of
+        the outage."""
+        self._probe_soon()
+        outage = self._outage
+        now = self._clock()
         if self._settings.on_failure == "closed":
             outage.refused += 1
             raise Overloaded("the rate limiter is unavailable; retry shortly")
