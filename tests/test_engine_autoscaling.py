@@ -48,6 +48,11 @@ def test_requests_queued_at_serves_handles_count_as_waiting():
     assert run([(0, 2, [BUSY, BUSY], 4), (6, 2, [BUSY, BUSY], 4)]) == [2, 3]
 
 
+def test_a_moment_in_serves_queue_is_no_wait():
+    """Serve's count is a window's mean: one request queued briefly reads as a fraction all window long."""
+    assert run([(t, 2, [BUSY, BUSY], 0.1) for t in (0, 6, 12, 29)]) == [2, 2, 2, 2]
+
+
 def test_a_wait_that_stops_starts_the_count_again():
     ticks = [(0, 1, [waiting(1)], 0), (4, 1, [BUSY], 0), (5, 1, [waiting(1)], 0), (9, 1, [waiting(1)], 0)]
     assert run(ticks) == [1, 1, 1, 1]

@@ -21,7 +21,8 @@ class EngineSignals(StrictModel):
     max_wait_s: Annotated[float, Field(gt=0)] = Field(
         default=5,
         description="how long requests may wait, in an engine's queue or in Serve's for a replica with room, "
-        "before the model wants one more replica (`upscale_delay_s` then runs as usual)",
+        "before the model wants one more replica (`upscale_delay_s` then runs as usual); replicas report "
+        "every 10 s, so a wait is seen up to 10 s late and a shorter one may read as 10 s",
     )
     max_kv_cache_usage: Annotated[float, Field(gt=0, le=1)] = Field(
         default=0.9,

@@ -80,8 +80,12 @@ def decide(
     stayed above `max_kv_cache_usage` for as long, unless a replica is idle: an idle replica has
     room, and requests waiting elsewhere were sent before it came, so another would sit idle too.
     One fewer when nothing waits and a replica is idle; none (Serve keeps `min_replicas`) when
-    every replica is idle and nothing is in flight."""
-    waiting = queued + sum(replica.waiting for replica in replicas)
+    every replica is idle and nothing is in flight.
+
+    `queued` is Serve's mean over its look-back window, so a request queued for a moment keeps
+    it above 0 for the whole window: only a mean of one or more (a request waiting all along, or
+    several for part of it) counts as waiting."""
+    waiting = (queued if queued >= 1 else 0.0) + sum(replica.waiting for replica in replicas)
     kv_usage = sum(replica.kv_cache_usage for replica in replicas) / len(replicas) if replicas else 0.0
     pressure = Pressure(
         waiting_since=_since(pressure.waiting_since, now, waiting > 0),
