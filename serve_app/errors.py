@@ -8,6 +8,7 @@ from typing import Any, Literal
 
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
+from pydantic_core import from_json
 
 Api = Literal["livepeer", "openai"]
 
@@ -90,16 +91,53 @@ def for_status(status: int, message: str) -> APIError:
     return error
 
 
-def from_validation(error: ValidationError, what: str) -> BadRequest:
-    """One readable sentence per problem, naming the field, instead of pydantic's dump."""
-    problems = []
-    for item in error.errors(include_url=False):
+OBJECT_TYPES = {"dict_type", "model_type", "dataclass_type", "model_attributes_type"}
+OBJECT_WANTED = "Input should be an object"
+"""What pydantic says there in its own terms, naming the class it wanted (vLLM's, ours)."""
+MAX_PROBLEMS = 10
+"""A body with thousands of bad items gets a message naming the first few places, not a
+message as large as the body."""
+
+
+def from_validation(error: ValidationError, what: str, sent: bytes) -> BadRequest:
+    """One readable sentence per place, named by the path the client wrote in `sent` (the JSON
+    validated), instead of pydantic's dump. Pydantic's own path also names each member of a union
+    it tried (`str`, `list[TextPart]`, vLLM's TypedDicts, `function-wrap[…]`): those steps are
+    not keys or indexes of what was sent, so they are dropped, and what each member wanted at one
+    place becomes one problem."""
+    items = error.errors(include_url=False)
+    for item in items:
         if item["type"] == "json_invalid":
             return BadRequest(f"the {what} is not valid JSON: {item['ctx'].get('error', '')}".rstrip(": "))
-        where = ".".join(str(part) for part in item["loc"]) or "body"
-        message = item["msg"].removeprefix("Value error, ")
-        problems.append(f"{where}: {message}")
-    return BadRequest(f"invalid {what}: " + "; ".join(problems))
+    document = from_json(sent)  # it parsed, and was then found wrong
+    problems: dict[str, list[str]] = {}
+    for item in items:
+        where = ".".join(str(step) for step in _client_path(item["loc"], item["type"], document)) or "body"
+        message = OBJECT_WANTED if item["type"] in OBJECT_TYPES else item["msg"].removeprefix("Value error, ")
+        wanted = problems.setdefault(where, [])
+        if message not in wanted:
+            wanted.append(message)
+    shown = [f"{where}: {' or '.join(wanted)}" for where, wanted in list(problems.items())[:MAX_PROBLEMS]]
+    if len(problems) > MAX_PROBLEMS:
+        shown.append(f"and {len(problems) - MAX_PROBLEMS} more")
+    return BadRequest(f"invalid {what}: " + "; ".join(shown))
+
+
+def _client_path(loc: tuple[int | str, ...], kind: str, document: Any) -> list[int | str]:
+    """The steps of `loc` that lead through `document`; a field left out is a last step that does
+    not, and is kept."""
+    path: list[int | str] = []
+    here = document
+    for index, step in enumerate(loc):
+        within = (isinstance(here, dict) and step in here) or (
+            isinstance(here, list) and isinstance(step, int) and 0 <= step < len(here)
+        )
+        if within:
+            here = here[step]
+        elif not (kind == "missing" and index == len(loc) - 1):
+            continue
+        path.append(step)
+    return path
 
 
 def api_of(path: str) -> Api:

@@ -19,6 +19,7 @@ from cluster.schema import ClusterConfig, UsageSettings
 ROOT = Path(__file__).resolve().parent.parent
 API_KEY = "sk-test-" + secrets.token_hex(8)
 FAKE_KEY = "sk-fake-" + secrets.token_hex(8)
+FAKE_ADMIN_KEY = "sk-fake-admin-" + secrets.token_hex(8)
 
 
 METRICS_PORT = None
@@ -97,7 +98,17 @@ def fake_config(folder: Path) -> ClusterConfig:
         {
             "default_model": "fake-b",
             "usage": ledger_in(folder).model_dump(),
-            "auth": {"keys": [{"name": "fake", "sha256": hashlib.sha256(FAKE_KEY.encode()).hexdigest()}]},
+            "auth": {
+                "keys": [
+                    {"name": "fake", "sha256": hashlib.sha256(FAKE_KEY.encode()).hexdigest()},
+                    # For the fuzzing of the admin routes (tests/test_fuzz_http.py).
+                    {
+                        "name": "fake-admin",
+                        "sha256": hashlib.sha256(FAKE_ADMIN_KEY.encode()).hexdigest(),
+                        "scopes": ["admin"],
+                    },
+                ]
+            },
             "ingress": {"max_tokens_limit": 64},
             "models": [
                 {"id": "fake-a", "aliases": ["a"], "source": {"path": "/nonexistent"}, "deployment": deployment},

@@ -102,6 +102,8 @@ class FakeEngine:
                 yield f"data: {json.dumps({'error': error})}\n\n"
                 yield "data: [DONE]\n\n"
                 return
+            # vLLM ends every stream with a chunk that has a finish reason, an empty answer's too.
+            reply = reply or [""]
             for index, word in enumerate(reply):
                 if index == 2 and "FAIL MIDSTREAM" in prompt:
                     raise RuntimeError("fake engine crashed mid-stream")
@@ -155,5 +157,10 @@ def fake_engine(model: ModelConfig) -> FakeEngine:
 
 
 def _last_message(request: ChatCompletionRequest) -> str:
-    content = request.messages[-1]["content"]
-    return content if isinstance(content, str) else " ".join(part["text"] for part in content)
+    """Its text, as vLLM's chat parser reads it: the string, or the parts' texts; none for a
+    message without content (an assistant's tool calls) or a part without text (an image)."""
+    content = request.messages[-1].get("content")
+    if content is None or isinstance(content, str):
+        return content or ""
+    texts = (part if isinstance(part, str) else part.get("text") for part in content)
+    return " ".join(text for text in texts if isinstance(text, str))

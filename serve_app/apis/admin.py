@@ -90,7 +90,11 @@ def instant(text: str | None, name: str) -> float | None:
         moment = datetime.fromisoformat(text)
     except ValueError:
         raise BadRequest(f"{name}: {text!r} is neither an ISO 8601 time nor unix seconds") from None
-    return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
+    try:
+        # The answer shows it in UTC: 0001-01-01 at +14:00 is a time of year 0 there.
+        return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).astimezone(UTC).timestamp()
+    except OverflowError:
+        raise BadRequest(f"{name}: {text!r} is not a time this server can represent") from None
 
 
 def iso(seconds: float | None) -> str | None:

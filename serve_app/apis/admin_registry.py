@@ -1,7 +1,6 @@
 """What the admin routes for keys and for tenants share: their bodies' parsing and their calls to
 the key registry, whose refusals become the statuses they name."""
 
-import math
 from datetime import UTC, datetime
 from typing import Any
 
@@ -31,26 +30,6 @@ class Body(BaseModel):
         except OverflowError:
             raise ValueError("must be a time whose UTC date is within years 1 to 9999") from None
         return value
-
-    @field_validator("limits", mode="after", check_fields=False)
-    @classmethod
-    def _finite(cls, limits: KeyLimits | None) -> KeyLimits | None:
-        """JSON has no infinity, yet a number too large for a float (`1e999`) reads as one: a
-        budget of infinite spend would be stored, and then not shown, breaking every listing."""
-        for name, value in _numbers(limits.model_dump() if limits is not None else {}):
-            if not math.isfinite(value):
-                raise ValueError(f"{name} must be a finite number")
-        return limits
-
-
-def _numbers(values: dict[str, Any], prefix: str = "") -> list[tuple[str, float]]:
-    found = []
-    for name, value in values.items():
-        if isinstance(value, dict):
-            found += _numbers(value, f"{prefix}{name}.")
-        elif isinstance(value, float):
-            found.append((prefix + name, value))
-    return found
 
 
 async def parsed(model: type[Body], request: Request, empty_ok: bool = False) -> Any:

@@ -74,7 +74,7 @@ class LLMRequest(BaseModel):
         try:
             return cls.model_validate_json(body)
         except ValidationError as error:
-            raise from_validation(error, "request body") from None
+            raise from_validation(error, "request body", body) from None
 
     @property
     def asked_max_tokens(self) -> int | None:

@@ -1,7 +1,11 @@
 """OpenAI-compatible wire models: vLLM's own, re-exported, and the checks our server adds to
 vLLM's chat request before a key's budget is touched."""
 
+import json
+from typing import Any
+
 from pydantic import ValidationError
+from pydantic_core import from_json
 from vllm.entrypoints.generate.base.protocol import StreamOptions
 from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest, ChatCompletionResponse
 from vllm.exceptions import VLLMClientError
@@ -11,34 +15,105 @@ from serve_app.errors import BadRequest, from_validation
 __all__ = ["ChatCompletionRequest", "ChatCompletionResponse", "StreamOptions", "parse_chat"]
 
 KNOWN_ROLES = {"system", "developer", "user", "assistant", "tool", "function"}
+TEXT_PART_TYPES = {"text", "input_text", "output_text", "refusal", "thinking"}
+"""Content parts whose words are under `text` (`refusal` under `refusal`, `thinking` under
+`thinking`), as vLLM's chat parser reads them."""
 
 
 def parse_chat(body: bytes) -> ChatCompletionRequest:
-    """vLLM's request model raises its own error for checks across fields (stream_options
-    without stream, an empty tools list); pydantic does not wrap it."""
+    """The body is parsed here and its shape checked before vLLM's model sees it: that model's
+    own checks across fields run on the raw JSON first and assume its types (`messages` not a
+    list raised TypeError, a 500). JSON's grammar has no NaN or Infinity. vLLM's model raises its
+    own error for checks across fields (stream_options without stream, an empty tools list);
+    pydantic does not wrap it."""
     try:
-        chat = ChatCompletionRequest.model_validate_json(body)
+        document = from_json(body, allow_inf_nan=False)
+    except ValueError as error:
+        raise BadRequest(f"the request body is not valid JSON: {error}") from None
+    _check_shape(document)
+    try:
+        chat = ChatCompletionRequest.model_validate(document)
     except ValidationError as error:
-        raise from_validation(error, "request body") from None
+        raise from_validation(error, "request body", body) from None
     except VLLMClientError as error:
         raise BadRequest(f"invalid request body: {error}") from None
     _check(chat)
     return chat
 
 
+def _check_shape(document: Any) -> None:
+    """What vLLM's checks on the raw JSON assume, and a message's fields, each refused in one
+    sentence naming its place (vLLM's model would name each kind of message it tried)."""
+    if not isinstance(document, dict):
+        raise BadRequest("invalid request body: body: must be a JSON object")
+    messages = document.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise BadRequest("invalid request body: messages: must be a list of at least one message")
+    for index, message in enumerate(messages):
+        _check_message(message, f"messages.{index}")
+    _check_type(document.get("tools"), "tools", list)
+    _check_type(document.get("structured_outputs"), "structured_outputs", dict)
+    for index, tool in enumerate(document.get("tools") or ()):
+        _check_type(tool, f"tools.{index}", dict, unset_ok=False)
+        _check_type(tool.get("function"), f"tools.{index}.function", dict, unset_ok=False)
+        _check_type(tool["function"].get("name"), f"tools.{index}.function.name", str, unset_ok=False)
+
+
+def _check_message(message: Any, where: str) -> None:
+    if not isinstance(message, dict):
+        raise BadRequest(f"invalid request body: {where}: must be an object with a role and content")
+    role = message.get("role")
+    if not isinstance(role, str) or role not in KNOWN_ROLES:
+        given = json.dumps(role, ensure_ascii=False)  # as the client wrote it: `null`, not Python's `None`
+        raise BadRequest(f"invalid request body: {where}.role: {given} is not one of {', '.join(sorted(KNOWN_ROLES))}")
+    for name in ("name", "tool_call_id"):
+        _check_type(message.get(name), f"{where}.{name}", str)
+    tool_calls = message.get("tool_calls")
+    _check_type(tool_calls, f"{where}.tool_calls", list)
+    for index, call in enumerate(tool_calls or ()):
+        _check_type(call, f"{where}.tool_calls.{index}", dict, unset_ok=False)
+    content = message.get("content")
+    if content is None or isinstance(content, str):
+        return
+    if not isinstance(content, list):
+        raise BadRequest(f"invalid request body: {where}.content: must be a string, null or a list of content parts")
+    for index, part in enumerate(content):
+        if isinstance(part, str):
+            continue
+        kind = part.get("type", "text") if isinstance(part, dict) else None
+        if not isinstance(kind, str):
+            raise BadRequest(
+                f"invalid request body: {where}.content.{index}: must be a string or an object with a string type"
+            )
+        field = kind if kind in ("refusal", "thinking") else "text"
+        if kind in TEXT_PART_TYPES and not isinstance(part.get(field), str):
+            raise BadRequest(f"invalid request body: {where}.content.{index}.{field}: must be a string")
+
+
+def _check_type(value: Any, where: str, kind: type, unset_ok: bool = True) -> None:
+    """None is a field left unset, as vLLM's model reads it, where such a field may be."""
+    if not (isinstance(value, kind) or (unset_ok and value is None)):
+        noun = {str: "a string", list: "a list", dict: "an object"}[kind]
+        raise BadRequest(f"invalid request body: {where}: must be {noun}")
+
+
 def _check(chat: ChatCompletionRequest) -> None:
-    """vLLM's model accepts custom roles, an empty list of messages, and counts below 1 (its
-    sampling parameters refuse those later, after a negative reservation against the key's
-    tokens-per-minute budget would have let other requests through)."""
+    """vLLM's model accepts counts below 1 (its sampling parameters refuse those later, after a
+    negative reservation against the key's tokens-per-minute budget would have let other requests
+    through). It validates some messages' content parts only as they are first read, and holds
+    them meanwhile in an iterator that cannot cross a Ray hop to the model's replica: they are
+    read here, so that a bad part is a 400 now."""
     for name in ("n", "max_tokens", "max_completion_tokens"):
         value = getattr(chat, name)
         if value is not None and value < 1:
             raise BadRequest(f"invalid request body: {name}: must be at least 1, not {value}")
-    if not chat.messages:
-        raise BadRequest("invalid request body: messages: must hold at least one message")
     for index, message in enumerate(chat.messages):
-        role = message.get("role") if isinstance(message, dict) else getattr(message, "role", None)
-        if role not in KNOWN_ROLES:
-            raise BadRequest(
-                f"invalid request body: messages.{index}.role: {role!r} is not one of {', '.join(sorted(KNOWN_ROLES))}"
-            )
+        content = message.get("content") if isinstance(message, dict) else None
+        if content is None or isinstance(content, str | list):
+            continue
+        try:
+            message["content"] = list(content)
+        except ValidationError as error:
+            place = error.errors(include_url=False)[0]["loc"][:1]
+            where = ".".join(str(step) for step in ("messages", index, "content", *place))
+            raise BadRequest(f"invalid request body: {where}: not a content part this server reads") from None
