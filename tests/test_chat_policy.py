@@ -142,3 +142,13 @@ def test_capped_max_tokens_keeps_a_clients_value_within_the_limit_and_bounds_the
 def test_reserved_tokens_are_the_most_every_choice_can_generate(fields, reserved):
     chat = ChatCompletionRequest(model="m", messages=MESSAGES[:2], **fields)
     assert reserved_tokens(chat) == reserved
+
+
+def test_kv_transfer_params_never_reach_the_engine():
+    """Their forwarded prompt token ids would replace the messages the budget's bound counts."""
+    chat = ChatCompletionRequest(
+        model="m",
+        messages=[{"role": "user", "content": "hi"}],
+        kv_transfer_params={"prompt_token_ids": list(range(10_000)), "do_remote_prefill": True},
+    )
+    assert for_engine(chat, "m", None).kv_transfer_params is None

@@ -26,7 +26,10 @@ def for_engine(chat: ChatCompletionRequest, model_id: str, max_tokens: int | Non
     """Streams ask vLLM for usage on every chunk, whatever the client asked: the request log and
     the ledger then count even an abandoned stream's tokens, and the Livepeer gateway takes usage
     from the last chunk. Each API forwards only as much of it as its client asked for."""
-    update: dict = {"model": model_id}
+    # vLLM's disaggregated prefill takes a prompt's token ids from here instead of its messages,
+    # which would slip past the prompt's bound that budgets reserve; this server runs no such
+    # prefill, so the field has no use here.
+    update: dict = {"model": model_id, "kv_transfer_params": None}
     if max_tokens is not None and chat.max_completion_tokens is None:
         update["max_tokens"] = max_tokens
     if chat.stream:
