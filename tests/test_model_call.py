@@ -265,3 +265,6 @@ async def test_a_limited_request_without_max_tokens_reserves_the_models_context_
     assert gate.admitted[-1] == 0
     with pytest.raises(BadRequest, match="set max_tokens: API key 'b' has token limits"):
         await ModelCalls(gate).start(replace(route, max_model_len=None), unbounded, BUDGETED, _lifecycle())
+    per_request = Caller(ApiKey(name="r", sha256="1" * 64, limits=KeyLimits(requests_per_minute=5)))
+    await ModelCalls(gate).start(replace(route, max_model_len=None), unbounded, per_request, _lifecycle())
+    assert gate.admitted[-1] == 0  # a limit on requests counts no tokens: nothing to reserve

@@ -89,6 +89,17 @@ class KeyLimits(StrictModel):
         ) != (None, None, None, None, None, None, None) or self.soft.any
 
     @property
+    def counts_tokens(self) -> bool:
+        """Whether any limit counts tokens (or their spend), which a request must then reserve."""
+        return (
+            self.tokens_per_minute,
+            self.tokens_per_day,
+            self.tokens_per_month,
+            self.spend_per_day,
+            self.spend_per_month,
+        ) != (None, None, None, None, None) or self.soft.any
+
+    @property
     def has_spend(self) -> bool:
         return (self.spend_per_day, self.spend_per_month, self.soft.spend_per_day, self.soft.spend_per_month) != (
             None,

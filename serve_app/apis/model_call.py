@@ -101,11 +101,12 @@ def _unbounded_reservation(route: Route, chat: ChatCompletionRequest, caller: Ca
     """What a request that sets no `max_tokens` (and meets no server cap) must reserve against its
     key's or tenant's token limits: it may generate up to the model's context, so it reserves that
     for each choice; otherwise a budget would be overrun by what it had not reserved."""
-    if not any(subject.limits.any for subject in caller.subjects()):
-        return 0
+    counting = [subject for subject in caller.subjects() if subject.limits.counts_tokens]
+    if not counting:
+        return 0  # requests and concurrency limits count requests, not tokens
     if route.max_model_len is None:
         raise BadRequest(
-            f"set max_tokens: {caller.subjects()[0].label} has token limits, and the most model "
+            f"set max_tokens: {counting[0].label} has token limits, and the most model "
             f"{route.model_id!r} can generate is not known to this server (its engine.max_model_len is not set)"
         )
     return route.max_model_len * (chat.n or 1)
