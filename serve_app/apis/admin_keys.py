@@ -15,7 +15,7 @@ from cluster.keys import new_token, token_digest
 from cluster.schema import ApiKey, KeyLimits, Scope
 from cluster.schema.tenancy import NAME
 from serve_app.apis.admin import iso
-from serve_app.apis.admin_registry import Body, RegistryCalls, parsed, refuse_unpriced_spend
+from serve_app.apis.admin_registry import Body, RegistryCalls, changes_of, parsed, refuse_unpriced_spend
 from serve_app.errors import BadRequest, Conflict, NotFound
 from serve_app.tenancy.budgets import Subject
 from serve_app.tenancy.key_store import KeySnapshot, StoredKey
@@ -98,10 +98,7 @@ class AdminKeys:
 
     async def update(self, request: Request, caller: Caller, name: str) -> dict[str, Any]:
         body = await parsed(KeyUpdate, request)
-        changes = body.model_dump(exclude_unset=True)
-        for field_name, value in changes.items():
-            if value is None and field_name not in ("expires_at", "tenant"):
-                raise BadRequest(f"invalid request body: {field_name}: may not be null (leave it out to keep it)")
+        changes = changes_of(body, nullable=("expires_at", "tenant"))
         if "models" in changes:
             self._check_models(body.models)
         if "limits" in changes:

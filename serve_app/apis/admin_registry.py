@@ -42,6 +42,16 @@ async def parsed(model: type[Body], request: Request, empty_ok: bool = False) ->
         raise from_validation(error, "request body", body) from None
 
 
+def changes_of(body: Body, nullable: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A PATCH body's fields as given; null only where it means something (leaving a field out
+    keeps it)."""
+    changes = body.model_dump(exclude_unset=True)
+    for field_name, value in changes.items():
+        if value is None and field_name not in nullable:
+            raise BadRequest(f"invalid request body: {field_name}: may not be null (leave it out to keep it)")
+    return changes
+
+
 def refuse_unpriced_spend(limits: KeyLimits, currency: str | None) -> None:
     """As the config refuses them: a spend budget over models without prices never moves, and an
     operator would believe spending capped when it is not."""

@@ -11,8 +11,8 @@ from pydantic import Field
 from cluster.schema import ApiKey, KeyLimits, Tenant
 from cluster.schema.tenancy import NAME
 from serve_app.apis.admin import iso
-from serve_app.apis.admin_registry import Body, RegistryCalls, parsed, refuse_unpriced_spend
-from serve_app.errors import BadRequest, NotFound
+from serve_app.apis.admin_registry import Body, RegistryCalls, changes_of, parsed, refuse_unpriced_spend
+from serve_app.errors import NotFound
 from serve_app.tenancy.budgets import Subject
 from serve_app.tenancy.key_store import KeySnapshot, StoredTenant
 from serve_app.tenancy.keys import Caller, as_tenant
@@ -65,10 +65,7 @@ class AdminTenants:
 
     async def update(self, request: Request, caller: Caller, name: str) -> dict[str, Any]:
         body = await parsed(TenantUpdate, request)
-        changes = body.model_dump(exclude_unset=True)
-        for field_name, value in changes.items():
-            if value is None:
-                raise BadRequest(f"invalid request body: {field_name}: may not be null (leave it out to keep it)")
+        changes = changes_of(body)
         if "limits" in changes:
             refuse_unpriced_spend(body.limits, self._registry.currency)
             changes["limits"] = body.limits.model_dump()
