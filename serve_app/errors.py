@@ -142,8 +142,8 @@ def _client_path(loc: tuple[int | str, ...], kind: str, document: Any) -> list[i
 
 def api_of(path: str) -> Api:
     """Which shape a route's errors take: OpenAI's under `/v1/` and `/admin/` (whose clients are
-    scripts and SDKs), the Livepeer runner's elsewhere."""
-    return "openai" if path.startswith(("/v1/", "/admin/")) else "livepeer"
+    scripts and SDKs) and on vLLM's tokenization routes, the Livepeer runner's elsewhere."""
+    return "openai" if path.startswith(("/v1/", "/admin/", "/tokenize", "/detokenize")) else "livepeer"
 
 
 def error_body(api: Api, error: APIError, request_id: str) -> dict[str, Any]:

@@ -21,7 +21,7 @@ from serve_app.apis.admin_tenants import AdminTenants
 from serve_app.apis.livepeer.protocol import LLMResponse
 from serve_app.apis.livepeer.serving import LivepeerChat
 from serve_app.apis.model_call import ModelCalls
-from serve_app.apis.openai.serving import OpenAIChat
+from serve_app.apis.openai.serving import OpenAIAPI
 from serve_app.apis.runner import RunnerInfo
 from serve_app.http.admission import Admission
 from serve_app.http.app import app
@@ -76,7 +76,7 @@ class Ingress:
         calls = ModelCalls(gate, config.ingress.stream_keepalive_s)
         limit = config.ingress.max_tokens_limit
         self._livepeer = LivepeerChat(router, calls, limit)
-        self._openai = OpenAIChat(router, calls, limit)
+        self._openai = OpenAIAPI(router, calls, limit)
         self._runner_info = RunnerInfo(config.default_model_id, router.model_ids)
         self._admin = Admin(self._ledger, config.currency)
         names = {name for model in config.models for name in (model.id, *model.aliases)}
@@ -89,9 +89,26 @@ class Ingress:
     async def llm(self, request: Request):
         return await self._admission.serve(request, "/llm", "chat", self._livepeer.complete)
 
+    @app.post("/llm/chat/completions")
+    async def llm_chat_completions(self, request: Request):
+        """The Livepeer runner's newer name for its LLM route, the same route in every way."""
+        return await self._admission.serve(request, "/llm/chat/completions", "chat", self._livepeer.complete)
+
     @app.post("/v1/chat/completions")
     async def chat_completions(self, request: Request):
-        return await self._admission.serve(request, "/v1/chat/completions", "chat", self._openai.complete)
+        return await self._admission.serve(request, "/v1/chat/completions", "chat", self._openai.chat)
+
+    @app.post("/v1/completions")
+    async def completions(self, request: Request):
+        return await self._admission.serve(request, "/v1/completions", "chat", self._openai.completion)
+
+    @app.post("/tokenize")
+    async def tokenize(self, request: Request):
+        return await self._admission.serve(request, "/tokenize", "chat", self._openai.tokenize)
+
+    @app.post("/detokenize")
+    async def detokenize(self, request: Request):
+        return await self._admission.serve(request, "/detokenize", "chat", self._openai.detokenize)
 
     @app.get("/v1/models")
     async def models(self, request: Request):
@@ -112,6 +129,12 @@ class Ingress:
     @app.get("/hardware/info")
     async def hardware(self, request: Request):
         return await self._admission.serve(request, "/hardware/info", None, lambda *_: self._runner_info.hardware())
+
+    @app.get("/hardware/stats")
+    async def hardware_stats(self, request: Request):
+        return await self._admission.serve(
+            request, "/hardware/stats", None, lambda *_: self._runner_info.hardware_stats()
+        )
 
     @app.get("/version")
     async def version(self, request: Request):

@@ -5,7 +5,9 @@ Prompts steer it: "FAIL MIDSTREAM" raises after two chunks, "FAIL AT START" rais
 "RETRYABLE" streams only vLLM's error event for a request to retry (503) before any token,
 "STALL" streams two chunks and then nothing until it is cancelled, "NO CHOICES" answers a whole
 response without choices (which our `/llm` shaping cannot read: a bug of ours on demand), "WAIT <path> …" holds the
-request while that file exists (and touches `<path>.waiting` to say it has arrived).
+request while that file exists (and touches `<path>.waiting` to say it has arrived), "HOLD <path> …" does the same
+mid-stream, after two chunks. Either writes the id of the Ray node it runs on into `<path>.waiting`, for tests
+that must know where a request is held (a node to remove).
 Like vLLM, it puts usage on every chunk only when asked (`continuous_usage_stats`), and sends the
 usage-only chunk only when asked (`include_usage`). A whole answer names the replica that gave it
 in `system_fingerprint` (its Serve replica id), for tests of routing. Its load, for autoscaling on
@@ -22,6 +24,7 @@ import uuid
 from collections.abc import AsyncGenerator
 from pathlib import Path
 
+import ray
 from ray import serve
 from ray.serve.exceptions import RayServeException
 from vllm.entrypoints.openai.chat_completion.protocol import (
@@ -29,11 +32,12 @@ from vllm.entrypoints.openai.chat_completion.protocol import (
     ChatCompletionResponseChoice,
     ChatMessage,
 )
-from vllm.entrypoints.serve.engine.protocol import UsageInfo
+from vllm.entrypoints.serve.engine.protocol import ErrorInfo, ErrorResponse, UsageInfo
 
 from cluster.schema import ModelConfig
 from serve_app.apis.openai.protocol import ChatCompletionRequest
 from serve_app.models.autoscaling import EngineLoad
+from serve_app.models.requests import EngineRequest
 
 
 class FakeEngine:
@@ -49,12 +53,17 @@ class FakeEngine:
             raise RuntimeError(f"weights missing at {self._source}")
         await _while_exists(self._source.with_name(self._source.name + ".hold"))
 
-    async def chat(self, request: ChatCompletionRequest):
+    async def answer(self, request: EngineRequest):
+        """Chat only: other APIs are refused as vLLM refuses an API a model does not serve."""
+        if not isinstance(request, ChatCompletionRequest):
+            return ErrorResponse(
+                error=ErrorInfo(message="the test engine serves chat only", type="NotImplementedError", code=501)
+            )
         words = _last_message(request).split()
         if "FAIL AT START" in _last_message(request):
             raise RuntimeError("fake engine failed before generating")
         if words[:1] == ["WAIT"]:
-            Path(words[1] + ".waiting").touch()
+            _arrived(words[1])
             self._held += 1
             try:
                 await _while_exists(Path(words[1]))
@@ -109,6 +118,9 @@ class FakeEngine:
                     raise RuntimeError("fake engine crashed mid-stream")
                 if index == 2 and "STALL" in prompt:
                     await asyncio.Event().wait()
+                if index == 2 and prompt.split()[:1] == ["HOLD"]:
+                    _arrived(prompt.split()[1])
+                    await _while_exists(Path(prompt.split()[1]))
                 usage = {
                     "prompt_tokens": prompt_tokens,
                     "completion_tokens": index + 1,
@@ -145,6 +157,11 @@ def _replica_id() -> str | None:
         return serve.get_replica_context().replica_id.unique_id
     except RayServeException:
         return None
+
+
+def _arrived(hold: str) -> None:
+    """Says that a request held by `hold` has reached the engine, and on which node."""
+    Path(hold + ".waiting").write_text(ray.get_runtime_context().get_node_id())
 
 
 async def _while_exists(path: Path) -> None:

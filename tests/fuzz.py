@@ -173,6 +173,48 @@ chat_bodies = with_extras(families(_chat_body))
 """`/v1/chat/completions` bodies: OpenAI's common fields, vLLM's structured outputs."""
 
 
+def _completion_body(field) -> st.SearchStrategy[dict]:
+    wide = field is either
+    token_ids = st.lists(st.integers(0, 49151) if not wide else numbers, min_size=1, max_size=4)
+    prompt = field(
+        texts, st.lists(texts, min_size=1, max_size=2), token_ids, st.lists(token_ids, min_size=1, max_size=2)
+    )
+    count = numbers if wide else st.integers(1, 64)
+    optional = {
+        "model": field(st.sampled_from(["fake-a", "a", *(["nope"] if wide else [])])),
+        "max_tokens": field(count),
+        "n": field(numbers if wide else st.integers(1, 2)),
+        "echo": field(st.booleans()),
+        "logprobs": field(numbers if wide else st.integers(0, 2)),
+        "stop": field(texts, st.lists(texts, max_size=3)),
+        "stream": field(st.booleans()),
+        "suffix": field(texts),
+    }
+    if wide:
+        optional |= {"prompt_embeds": junk, "stream_options": junk, "user": junk}
+    return st.fixed_dictionaries({"prompt": prompt}, optional=optional)
+
+
+completion_bodies = with_extras(families(_completion_body))
+"""`/v1/completions` bodies: a prompt of text or token ids, alone or in a batch."""
+
+tokenize_bodies = with_extras(
+    families(
+        lambda field: st.one_of(
+            st.fixed_dictionaries(
+                {"prompt": field(texts)}, optional={"add_special_tokens": field(st.booleans()), "model": field(texts)}
+            ),
+            st.fixed_dictionaries(
+                {"messages": _messages(field, ["system", "user", "assistant"])},
+                optional={"add_generation_prompt": field(st.booleans())},
+            ),
+            st.fixed_dictionaries({"tokens": field(st.lists(st.integers(0, 49151), max_size=4), numbers)}),
+        )
+    )
+)
+"""`/tokenize` bodies (a prompt, or messages) and `/detokenize` ones (token ids)."""
+
+
 # The admin routes' bodies and queries.
 
 ADMIN_KEY_NAME = "fake-admin"

@@ -1,5 +1,5 @@
 """A model's stream on a script, for unit tests of what the ingress does with it: vLLM's chunk
-JSON (as `chat_policy.for_engine` asks for it: usage on every chunk, then the usage-only chunk),
+JSON (as `request_policy.for_engine` asks for it: usage on every chunk, then the usage-only chunk),
 `ModelError`s, exceptions, and a stall that lasts until the test or a cancellation ends it."""
 
 import asyncio

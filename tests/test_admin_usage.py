@@ -127,7 +127,7 @@ def test_as_csv(handle):
 @pytest.mark.parametrize(
     "query, complaint",
     [
-        ("group_by=team,day", "group_by: 'team' is not one of key, tenant, model, day"),
+        ("group_by=team,day", "group_by: 'team' is not one of key, tenant, model, endpoint, day"),
         ("format=xml", "format: 'xml' is neither json nor csv"),
         ("since=yesterday", "since: 'yesterday' is neither an ISO 8601 time nor unix seconds"),
     ],

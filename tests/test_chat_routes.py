@@ -1,5 +1,5 @@
 """Both chat routes' logic end to end without Ray: `Admission.serve` into `LivepeerChat` and
-`OpenAIChat`, the real router and `ModelCalls` over a stand-in model handle whose answers are
+`OpenAIAPI`, the real router and `ModelCalls` over a stand-in model handle whose answers are
 scripted. What the engine is sent, what the client gets, and what is recorded, once."""
 
 import asyncio
@@ -14,7 +14,7 @@ from cluster.schema import AuthConfig, ClusterConfig
 from serve_app.apis.livepeer.protocol import LLMResponse
 from serve_app.apis.livepeer.serving import LivepeerChat
 from serve_app.apis.model_call import ModelCalls
-from serve_app.apis.openai.serving import OpenAIChat
+from serve_app.apis.openai.serving import OpenAIAPI
 from serve_app.http.admission import Admission
 from serve_app.http.lifecycle import Listeners
 from serve_app.http.streaming import DONE, EventStream
@@ -50,7 +50,7 @@ class _Model:
         return self
 
     @property
-    def chat(self) -> "_Model":
+    def answer(self) -> "_Model":
         return self
 
     def remote(self, chat):
@@ -77,11 +77,11 @@ class _Server:
         self.finished: list = []
         self.admission = Admission(KeyRing(AuthConfig()), Listeners(finished=(self.finished.append,)))
         self.livepeer = LivepeerChat(router, calls, LIMIT)
-        self.openai = OpenAIChat(router, calls, LIMIT)
+        self.openai = OpenAIAPI(router, calls, LIMIT)
 
     async def post(self, path: str, body: dict | bytes):
         raw = body if isinstance(body, bytes) else json.dumps(body).encode()
-        handler = self.livepeer.complete if path == "/llm" else self.openai.complete
+        handler = self.livepeer.complete if path == "/llm" else self.openai.chat
         return await self.admission.serve(_request(path, raw), path, "chat", handler)
 
 

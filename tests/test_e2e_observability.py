@@ -38,6 +38,13 @@ def test_hardware_info_lists_the_nodes_and_gpus_ray_sees(client):
     assert not any(node["NodeManagerAddress"] in str(info) for node in nodes)
 
 
+def test_hardware_stats_are_valid_and_empty_on_a_cluster_without_gpus(client):
+    stats = client.get("/hardware/stats")
+    assert stats.status_code == 200
+    assert stats.json() == {"pipeline": "llm", "model_id": "smollm2-135m-instruct", "gpu_stats": {}}
+    assert client.get("/hardware/stats", headers={"Authorization": "Bearer nope"}).status_code == 401
+
+
 def settled(metrics_url: str, timeout_s: float = 30) -> dict:
     """A scrape that stays the same over a few report intervals: requests that ended before this
     test have all been exported, so the deltas below are this test's alone."""

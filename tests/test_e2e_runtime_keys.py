@@ -177,8 +177,8 @@ def test_a_key_made_at_runtime_is_served_by_the_real_engine_without_a_restart(ll
 
 
 def test_a_budget_admits_exactly_the_reservations_that_fit_and_counts_what_was_used(app_url, tmp_path):
-    from serve_app.apis.chat_policy import for_engine, prompt_token_bound
     from serve_app.apis.livepeer.protocol import LLMRequest
+    from serve_app.apis.request_policy import for_engine, prompt_token_bound
 
     hold = tmp_path / "hold"
     body = {"messages": [{"role": "user", "content": f"WAIT {hold} one"}], "max_tokens": 4}
@@ -228,8 +228,8 @@ def test_a_tenants_spend_budget_is_shared_by_its_keys_exactly_and_its_soft_budge
     budget that fits 10 reservations: exactly 10 admitted; the tenant's spend equals the ledger's
     cost, which equals the clients' usage at the model's prices; requests past its soft budget are
     marked in the request log, never refused."""
-    from serve_app.apis.chat_policy import for_engine, prompt_token_bound
     from serve_app.apis.livepeer.protocol import LLMRequest
+    from serve_app.apis.request_policy import for_engine, prompt_token_bound
 
     hold = tmp_path / "hold"
     body = {"messages": [{"role": "user", "content": f"WAIT {hold} one"}], "max_tokens": 4}

@@ -17,11 +17,12 @@ from serve_app.apis.admin_keys import AdminKeys, KeyCreate, KeyRotate, KeyUpdate
 from serve_app.apis.admin_registry import RegistryCalls, parsed
 from serve_app.apis.admin_tenants import TenantCreate, TenantUpdate
 from serve_app.apis.livepeer.protocol import LLMRequest
-from serve_app.apis.openai.protocol import parse_chat
+from serve_app.apis.openai.protocol import parse_chat, parse_completion, parse_detokenize, parse_tokenize
 from serve_app.errors import MAX_PROBLEMS, BadRequest
 from serve_app.tenancy.limiter import LimitGate
 from tests.fuzz import (
     chat_bodies,
+    completion_bodies,
     encoded,
     fuzz_settings,
     key_change,
@@ -31,6 +32,7 @@ from tests.fuzz import (
     new_tenant,
     rotation,
     tenant_change,
+    tokenize_bodies,
 )
 
 USER = [{"role": "user", "content": "hi"}]
@@ -55,6 +57,49 @@ def test_any_chat_completions_body_is_a_request_that_crosses_a_ray_hop_or_a_400(
         _clean(error, body)
         return
     pickle.dumps(chat)  # to the model's replica
+
+
+@fuzz_settings(300)
+@given(body=encoded(completion_bodies))
+def test_any_completions_body_is_a_request_that_crosses_a_ray_hop_or_a_400(body):
+    try:
+        completion = parse_completion(body)
+    except BadRequest as error:
+        _clean(error, body)
+        return
+    pickle.dumps(completion)
+
+
+@fuzz_settings(200)
+@given(body=encoded(tokenize_bodies))
+def test_any_tokenization_body_is_a_request_or_a_400(body):
+    for parse in (parse_tokenize, parse_detokenize):
+        try:
+            pickle.dumps(parse(body))
+        except BadRequest as error:
+            _clean(error, body)
+
+
+@pytest.mark.parametrize(
+    "fields, complaint",
+    [
+        ({"prompt": ""}, "prompt: must be a text, a list of texts or token ids, not empty"),
+        ({"prompt": []}, "prompt: must be a text, a list of texts or token ids, not empty"),
+        ({"prompt": {"text": "hi"}}, "prompt: must be a string or a list"),
+        ({"prompt": "hi", "prompt_embeds": "AAAA"}, "prompt_embeds: not served here"),
+        ({"prompt": "hi", "max_tokens": 0}, "max_tokens: must be at least 1, not 0"),
+        ({"prompt": "hi", "n": -1}, "n: must be at least 1, not -1"),
+    ],
+)
+def test_a_completion_body_we_cannot_bound_or_serve_is_a_400_naming_its_field(fields, complaint):
+    assert complaint in _refusal(parse_completion, json.dumps(fields).encode())
+
+
+def test_tokenize_reads_messages_as_a_chat_and_a_prompt_as_text():
+    chat = parse_tokenize(json.dumps({"messages": USER}).encode())
+    text = parse_tokenize(json.dumps({"prompt": "hi"}).encode())
+    assert (type(chat).__name__, type(text).__name__) == ("TokenizeChatRequest", "TokenizeCompletionRequest")
+    assert "messages: must be a list" in _refusal(parse_tokenize, b'{"messages": "hi"}')
 
 
 @fuzz_settings(400)

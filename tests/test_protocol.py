@@ -3,10 +3,10 @@
 import pytest
 from pydantic import ValidationError
 
-from serve_app.apis.chat_policy import capped_max_tokens, for_engine
 from serve_app.apis.livepeer import chunks as livepeer
 from serve_app.apis.livepeer.protocol import LLM_DEFAULTS, LLMRequest
 from serve_app.apis.openai.protocol import ChatCompletionResponse
+from serve_app.apis.request_policy import capped_max_tokens, for_engine
 
 USER = [{"role": "user", "content": "hi"}]
 

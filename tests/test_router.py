@@ -24,7 +24,7 @@ class _Handle:
         return self
 
     @property
-    def chat(self) -> "_Handle":
+    def answer(self) -> "_Handle":
         return self
 
     def remote(self, request):

@@ -1,12 +1,15 @@
 """What the runner routes tell callers, without Ray: `/health` and `/v1/models` give fixed words
 for a model's state and never Serve's own message, which is logged once instead; `/hardware/info`
-never gives a node's address."""
+never gives a node's address; `/hardware/stats` numbers the GPU nodes' devices across the
+cluster."""
 
 import logging
+from types import SimpleNamespace
 
 import pytest
 from ray.serve.schema import DeploymentStatusOverview
 
+from serve_app.apis.gpu_stats import cluster_gpu_stats, device_stats
 from serve_app.apis.runner import FailureLog, describe, livepeer_health
 from serve_app.models.state import ModelState, state_of
 from tests.captured_logs import serve_records
@@ -120,3 +123,58 @@ def test_hardware_info_names_nodes_by_id_never_by_address():
         ],
     }
     assert "10.0.3." not in str(info)
+
+
+class _NVML:
+    """NVML's answers for two devices, as `nvidia-ml-py` gives them (names as bytes on older
+    drivers' bindings, str on newer)."""
+
+    def nvmlDeviceGetHandleByIndex(self, index: int) -> int:
+        return index
+
+    def nvmlDeviceGetName(self, handle: int) -> str | bytes:
+        return [b"NVIDIA A100-SXM4-80GB", "NVIDIA L4"][handle]
+
+    def nvmlDeviceGetMemoryInfo(self, handle: int) -> SimpleNamespace:
+        return SimpleNamespace(total=80 * 2**30 + handle, free=2**30 + handle, used=0)
+
+    def nvmlDeviceGetUtilizationRates(self, handle: int) -> SimpleNamespace:
+        return SimpleNamespace(gpu=97 - handle, memory=41 + handle)
+
+
+async def test_hardware_stats_number_each_gpu_nodes_devices_across_the_cluster():
+    nodes = [
+        {"NodeID": "b" * 56, "Alive": True, "Resources": {"CPU": 8.0, "GPU": 1.0}},
+        {"NodeID": "a" * 56, "Alive": True, "Resources": {"CPU": 4.0}},  # no GPU: not asked
+        {"NodeID": "d" * 56, "Alive": True, "Resources": {"GPU": 2.0}},  # its reading fails
+        {"NodeID": "c" * 56, "Alive": False, "Resources": {"GPU": 8.0}},
+    ]
+    asked = []
+
+    async def read(node_id: str) -> list[dict]:
+        asked.append(node_id)
+        return [] if node_id == "d" * 56 else [device_stats(_NVML(), 0), device_stats(_NVML(), 1)]
+
+    stats = await cluster_gpu_stats(nodes, read)
+    assert asked == ["b" * 56, "d" * 56]
+    assert stats == {
+        0: {
+            "id": "b" * 56 + "/0",
+            "name": "NVIDIA A100-SXM4-80GB",
+            "memory_total": 80 * 2**30,
+            "memory_free": 2**30,
+            "utilization_compute": 97,
+            "utilization_memory": 41,
+            "node_id": "b" * 56,
+        },
+        1: {
+            "id": "b" * 56 + "/1",
+            "name": "NVIDIA L4",
+            "memory_total": 80 * 2**30 + 1,
+            "memory_free": 2**30 + 1,
+            "utilization_compute": 96,
+            "utilization_memory": 42,
+            "node_id": "b" * 56,
+        },
+    }
+    assert await cluster_gpu_stats([nodes[1]], read) == {}

@@ -70,10 +70,10 @@ async def test_a_whole_answer_gives_its_place_back_before_it_is_read_on():
     model = ModelConfig.model_validate({"id": "m", "source": {"path": "/m"}})
     runner = ModelRunner(model, fake_engine, Slots(running=1, waiting=0))
     request = ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "one two"}])
-    held = runner.chat(request)
+    held = runner.answer(request)
     answer = await held.__anext__()  # and never read on, as the ingress does with a whole answer
     assert answer.choices[0].message.content == "one two"
-    again = await runner.chat(request).__anext__()  # not refused: the place is free
+    again = await runner.answer(request).__anext__()  # not refused: the place is free
     assert again.choices[0].message.content == "one two"
 
 

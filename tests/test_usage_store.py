@@ -117,7 +117,7 @@ def test_totals_by_utc_day_by_any_grouping_and_over_all(store):
             _row("a", "m1", _at("2026-03-01T23:59:59.9"), 2, 2),
             _row("b", "m2", _at("2026-03-01T12:00:00"), 3, 3, status=500),
             _row("a", "m1", _at("2026-03-02T00:00:00"), 4, 4),
-            _row(None, "m2", _at("2026-03-31T23:00:00"), 5, 5),
+            _row(None, "m2", _at("2026-03-31T23:00:00"), 5, 5, endpoint="/v1/completions"),
         ]
     )
 
@@ -136,6 +136,7 @@ def test_totals_by_utc_day_by_any_grouping_and_over_all(store):
     ]
     assert picked(["day", "key"], key="a") == [("2026-03-01", "a", 2, 0, 6), ("2026-03-02", "a", 1, 0, 8)]
     assert picked([]) == [(5, 1, 30)]
+    assert picked(["endpoint"]) == [("/llm", 4, 1, 20), ("/v1/completions", 1, 0, 10)]
     assert picked([], since=_at("2027-01-01T00:00:00")) == []  # nothing in range: no row, not a row of nulls
     assert picked(["day"], since=_at("2026-03-01T12:00:00"), until=_at("2026-03-02T00:00:00")) == [
         ("2026-03-01", 2, 1, 10)

@@ -24,7 +24,7 @@ class Admin:
     async def usage(self, request: Request) -> dict[str, Any] | Response:
         """Totals over `since` ≤ time < `until` (either may be left out), optionally for one `key`,
         `tenant` or `model`, per distinct value of the `group_by` fields (comma-separated, any of
-        key, tenant, model and day, the UTC date; key,model unless given; empty: one total), as
+        key, tenant, model, endpoint and day, the UTC date; key,model unless given; empty: one total), as
         JSON, or as CSV with `format=csv` (a header line, then a line per group). `cost` is in
         the models' price currency, and empty for a group of models without a price."""
         if not self._ledger.enabled:

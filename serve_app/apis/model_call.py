@@ -1,4 +1,4 @@
-"""A chat request's trip to its model and back, the same for both APIs: the key's lease from the
+"""A request's trip to its model and back, the same for every API: the key's lease from the
 rate limiter, the model's first output read before any byte goes out (so that errors found there
 become real HTTP statuses), then the rest of a stream as parsed chunks.
 
@@ -15,12 +15,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from ray.serve.exceptions import BackPressureError
-from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest, ChatCompletionResponse
 
-from serve_app.apis.chat_policy import prompt_token_bound, reserved_tokens
+from serve_app.apis.request_policy import completions_asked, prompt_token_bound, reserved_tokens
 from serve_app.errors import BadRequest, EngineFailure, Overloaded, for_status
 from serve_app.http.lifecycle import RequestLifecycle
-from serve_app.models.outputs import ModelError
+from serve_app.models.outputs import ModelError, WholeAnswer
+from serve_app.models.requests import EngineRequest, GenerationRequest
 from serve_app.routing.router import ModelStream, Route
 from serve_app.telemetry.record import Answer
 from serve_app.tenancy.budgets import Ask
@@ -32,12 +32,12 @@ logger = logging.getLogger("ray.serve")
 
 @dataclass
 class ModelCall:
-    first: ChatCompletionResponse | str | None
+    first: WholeAnswer | str | None
     """A whole answer, or a stream's first chunk; None while `pending`."""
     rest: ModelStream | None
     headers: dict[str, str]
     """The key's `x-ratelimit-*` headers."""
-    pending: "asyncio.Task[tuple[ChatCompletionResponse | str, ModelStream]] | None" = None
+    pending: "asyncio.Task[tuple[WholeAnswer | str, ModelStream]] | None" = None
     """A stream's first output, still awaited after the keep-alive delay."""
     keepalive_s: float = 0.0
 
@@ -72,21 +72,21 @@ class ModelCalls:
         self._keepalive_s = stream_keepalive_s
 
     async def start(
-        self, route: Route, chat: ChatCompletionRequest, caller: Caller, lifecycle: RequestLifecycle
+        self, route: Route, request: EngineRequest, caller: Caller, lifecycle: RequestLifecycle
     ) -> ModelCall:
         """From here on the request counts: its lease is released when it ends, however it ends."""
-        reserved = reserved_tokens(chat) or _unbounded_reservation(route, chat, caller)
-        prompt_bound = prompt_token_bound(chat)
+        reserved = reserved_tokens(request) or _unbounded_reservation(route, request, caller)
+        prompt_bound = prompt_token_bound(request)
         spend = 0.0 if route.price is None else route.price.cost(prompt_bound, reserved)
         lease = await self._gate.admit(caller, reserved, Ask(reserved + prompt_bound, spend))
         if lease is not None:
             lifecycle.soft_budgets = tuple(lease.decision.soft_passed)
             lifecycle.on_finish(lambda done: self._gate.release(lease, Ask(done.total_tokens, done.cost or 0.0)))
         headers = lease.decision.headers if lease is not None else {}
-        if not chat.stream or self._keepalive_s is None:
-            first, rest = await _first_output(route, chat, lifecycle)
+        if not getattr(request, "stream", False) or self._keepalive_s is None:
+            first, rest = await _first_output(route, request, lifecycle)
             return ModelCall(first, rest, headers)
-        waiting = asyncio.ensure_future(_first_output(route, chat, lifecycle))
+        waiting = asyncio.ensure_future(_first_output(route, request, lifecycle))
         try:
             first, rest = await asyncio.wait_for(asyncio.shield(waiting), self._keepalive_s)
         except TimeoutError:
@@ -97,27 +97,27 @@ class ModelCalls:
         return ModelCall(first, rest, headers)
 
 
-def _unbounded_reservation(route: Route, chat: ChatCompletionRequest, caller: Caller) -> int:
+def _unbounded_reservation(route: Route, request: EngineRequest, caller: Caller) -> int:
     """What a request that sets no `max_tokens` (and meets no server cap) must reserve against its
     key's or tenant's token limits: it may generate up to the model's context, so it reserves that
     for each choice; otherwise a budget would be overrun by what it had not reserved."""
     counting = [subject for subject in caller.subjects() if subject.limits.counts_tokens]
-    if not counting:
+    if not counting or not isinstance(request, GenerationRequest):
         return 0  # requests and concurrency limits count requests, not tokens
     if route.max_model_len is None:
         raise BadRequest(
             f"set max_tokens: {counting[0].label} has token limits, and the most model "
             f"{route.model_id!r} can generate is not known to this server (its engine.max_model_len is not set)"
         )
-    return route.max_model_len * (chat.n or 1)
+    return route.max_model_len * completions_asked(request)
 
 
 async def _first_output(
-    route: Route, chat: ChatCompletionRequest, lifecycle: RequestLifecycle
-) -> tuple[ChatCompletionResponse | str, ModelStream]:
+    route: Route, request: EngineRequest, lifecycle: RequestLifecycle
+) -> tuple[WholeAnswer | str, ModelStream]:
     """The wait is bounded (a model at zero replicas starts one meanwhile); a cancelled request
     (the client left) cancels the model's work."""
-    outputs = route.call(chat)
+    outputs = route.call(request)
     try:
         first = await asyncio.wait_for(outputs.__anext__(), route.first_output_timeout_s)
     except TimeoutError:
@@ -160,7 +160,7 @@ async def chunks(call: ModelCall, answer: Answer) -> AsyncIterator[dict[str, Any
         choices = chunk.get("choices")
         if choices:
             delta = choices[0].get("delta") or {}
-            if delta.get("content") or delta.get("reasoning") or delta.get("tool_calls"):
+            if choices[0].get("text") or delta.get("content") or delta.get("reasoning") or delta.get("tool_calls"):
                 answer.token()
             answer.finish_reason = choices[0].get("finish_reason") or answer.finish_reason
         yield chunk

@@ -1,5 +1,5 @@
-"""The routes a Livepeer orchestrator polls on a runner it registers: `/health`, `/hardware/info`
-and `/version` (docs/livepeer-contract.md).
+"""The routes a Livepeer orchestrator polls on a runner it registers: `/health`, `/hardware/info`,
+`/hardware/stats` and `/version` (docs/livepeer-contract.md).
 
 For `/hardware/info`, Ray knows each node's GPU count and accelerator type (the
 `accelerator_type:<name>` resource it detects); it does not know device memory, so the route
@@ -14,6 +14,7 @@ from typing import Any
 
 import ray
 
+from serve_app.apis.gpu_stats import cluster_gpu_stats
 from serve_app.models.state import ModelState, model_states
 
 logger = logging.getLogger("ray.serve")
@@ -38,6 +39,10 @@ class RunnerInfo:
 
     async def hardware(self) -> dict[str, Any]:
         return await hardware_info(self._default_model)
+
+    async def hardware_stats(self) -> dict[str, Any]:
+        nodes = await asyncio.to_thread(ray.nodes)
+        return {"pipeline": "llm", "model_id": self._default_model, "gpu_stats": await cluster_gpu_stats(nodes)}
 
     async def version(self) -> dict[str, str]:
         return {"pipeline": "llm", "model_id": self._default_model, "version": VERSION}

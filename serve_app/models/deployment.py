@@ -6,13 +6,13 @@ from collections.abc import AsyncGenerator
 from typing import Any
 
 from ray.serve.config import AutoscalingPolicy, BackpressureConfig
-from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
 
 from cluster.schema import Autoscaling, ModelConfig, deployment_name
 from serve_app.models.autoscaling import EngineSignalPolicy
 from serve_app.models.bounds import CONTROL_PLACES, colocated_bounds
 from serve_app.models.engine import EngineFactory, vllm_engine
 from serve_app.models.outputs import ModelOutput
+from serve_app.models.requests import EngineRequest
 from serve_app.models.runner import ModelRunner
 
 
@@ -23,9 +23,10 @@ class ModelServer:
         self._runner = ModelRunner(model, engine_factory)
         await self._runner.start()
 
-    async def chat(self, request: ChatCompletionRequest) -> AsyncGenerator[ModelOutput, None]:
-        """Serve awaits this and streams the runner's own generator: no extra layer per chunk."""
-        return self._runner.chat(request)
+    async def answer(self, request: EngineRequest) -> AsyncGenerator[ModelOutput, None]:
+        """Every API's request, whatever its type: Serve awaits this and streams the runner's own
+        generator, with no extra layer per chunk."""
+        return self._runner.answer(request)
 
     async def check_health(self) -> None:
         """Serve calls this periodically; a failing engine gets the replica replaced."""

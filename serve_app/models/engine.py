@@ -1,40 +1,41 @@
 """The narrow engine interface a model replica needs, and its vLLM implementation.
 
-The replica talks to an engine only through `ChatEngine`, so plumbing tests can run a fake engine
+The replica talks to an engine only through `Engine`, so plumbing tests can run a fake engine
 without vLLM. The vLLM implementation reuses vLLM's own OpenAI serving layer (chat template,
-sampling parameters, tools, logprobs, usage) instead of re-implementing any of it.
+sampling parameters, tools, logprobs, usage, tokenization) instead of re-implementing any of it.
 """
 
 import argparse
 import json
 import logging
 import os
-from collections.abc import AsyncGenerator, Callable, Iterator
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from logging.handlers import MemoryHandler
 from typing import TYPE_CHECKING, Any, Protocol
 
-from vllm.entrypoints.openai.chat_completion.protocol import (
-    ChatCompletionRequest,
-    ChatCompletionResponse,
-)
+from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+from vllm.entrypoints.openai.completion.protocol import CompletionRequest
 from vllm.entrypoints.serve.engine.protocol import ErrorResponse
+from vllm.entrypoints.serve.tokenize.protocol import DetokenizeRequest, TokenizeChatRequest, TokenizeCompletionRequest
 
 from cluster.runtime import schedulers_to_engine_cores
 from cluster.schema import ModelConfig
 from serve_app.models.autoscaling import EngineLoad
+from serve_app.models.outputs import WholeAnswer
+from serve_app.models.requests import EngineRequest
 
 if TYPE_CHECKING:
     from serve_app.models.engine_load import SchedulerLoad
 
-ChatResult = AsyncGenerator[str, None] | ChatCompletionResponse | ErrorResponse
+EngineResult = AsyncGenerator[str, None] | WholeAnswer | ErrorResponse
 """What vLLM's serving layer returns: SSE lines when streaming, else one response or an error."""
 
 
-class ChatEngine(Protocol):
+class Engine(Protocol):
     async def start(self) -> None: ...
 
-    async def chat(self, request: ChatCompletionRequest) -> ChatResult: ...
+    async def answer(self, request: EngineRequest) -> EngineResult: ...
 
     async def check_health(self) -> None:
         """Raise if the engine cannot serve."""
@@ -48,14 +49,14 @@ class ChatEngine(Protocol):
 
 
 class VLLMEngine:
-    """One vLLM `AsyncLLM` with vLLM's chat serving layer on top."""
+    """One vLLM `AsyncLLM` with vLLM's serving layer on top: a serving class per request type."""
 
     def __init__(self, model_id: str, model: str, vllm_args: dict[str, Any]) -> None:
         self._model_id = model_id
         self._model = model
         self._vllm_args = vllm_args
         self._client: Any = None
-        self._serving_chat: Any = None
+        self._serving: dict[type, Callable[[Any], Awaitable[EngineResult]]] = {}
         self._loads: list[SchedulerLoad] = []
 
     async def start(self) -> None:
@@ -81,9 +82,9 @@ class VLLMEngine:
             schedulers_to_engine_cores(started_by=os.getpid())
             state = State()
             await init_app_state(self._client, state, args, supported_tasks=await self._client.get_supported_tasks())
-            self._serving_chat = state.openai_serving_chat
+            self._serving = _serving_methods(state)
 
-    async def chat(self, request: ChatCompletionRequest) -> ChatResult:
+    async def answer(self, request: EngineRequest) -> EngineResult:
         """Client mistakes found while rendering the prompt (too long for the context, a bad
         template argument) and the engine's own refusals (its queue full, under `extra_args`'
         `max_num_queued_reqs`) are raised, not returned; they become the ErrorResponse with the
@@ -92,8 +93,11 @@ class VLLMEngine:
         from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
         from vllm.exceptions import GracefulHTTPError, VLLMClientError
 
+        serving = self._serving.get(type(request))
+        if serving is None:
+            return create_error_response(NotImplementedError(f"model {self._model_id!r} does not serve this API"))
         try:
-            return await self._serving_chat.create_chat_completion(request)
+            return await serving(request)
         except (ValueError, TypeError, OverflowError, NotImplementedError, VLLMClientError, GracefulHTTPError) as error:
             return create_error_response(error)
 
@@ -118,6 +122,26 @@ class VLLMEngine:
     def shutdown(self) -> None:
         if self._client is not None:
             self._client.shutdown()
+
+
+def _serving_methods(state: Any) -> dict[type, Callable[[Any], Awaitable[EngineResult]]]:
+    """The method of vLLM's serving layer for each request type, as its own server's routes call
+    them (without the HTTP request, which they read only for headers this server does not pass
+    on). A serving class vLLM did not make for this model (completions for a model that only
+    embeds, say) leaves its types out: `answer` then refuses them."""
+    names = ("openai_serving_chat", "openai_serving_completion", "serving_tokenization")
+    chat, completion, tokenization = (getattr(state, name, None) for name in names)
+    methods: dict[type, Callable[[Any], Awaitable[EngineResult]]] = {}
+    if chat is not None:
+        methods[ChatCompletionRequest] = chat.create_chat_completion
+    if completion is not None:
+        methods[CompletionRequest] = completion.create_completion
+    if tokenization is not None:
+        methods[TokenizeCompletionRequest] = methods[TokenizeChatRequest] = lambda request: (
+            tokenization.create_tokenize(request, None)
+        )
+        methods[DetokenizeRequest] = lambda request: tokenization.create_detokenize(request, None)
+    return methods
 
 
 @contextmanager
@@ -186,10 +210,10 @@ def _one_flag_value(action: argparse.Action, value: Any) -> Any:
     return value
 
 
-EngineFactory = Callable[[ModelConfig], ChatEngine]
+EngineFactory = Callable[[ModelConfig], Engine]
 
 
-def vllm_engine(model: ModelConfig) -> ChatEngine:
+def vllm_engine(model: ModelConfig) -> Engine:
     from serve_app.models import sources
 
     vllm_args = model.engine.to_vllm_args()

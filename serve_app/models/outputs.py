@@ -1,11 +1,14 @@
 """What a model yields per request, across a Serve hop or within the ingress's own replica: one
-whole `ChatCompletionResponse`, or a stream of chunk JSON payloads, and, in place of either or
-after some chunks, a `ModelError`. The replica, which knows vLLM's wire format, turns vLLM's
-error responses and error events into `ModelError`; the ingress never reads a payload to find one."""
+whole answer (vLLM's response for its API), or a stream of chunk JSON payloads, and, in place of
+either or after some chunks, a `ModelError`. The replica, which knows vLLM's wire format, turns
+vLLM's error responses and error events into `ModelError`; the ingress never reads a payload to
+find one."""
 
 from dataclasses import dataclass
 
 from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionResponse
+from vllm.entrypoints.openai.completion.protocol import CompletionResponse
+from vllm.entrypoints.serve.tokenize.protocol import DetokenizeResponse, TokenizeResponse
 
 
 @dataclass(frozen=True)
@@ -16,5 +19,7 @@ class ModelError:
     message: str
 
 
-ModelOutput = ChatCompletionResponse | ModelError | str
+WholeAnswer = ChatCompletionResponse | CompletionResponse | TokenizeResponse | DetokenizeResponse
+
+ModelOutput = WholeAnswer | ModelError | str
 """`str`: one stream chunk's JSON, without SSE framing."""

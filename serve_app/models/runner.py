@@ -8,7 +8,6 @@ from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import nullcontext
 from typing import ClassVar
 
-from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest, ChatCompletionResponse
 from vllm.entrypoints.serve.engine.protocol import ErrorResponse
 
 from cluster.schema import ModelConfig
@@ -16,6 +15,7 @@ from serve_app.models.autoscaling import EngineLoad
 from serve_app.models.bounds import Slots
 from serve_app.models.engine import EngineFactory
 from serve_app.models.outputs import ModelError, ModelOutput
+from serve_app.models.requests import EngineRequest
 from serve_app.telemetry.metrics import EngineMetrics
 
 
@@ -32,14 +32,14 @@ class ModelRunner:
     async def start(self) -> None:
         await self._engine.start()
 
-    async def chat(self, request: ChatCompletionRequest) -> AsyncGenerator[ModelOutput, None]:
+    async def answer(self, request: EngineRequest) -> AsyncGenerator[ModelOutput, None]:
         """A whole answer or an error gives its place back before it is handed on: the engine is
         done with it, and the caller need not read on for the place to be free."""
         async with self._slots.taken() if self._slots else nullcontext():
             started = time.perf_counter()
             try:
-                result = await self._engine.chat(request)
-                if isinstance(result, (ChatCompletionResponse, ErrorResponse)):
+                result = await self._engine.answer(request)
+                if not isinstance(result, AsyncIterator):
                     # A whole answer's one output is its first output too, as the ingress counts it.
                     self._metrics.ttft.observe(time.perf_counter() - started, self._tags)
                 else:

@@ -1,16 +1,16 @@
 """Model name (id or alias, or empty for the default) to the call that streams the model's
-outputs, within the models the caller's key may use."""
+outputs for a request of any API, within the models the caller's key may use."""
 
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
 from ray.serve.handle import DeploymentHandle
-from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
 
 from cluster.schema import ClusterConfig, ModelConfig, Price
 from serve_app.errors import NotFound
 from serve_app.models.outputs import ModelOutput
+from serve_app.models.requests import EngineRequest
 from serve_app.models.runner import InProcessStream, ModelRunner
 from serve_app.routing.session import session_of
 from serve_app.tenancy.keys import Caller
@@ -30,28 +30,28 @@ class ModelStream(Protocol):
 @dataclass(frozen=True)
 class Route:
     model_id: str
-    call: Callable[[ChatCompletionRequest], ModelStream]
+    call: Callable[[EngineRequest], ModelStream]
     first_output_timeout_s: float
     price: Price | None = None
     max_model_len: int | None = None
     """The model's context length, where the config sets it: the most a request can use."""
 
 
-def _call(model: DeploymentHandle | ModelRunner, by_session: bool) -> Callable[[ChatCompletionRequest], ModelStream]:
+def _call(model: DeploymentHandle | ModelRunner, by_session: bool) -> Callable[[EngineRequest], ModelStream]:
     if isinstance(model, ModelRunner):
-        return lambda request: InProcessStream(model.chat(request))
+        return lambda request: InProcessStream(model.answer(request))
     # One streaming handle per model, made once: `.options()` per request is costly. Calls go
     # over Serve's gRPC transport rather than Ray actor calls, which cost more per request and
     # per token through the ingress (docs/benchmarks.md, "Ingress overhead alone").
-    chat = model.options(stream=True, _by_reference=False).chat
+    answer = model.options(stream=True, _by_reference=False).answer
     if not by_session:
-        return chat.remote
+        return answer.remote
 
     # A session rides in the call's options, where the model's request router reads it: one
     # more `.options()` for the requests that carry one, and only for models routed by session.
-    def call(request: ChatCompletionRequest) -> ModelStream:
+    def call(request: EngineRequest) -> ModelStream:
         session = session_of(request)
-        return (chat.options(session_id=session) if session else chat).remote(request)
+        return (answer.options(session_id=session) if session else answer).remote(request)
 
     return call
 

@@ -15,15 +15,14 @@ from collections.abc import Iterable, Mapping
 
 from ray.serve.context import _get_serve_request_context
 from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
-from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
 
 
-def session_of(request: ChatCompletionRequest) -> str:
+def session_of(request: object) -> str:
     """The `x-session-id` header, as Serve's proxy read it into the request's context (under the
     name `RAY_SERVE_SESSION_ID_HEADER_KEY` gives, `-` and `_` alike), else the OpenAI `user`
-    field; "" for none. Serve has no public reader of that context's session; the end-to-end
-    test of sessions fails if this one goes."""
-    return _get_serve_request_context().session_id or request.user or ""
+    field of the requests that have one; "" for none. Serve has no public reader of that
+    context's session; the end-to-end test of sessions fails if this one goes."""
+    return _get_serve_request_context().session_id or getattr(request, "user", None) or ""
 
 
 class HashRing:

@@ -24,8 +24,9 @@ logger = logging.getLogger("ray.serve")
 WIDTHS = {"request_id": 200, "key": 200, "tenant": 200, "model": 200, "endpoint": 50, "finish_reason": 50}
 """The text columns' widths, in characters (Postgres's `varchar(n)` counts characters)."""
 DIGEST_CHARS = 10
-GROUPS = ("key", "tenant", "model", "day")
-"""What `/admin/usage` can total by; `day` is the UTC calendar day of a request's arrival."""
+GROUPS = ("key", "tenant", "model", "endpoint", "day")
+"""What `/admin/usage` can total by; `endpoint` is the route (`/llm`, `/v1/completions`, …), `day`
+the UTC calendar day of a request's arrival."""
 DEFAULT_GROUPS = ("key", "model")
 
 

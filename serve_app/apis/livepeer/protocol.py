@@ -82,7 +82,7 @@ class LLMRequest(BaseModel):
         return self.max_tokens if "max_tokens" in self.model_fields_set else None
 
     def to_chat_request(self) -> ChatCompletionRequest:
-        """The model, the cap and stream options are set by `chat_policy.for_engine`."""
+        """The model, the cap and stream options are set by `request_policy.for_engine`."""
         return ChatCompletionRequest(
             messages=[{"role": m.role, "content": m.text()} for m in self.messages],
             temperature=self.temperature,

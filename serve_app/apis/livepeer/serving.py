@@ -8,10 +8,10 @@ from fastapi import Request
 from fastapi.responses import JSONResponse
 from starlette.responses import Response
 
-from serve_app.apis.chat_policy import capped_max_tokens, for_engine
 from serve_app.apis.livepeer.chunks import StreamState, failure_chunk, full_response, stream_chunks
 from serve_app.apis.livepeer.protocol import LLM_DEFAULTS, LLMRequest
 from serve_app.apis.model_call import ModelCall, ModelCalls, chunks
+from serve_app.apis.request_policy import capped_max_tokens, for_engine
 from serve_app.errors import APIError
 from serve_app.http.lifecycle import RequestLifecycle
 from serve_app.http.streaming import KEEPALIVE, EventStream, event

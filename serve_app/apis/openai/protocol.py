@@ -1,18 +1,30 @@
 """OpenAI-compatible wire models: vLLM's own, re-exported, and the checks our server adds to
-vLLM's chat request before a key's budget is touched."""
+vLLM's requests (chat, completions, tokenization) before a key's budget is touched."""
 
 import json
-from typing import Any
+from typing import Any, TypeVar
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from pydantic_core import from_json
 from vllm.entrypoints.generate.base.protocol import StreamOptions
 from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest, ChatCompletionResponse
+from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+from vllm.entrypoints.serve.tokenize.protocol import DetokenizeRequest, TokenizeChatRequest, TokenizeCompletionRequest
 from vllm.exceptions import VLLMClientError
 
 from serve_app.errors import BadRequest, from_validation
 
-__all__ = ["ChatCompletionRequest", "ChatCompletionResponse", "StreamOptions", "parse_chat"]
+__all__ = [
+    "ChatCompletionRequest",
+    "ChatCompletionResponse",
+    "StreamOptions",
+    "parse_chat",
+    "parse_completion",
+    "parse_detokenize",
+    "parse_tokenize",
+]
+
+M = TypeVar("M", bound=BaseModel)
 
 KNOWN_ROLES = {"system", "developer", "user", "assistant", "tool", "function"}
 TEXT_PART_TYPES = {"text", "input_text", "output_text", "refusal", "thinking"}
@@ -23,29 +35,69 @@ TEXT_PART_TYPES = {"text", "input_text", "output_text", "refusal", "thinking"}
 def parse_chat(body: bytes) -> ChatCompletionRequest:
     """The body is parsed here and its shape checked before vLLM's model sees it: that model's
     own checks across fields run on the raw JSON first and assume its types (`messages` not a
-    list raised TypeError, a 500). JSON's grammar has no NaN or Infinity. vLLM's model raises its
-    own error for checks across fields (stream_options without stream, an empty tools list);
-    pydantic does not wrap it."""
+    list raised TypeError, a 500)."""
+    document = _document(body)
+    _check_shape(document)
+    chat = _validated(ChatCompletionRequest, document, body)
+    _check_counts(chat, ("n", "max_tokens", "max_completion_tokens"))
+    _check_contents(chat)
+    return chat
+
+
+def parse_completion(body: bytes) -> CompletionRequest:
+    """`prompt_embeds` would reach the engine as tensors whose tokens no budget can bound, and
+    vLLM serves them only where its server enables them, which this one does not."""
+    document = _document(body)
+    if document.get("prompt_embeds") is not None:
+        raise BadRequest("invalid request body: prompt_embeds: not served here; send prompt as text or token ids")
+    _check_type(document.get("prompt"), "prompt", str | list)
+    if not document.get("prompt"):
+        raise BadRequest("invalid request body: prompt: must be a text, a list of texts or token ids, not empty")
+    completion = _validated(CompletionRequest, document, body)
+    _check_counts(completion, ("n", "max_tokens"))
+    return completion
+
+
+def parse_tokenize(body: bytes) -> TokenizeCompletionRequest | TokenizeChatRequest:
+    """vLLM's `/tokenize` takes a prompt, or messages that it renders with the chat template."""
+    document = _document(body)
+    if "messages" in document:
+        _check_shape(document)
+        chat = _validated(TokenizeChatRequest, document, body)
+        _check_contents(chat)
+        return chat
+    return _validated(TokenizeCompletionRequest, document, body)
+
+
+def parse_detokenize(body: bytes) -> DetokenizeRequest:
+    return _validated(DetokenizeRequest, _document(body), body)
+
+
+def _document(body: bytes) -> dict[str, Any]:
+    """JSON's grammar has no NaN or Infinity."""
     try:
         document = from_json(body, allow_inf_nan=False)
     except ValueError as error:
         raise BadRequest(f"the request body is not valid JSON: {error}") from None
-    _check_shape(document)
+    if not isinstance(document, dict):
+        raise BadRequest("invalid request body: body: must be a JSON object")
+    return document
+
+
+def _validated(model: type[M], document: dict[str, Any], body: bytes) -> M:
+    """vLLM's models raise their own error for checks across fields (stream_options without
+    stream, an empty tools list); pydantic does not wrap it."""
     try:
-        chat = ChatCompletionRequest.model_validate(document)
+        return model.model_validate(document)
     except ValidationError as error:
         raise from_validation(error, "request body", body) from None
     except VLLMClientError as error:
         raise BadRequest(f"invalid request body: {error}") from None
-    _check(chat)
-    return chat
 
 
-def _check_shape(document: Any) -> None:
+def _check_shape(document: dict[str, Any]) -> None:
     """What vLLM's checks on the raw JSON assume, and a message's fields, each refused in one
     sentence naming its place (vLLM's model would name each kind of message it tried)."""
-    if not isinstance(document, dict):
-        raise BadRequest("invalid request body: body: must be a JSON object")
     messages = document.get("messages")
     if not isinstance(messages, list) or not messages:
         raise BadRequest("invalid request body: messages: must be a list of at least one message")
@@ -90,23 +142,27 @@ def _check_message(message: Any, where: str) -> None:
             raise BadRequest(f"invalid request body: {where}.content.{index}.{field}: must be a string")
 
 
-def _check_type(value: Any, where: str, kind: type, unset_ok: bool = True) -> None:
+def _check_type(value: Any, where: str, kind: Any, unset_ok: bool = True) -> None:
     """None is a field left unset, as vLLM's model reads it, where such a field may be."""
     if not (isinstance(value, kind) or (unset_ok and value is None)):
-        noun = {str: "a string", list: "a list", dict: "an object"}[kind]
+        noun = {str: "a string", list: "a list", dict: "an object", str | list: "a string or a list"}[kind]
         raise BadRequest(f"invalid request body: {where}: must be {noun}")
 
 
-def _check(chat: ChatCompletionRequest) -> None:
-    """vLLM's model accepts counts below 1 (its sampling parameters refuse those later, after a
+def _check_counts(request: ChatCompletionRequest | CompletionRequest, names: tuple[str, ...]) -> None:
+    """vLLM's models accept counts below 1 (its sampling parameters refuse those later, after a
     negative reservation against the key's tokens-per-minute budget would have let other requests
-    through). It validates some messages' content parts only as they are first read, and holds
-    them meanwhile in an iterator that cannot cross a Ray hop to the model's replica: they are
-    read here, so that a bad part is a 400 now."""
-    for name in ("n", "max_tokens", "max_completion_tokens"):
-        value = getattr(chat, name)
+    through)."""
+    for name in names:
+        value = getattr(request, name)
         if value is not None and value < 1:
             raise BadRequest(f"invalid request body: {name}: must be at least 1, not {value}")
+
+
+def _check_contents(chat: ChatCompletionRequest | TokenizeChatRequest) -> None:
+    """vLLM's model validates some messages' content parts only as they are first read, and holds
+    them meanwhile in an iterator that cannot cross a Ray hop to the model's replica: they are
+    read here, so that a bad part is a 400 now."""
     for index, message in enumerate(chat.messages):
         content = message.get("content") if isinstance(message, dict) else None
         if content is None or isinstance(content, str | list):

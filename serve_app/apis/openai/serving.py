@@ -1,5 +1,6 @@
-"""The OpenAI-compatible routes' logic: chat completions (vLLM's own answers and chunks, passed
-through less the usage the client did not ask for) and the model list."""
+"""The OpenAI-compatible routes' logic: chat completions and completions (vLLM's own answers and
+chunks, passed through less the usage the client did not ask for), vLLM's tokenization, and the
+model list."""
 
 import logging
 import time
@@ -10,12 +11,19 @@ from fastapi import Request
 from fastapi.responses import JSONResponse
 from starlette.responses import Response
 
-from serve_app.apis.chat_policy import capped_max_tokens, for_engine
 from serve_app.apis.model_call import ModelCall, ModelCalls, chunks
-from serve_app.apis.openai.protocol import StreamOptions, parse_chat
+from serve_app.apis.openai.protocol import (
+    StreamOptions,
+    parse_chat,
+    parse_completion,
+    parse_detokenize,
+    parse_tokenize,
+)
+from serve_app.apis.request_policy import capped_max_tokens, for_engine
 from serve_app.errors import APIError, EngineFailure, NotFound, error_body
 from serve_app.http.lifecycle import RequestLifecycle
 from serve_app.http.streaming import KEEPALIVE, EventStream, event
+from serve_app.models.requests import EngineRequest, GenerationRequest
 from serve_app.models.state import model_states
 from serve_app.routing.router import Router
 from serve_app.telemetry.record import Answer
@@ -24,19 +32,43 @@ from serve_app.tenancy.keys import Caller
 logger = logging.getLogger("ray.serve")
 
 
-class OpenAIChat:
+class OpenAIAPI:
+    """Every route takes its request through the same path to the model (`ModelCalls`): the key's
+    allow-list and limits, the ledger and the request log see a completion or a tokenization as
+    they see a chat."""
+
     def __init__(self, router: Router, calls: ModelCalls, max_tokens_limit: int | None) -> None:
         self._router = router
         self._calls = calls
         self._max_tokens_limit = max_tokens_limit
 
-    async def complete(self, request: Request, caller: Caller, lifecycle: RequestLifecycle) -> Response:
-        chat = parse_chat(await request.body())
-        route = self._router.resolve(chat.model, caller)
+    async def chat(self, request: Request, caller: Caller, lifecycle: RequestLifecycle) -> Response:
+        return await self._generate(parse_chat(await request.body()), caller, lifecycle)
+
+    async def completion(self, request: Request, caller: Caller, lifecycle: RequestLifecycle) -> Response:
+        return await self._generate(parse_completion(await request.body()), caller, lifecycle)
+
+    async def tokenize(self, request: Request, caller: Caller, lifecycle: RequestLifecycle) -> Response:
+        return await self._whole(parse_tokenize(await request.body()), caller, lifecycle)
+
+    async def detokenize(self, request: Request, caller: Caller, lifecycle: RequestLifecycle) -> Response:
+        return await self._whole(parse_detokenize(await request.body()), caller, lifecycle)
+
+    async def _whole(self, body: EngineRequest, caller: Caller, lifecycle: RequestLifecycle) -> Response:
+        """vLLM's answer as it gives it, for a request that generates nothing."""
+        route = self._router.resolve(body.model, caller)
         lifecycle.routed(route.model_id, route.price)
-        asked = chat.stream_options or StreamOptions()
-        max_tokens = capped_max_tokens(chat.max_completion_tokens or chat.max_tokens, None, self._max_tokens_limit)
-        chat = for_engine(chat, route.model_id, max_tokens)
+        call = await self._calls.start(route, body.model_copy(update={"model": route.model_id}), caller, lifecycle)
+        return JSONResponse(call.first.model_dump(), headers=call.headers)
+
+    async def _generate(self, body: GenerationRequest, caller: Caller, lifecycle: RequestLifecycle) -> Response:
+        route = self._router.resolve(body.model, caller)
+        lifecycle.routed(route.model_id, route.price)
+        asked = body.stream_options or StreamOptions()
+        max_tokens = capped_max_tokens(
+            getattr(body, "max_completion_tokens", None) or body.max_tokens, None, self._max_tokens_limit
+        )
+        chat = for_engine(body, route.model_id, max_tokens)
         call = await self._calls.start(route, chat, caller, lifecycle)
         if chat.stream:
             events = openai_events(
@@ -85,7 +117,7 @@ class OpenAIChat:
 async def openai_events(
     call: ModelCall, answer: Answer, request_id: str, wants_usage: bool, wants_usage_per_chunk: bool
 ) -> AsyncGenerator[str, None]:
-    """vLLM is always asked for usage on every chunk (`chat_policy.for_engine`); the client gets it
+    """vLLM is always asked for usage on every chunk (`request_policy.for_engine`); the client gets it
     only as far as it asked: per chunk, in the final usage-only chunk, or not at all. A failure
     after the 200 went out ends the stream with an error event, as vLLM's own server does."""
     try:

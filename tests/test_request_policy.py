@@ -1,13 +1,22 @@
 """What reaches vLLM from an `/llm` request, through vLLM's own conversion into sampling
-parameters, and the server's `max_tokens` cap and token reservation (`chat_policy`)."""
+parameters, and the server's `max_tokens` cap and token reservation for every API's requests
+(`request_policy`)."""
 
 import pytest
 from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+from vllm.entrypoints.serve.tokenize.protocol import DetokenizeRequest, TokenizeCompletionRequest
 from vllm.entrypoints.serve.utils.api_utils import get_max_tokens
 from vllm.sampling_params import RequestOutputKind, SamplingParams
 
-from serve_app.apis.chat_policy import capped_max_tokens, for_engine, reserved_tokens
 from serve_app.apis.livepeer.protocol import LLM_DEFAULTS, LLMRequest
+from serve_app.apis.request_policy import (
+    PROMPT_OVERHEAD_TOKENS,
+    capped_max_tokens,
+    for_engine,
+    prompt_token_bound,
+    reserved_tokens,
+)
 from serve_app.errors import BadRequest
 
 MESSAGES = [
@@ -152,3 +161,33 @@ def test_kv_transfer_params_never_reach_the_engine():
         kv_transfer_params={"prompt_token_ids": list(range(10_000)), "do_remote_prefill": True},
     )
     assert for_engine(chat, "m", None).kv_transfer_params is None
+
+
+@pytest.mark.parametrize(
+    "prompt, fields, reserved, bound",
+    [
+        ("abc", {"max_tokens": 10}, 10, 3 + PROMPT_OVERHEAD_TOKENS),
+        ("abc", {}, 16, 3 + PROMPT_OVERHEAD_TOKENS),  # OpenAI's default of 16 tokens, as vLLM keeps it
+        ("é", {"max_tokens": 4, "n": 2}, 8, 2 + PROMPT_OVERHEAD_TOKENS),  # bytes, not characters
+        ([1, 2, 3], {"max_tokens": 5}, 5, 3),  # token ids count themselves
+        (["ab", "c"], {"max_tokens": 5, "n": 3}, 30, 3 + 2 * PROMPT_OVERHEAD_TOKENS),  # a batch: each prompt's choices
+        ([[1, 2], [3]], {"max_tokens": 5}, 10, 3),
+    ],
+)
+def test_a_completion_reserves_every_prompts_choices_and_bounds_its_prompts(prompt, fields, reserved, bound):
+    completion = CompletionRequest(model="m", prompt=prompt, **fields)
+    assert reserved_tokens(completion) == reserved
+    assert prompt_token_bound(completion) == bound
+
+
+def test_tokenization_reserves_nothing():
+    """It generates nothing: a key's token limits let it through, its request limits count it."""
+    for request in (TokenizeCompletionRequest(prompt="hi " * 100), DetokenizeRequest(tokens=[1, 2, 3])):
+        assert reserved_tokens(request) == prompt_token_bound(request) == 0
+
+
+def test_for_engine_treats_a_completion_as_a_chat():
+    completion = CompletionRequest(model="smollm2", prompt="hi", stream=True, kv_transfer_params={"x": 1})
+    sent = for_engine(completion, "model-id", 32)
+    assert (sent.model, sent.max_tokens, sent.kv_transfer_params) == ("model-id", 32, None)
+    assert sent.stream_options.include_usage and sent.stream_options.continuous_usage_stats

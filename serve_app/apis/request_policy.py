@@ -1,0 +1,94 @@
+"""What every API does to a request before it goes to its model, in one place: the server's
+`max_tokens` cap, usage asked of vLLM on every stream chunk, and the tokens a key's budget
+reserves for it."""
+
+import json
+from typing import TypeVar
+
+from vllm.entrypoints.generate.base.protocol import StreamOptions
+from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+
+from serve_app.errors import BadRequest
+from serve_app.models.requests import EngineRequest, GenerationRequest
+
+R = TypeVar("R", ChatCompletionRequest, CompletionRequest)
+
+
+def capped_max_tokens(asked: int | None, default: int | None, limit: int | None) -> int | None:
+    """An honest cap matters to operators: Livepeer prices by `max_tokens`. A client's own value
+    above the cap is refused; the API's default (`/llm` has one, OpenAI's has none) bows to it."""
+    if asked is not None:
+        if limit is not None and asked > limit:
+            raise BadRequest(f"max_tokens is {asked}, above this server's limit of {limit}")
+        return asked
+    if limit is None:
+        return default
+    return limit if default is None else min(default, limit)
+
+
+def for_engine(chat: R, model_id: str, max_tokens: int | None) -> R:
+    """Streams ask vLLM for usage on every chunk, whatever the client asked: the request log and
+    the ledger then count even an abandoned stream's tokens, and the Livepeer gateway takes usage
+    from the last chunk. Each API forwards only as much of it as its client asked for."""
+    # vLLM's disaggregated prefill takes a prompt's token ids from here instead of its messages,
+    # which would slip past the prompt's bound that budgets reserve; this server runs no such
+    # prefill, so the field has no use here.
+    update: dict = {"model": model_id, "kv_transfer_params": None}
+    if max_tokens is not None and getattr(chat, "max_completion_tokens", None) is None:
+        update["max_tokens"] = max_tokens
+    if chat.stream:
+        asked = chat.stream_options or StreamOptions()
+        update["stream_options"] = asked.model_copy(update={"include_usage": True, "continuous_usage_stats": True})
+    return chat.model_copy(update=update)
+
+
+def reserved_tokens(request: EngineRequest) -> int:
+    """The most the request can generate, which its key's tokens-per-minute budget holds back
+    until the real count is known; none for a request that generates nothing (tokenization)."""
+    if not isinstance(request, GenerationRequest):
+        return 0
+    return (getattr(request, "max_completion_tokens", None) or request.max_tokens or 0) * completions_asked(request)
+
+
+def completions_asked(request: GenerationRequest) -> int:
+    """Each of its `n` choices, for each prompt of a completion request's batch."""
+    prompts = len(_prompts(request)) if isinstance(request, CompletionRequest) else 1
+    return (request.n or 1) * prompts
+
+
+PROMPT_OVERHEAD_TOKENS = 64
+MESSAGE_OVERHEAD_TOKENS = 16
+
+
+def prompt_token_bound(request: EngineRequest) -> int:
+    """The most tokens the prompt can count, without tokenizing it: a token covers at least one
+    byte of the text (the messages and tools as JSON, which hold more bytes than their text), and
+    a chat template adds a few tokens per message and a default system prompt at most; a prompt
+    given as token ids counts them. A budget reserves this beside max_tokens, so that the real
+    count never exceeds the reservation. Tokenization generates nothing and counts for nothing."""
+    if isinstance(request, CompletionRequest):
+        return _completion_prompt_bound(request)
+    if not isinstance(request, ChatCompletionRequest):
+        return 0
+    text = json.dumps(request.messages, default=str) + (json.dumps(request.tools, default=str) if request.tools else "")
+    return len(text.encode()) + MESSAGE_OVERHEAD_TOKENS * len(request.messages) + PROMPT_OVERHEAD_TOKENS
+
+
+def _prompts(request: CompletionRequest) -> list[str | list[int]]:
+    """A completion request's prompts: a text, token ids, or a batch of either (one completion,
+    of `n` choices, per prompt)."""
+    prompt = request.prompt
+    if prompt is None:
+        return []
+    if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
+        return [prompt]
+    return list(prompt)
+
+
+def _completion_prompt_bound(request: CompletionRequest) -> int:
+    """A text is bounded by its bytes; token ids count themselves."""
+    return sum(
+        len(prompt.encode()) + PROMPT_OVERHEAD_TOKENS if isinstance(prompt, str) else len(prompt)
+        for prompt in _prompts(request)
+    )
