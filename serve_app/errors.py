@@ -1,7 +1,8 @@
 """The exception tree for client-visible failures, and the one function that shapes them.
 
 `/llm` clients (the Livepeer SDK and gateway) read `detail.msg`; OpenAI clients read
-`error.message`. Both bodies carry the request id so a user can quote it to an operator.
+`error.message`, and Anthropic's SDK reads `error.message` under `"type": "error"` with its own
+error types. Every body carries the request id so a user can quote it to an operator.
 """
 
 from typing import Any, Literal
@@ -10,7 +11,7 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from pydantic_core import from_json
 
-Api = Literal["livepeer", "openai"]
+Api = Literal["livepeer", "openai", "anthropic"]
 
 
 class APIError(Exception):
@@ -142,14 +143,39 @@ def _client_path(loc: tuple[int | str, ...], kind: str, document: Any) -> list[i
 
 def api_of(path: str) -> Api:
     """Which shape a route's errors take: OpenAI's under `/v1/` and `/admin/` (whose clients are
-    scripts and SDKs) and on vLLM's tokenization routes, the Livepeer runner's elsewhere."""
+    scripts and SDKs) and on vLLM's tokenization routes, Anthropic's on its Messages API, the
+    Livepeer runner's elsewhere."""
+    if path.startswith("/v1/messages"):
+        return "anthropic"
     return "openai" if path.startswith(("/v1/", "/admin/", "/tokenize", "/detokenize")) else "livepeer"
+
+
+ANTHROPIC_TYPES = {
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    503: "overloaded_error",
+}
+"""Anthropic's error types by status (its SDK maps statuses to exceptions, and shows the type):
+any other 4xx is an `invalid_request_error`, any other 5xx an `api_error`."""
+
+
+def anthropic_type(status: int) -> str:
+    return ANTHROPIC_TYPES.get(status) or ("invalid_request_error" if status < 500 else "api_error")
 
 
 def error_body(api: Api, error: APIError, request_id: str) -> dict[str, Any]:
     """Also the body of an error event inside an OpenAI stream whose 200 already went out."""
     if api == "livepeer":
         return {"detail": {"msg": error.message, "request_id": request_id}}
+    if api == "anthropic":
+        return {
+            "type": "error",
+            "error": {"type": anthropic_type(error.status), "message": error.message},
+            "request_id": request_id,
+        }
     return {
         "error": {"message": error.message, "type": error.kind, "param": None, "code": error.status},
         "request_id": request_id,

@@ -18,6 +18,7 @@ from serve_app.apis.admin import Admin
 from serve_app.apis.admin_keys import AdminKeys
 from serve_app.apis.admin_registry import RegistryCalls
 from serve_app.apis.admin_tenants import AdminTenants
+from serve_app.apis.anthropic.serving import AnthropicMessages
 from serve_app.apis.livepeer.protocol import LLMResponse
 from serve_app.apis.livepeer.serving import LivepeerChat
 from serve_app.apis.model_call import ModelCalls
@@ -77,6 +78,7 @@ class Ingress:
         limit = config.ingress.max_tokens_limit
         self._livepeer = LivepeerChat(router, calls, limit)
         self._openai = OpenAIAPI(router, calls, limit)
+        self._anthropic = AnthropicMessages(router, calls, limit)
         self._runner_info = RunnerInfo(config.default_model_id, router.model_ids)
         self._admin = Admin(self._ledger, config.currency)
         names = {name for model in config.models for name in (model.id, *model.aliases)}
@@ -101,6 +103,14 @@ class Ingress:
     @app.post("/v1/completions")
     async def completions(self, request: Request):
         return await self._admission.serve(request, "/v1/completions", "chat", self._openai.completion)
+
+    @app.post("/v1/messages")
+    async def messages(self, request: Request):
+        return await self._admission.serve(request, "/v1/messages", "chat", self._anthropic.messages)
+
+    @app.post("/v1/messages/count_tokens")
+    async def count_tokens(self, request: Request):
+        return await self._admission.serve(request, "/v1/messages/count_tokens", "chat", self._anthropic.count_tokens)
 
     @app.post("/tokenize")
     async def tokenize(self, request: Request):

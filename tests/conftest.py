@@ -37,7 +37,10 @@ def serve_url():
     METRICS_PORT = _free_port()
     # Extra logical CPUs: the model replica takes one, light deployments take slivers. Metrics
     # are reported every second instead of every ten, so that tests can read them soon.
+    # `address="local"`: a cluster of this session's own, even where another one runs on the host
+    # (a `ray start` cluster would otherwise be joined).
     ray.init(
+        address="local",
         num_cpus=8,
         include_dashboard=False,
         runtime_env={"env_vars": {"LLM_API_KEY": API_KEY}},

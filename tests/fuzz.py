@@ -198,6 +198,28 @@ def _completion_body(field) -> st.SearchStrategy[dict]:
 completion_bodies = with_extras(families(_completion_body))
 """`/v1/completions` bodies: a prompt of text or token ids, alone or in a batch."""
 
+
+def _messages_body(field) -> st.SearchStrategy[dict]:
+    wide = field is either
+    return st.fixed_dictionaries(
+        {
+            "model": field(st.sampled_from(["fake-a", "a", *(["nope"] if wide else [])])),
+            "messages": _messages(field, ["user", "assistant"]),
+            "max_tokens": field(numbers if wide else st.integers(1, 64)),
+        },
+        optional={
+            "system": field(texts, st.lists(st.fixed_dictionaries({"type": st.just("text"), "text": texts}))),
+            "temperature": field(numbers if wide else st.floats(0, 1)),
+            "stop_sequences": field(st.lists(texts, max_size=2)),
+            "stream": field(st.booleans()),
+            "top_k": field(numbers if wide else st.integers(1, 40)),
+        },
+    )
+
+
+messages_bodies = with_extras(families(_messages_body))
+"""Anthropic `/v1/messages` bodies: a conversation, `max_tokens`, a system prompt."""
+
 tokenize_bodies = with_extras(
     families(
         lambda field: st.one_of(

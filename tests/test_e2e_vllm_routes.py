@@ -1,10 +1,12 @@
 """The routes served by vLLM's own serving classes beyond chat, on the real engine and model:
-`/v1/completions` through the official `openai` SDK, streamed and not, and `/tokenize` and
-`/detokenize`; each recorded in the ledger under its own endpoint, with the usage its client was
-told. And the Livepeer runner's `/llm/chat/completions` alias of `/llm`."""
+`/v1/completions` through the official `openai` SDK and Anthropic's `/v1/messages` and
+`/v1/messages/count_tokens` through the official `anthropic` SDK, streamed and not, and
+`/tokenize` and `/detokenize`; each recorded in the ledger under its own endpoint, with the usage
+its client was told. And the Livepeer runner's `/llm/chat/completions` alias of `/llm`."""
 
 import time
 
+import anthropic
 import httpx
 import openai
 import pytest
@@ -99,3 +101,50 @@ def test_the_livepeer_runners_chat_completions_alias_is_llm(client):
     alias, llm = (client.post(path, json=body).json() for path in ("/llm/chat/completions", "/llm"))
     assert (alias["choices"], alias["usage"]) == (llm["choices"], llm["usage"])
     assert "Paris" in alias["choices"][0]["message"]["content"]
+
+
+FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
+GREEDY = {"temperature": 0}
+"""This SDK's release takes no `temperature` of its own; vLLM's Anthropic request does."""
+
+
+@pytest.fixture
+def claude(llm_url):
+    """The SDK sends the key as `x-api-key`, as it does to Anthropic."""
+    return anthropic.Anthropic(base_url=llm_url, api_key=API_KEY, max_retries=0)
+
+
+def test_anthropic_messages_whole_and_streamed_and_their_token_count(claude, client):
+    since = time.time()
+    whole = claude.messages.create(model=MODEL, messages=FRANCE, max_tokens=12, extra_body=GREEDY)
+    [block] = whole.content
+    assert block.type == "text" and "Paris" in block.text
+    assert whole.role == "assistant" and whole.stop_reason in ("end_turn", "max_tokens")
+    assert whole.usage.output_tokens > 0
+    with claude.messages.stream(model="smollm2", messages=FRANCE, max_tokens=12, extra_body=GREEDY) as stream:
+        text = "".join(stream.text_stream)
+        final = stream.get_final_message()
+    assert text == block.text  # greedy decoding: the same words
+    assert (final.stop_reason, final.usage.output_tokens) == (whole.stop_reason, whole.usage.output_tokens)
+    counted = claude.messages.count_tokens(model=MODEL, messages=FRANCE)
+    assert counted.input_tokens == whole.usage.input_tokens > 0
+
+    row = _ledger(client, since, "/v1/messages", 2)
+    assert row["failed_requests"] == 0
+    assert row["prompt_tokens"] == 2 * whole.usage.input_tokens
+    assert row["completion_tokens"] == 2 * whole.usage.output_tokens
+    _ledger(client, since, "/v1/messages/count_tokens", 1)
+
+
+def test_anthropic_errors_are_in_anthropics_shape(claude, llm_url):
+    with pytest.raises(anthropic.NotFoundError) as unknown:
+        claude.messages.create(model="claude-9", messages=FRANCE, max_tokens=4)
+    assert unknown.value.body["type"] == "error" and unknown.value.body["error"]["type"] == "not_found_error"
+    assert "smollm2-135m-instruct" in unknown.value.body["error"]["message"]  # the models this key may use
+    with pytest.raises(anthropic.AuthenticationError):
+        anthropic.Anthropic(base_url=llm_url, api_key="sk-wrong", max_retries=0).messages.create(
+            model=MODEL, messages=FRANCE, max_tokens=4
+        )
+    with pytest.raises(anthropic.BadRequestError) as bad:
+        claude.messages.create(model=MODEL, messages=FRANCE, max_tokens=0)
+    assert "max_tokens" in bad.value.body["error"]["message"] and bad.value.body["request_id"]

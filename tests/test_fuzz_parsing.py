@@ -16,6 +16,7 @@ from serve_app.apis.admin import instant, iso
 from serve_app.apis.admin_keys import AdminKeys, KeyCreate, KeyRotate, KeyUpdate
 from serve_app.apis.admin_registry import RegistryCalls, parsed
 from serve_app.apis.admin_tenants import TenantCreate, TenantUpdate
+from serve_app.apis.anthropic.protocol import parse_messages
 from serve_app.apis.livepeer.protocol import LLMRequest
 from serve_app.apis.openai.protocol import parse_chat, parse_completion, parse_detokenize, parse_tokenize
 from serve_app.errors import MAX_PROBLEMS, BadRequest
@@ -28,6 +29,7 @@ from tests.fuzz import (
     key_change,
     leaks,
     llm_bodies,
+    messages_bodies,
     new_key,
     new_tenant,
     rotation,
@@ -68,6 +70,17 @@ def test_any_completions_body_is_a_request_that_crosses_a_ray_hop_or_a_400(body)
         _clean(error, body)
         return
     pickle.dumps(completion)
+
+
+@fuzz_settings(300)
+@given(body=encoded(messages_bodies))
+def test_any_anthropic_messages_body_is_a_request_that_crosses_a_ray_hop_or_a_400(body):
+    try:
+        message = parse_messages(body)
+    except BadRequest as error:
+        _clean(error, body)
+        return
+    pickle.dumps(message)
 
 
 @fuzz_settings(200)

@@ -145,17 +145,28 @@ async def _first_output(
     return first, outputs
 
 
-async def chunks(call: ModelCall, answer: Answer) -> AsyncIterator[dict[str, Any]]:
-    """A stream's chunks, parsed once for either API; their usage and finish reason go to the
-    answer, and a chunk of new output (text, reasoning, tool calls) counts as a token. An error
-    the model tells midway, or a stream that stops without a finish reason, is raised as an
-    `APIError`, for the API's stream to end with."""
+async def payloads(call: ModelCall) -> AsyncIterator[str]:
+    """A stream's payloads as the model gave them, its first one included; an error the model
+    tells midway is raised as an `APIError`, for the API's stream to end with."""
     item = call.first
     rest = aiter(call.rest)
     while True:
         if isinstance(item, ModelError):
             raise for_status(item.status, item.message)
-        chunk = json.loads(item)
+        yield item
+        try:
+            item = await anext(rest)
+        except StopAsyncIteration:
+            return
+
+
+async def chunks(call: ModelCall, answer: Answer) -> AsyncIterator[dict[str, Any]]:
+    """A stream's OpenAI chunks, parsed once for either API that speaks them; their usage and
+    finish reason go to the answer, and a chunk of new output (text, reasoning, tool calls)
+    counts as a token. An error the model tells midway, or a stream that stops without a finish
+    reason, is raised as an `APIError`, for the API's stream to end with."""
+    async for payload in payloads(call):
+        chunk = json.loads(payload)
         answer.usage(chunk.get("usage"))
         choices = chunk.get("choices")
         if choices:
@@ -164,9 +175,5 @@ async def chunks(call: ModelCall, answer: Answer) -> AsyncIterator[dict[str, Any
                 answer.token()
             answer.finish_reason = choices[0].get("finish_reason") or answer.finish_reason
         yield chunk
-        try:
-            item = await anext(rest)
-        except StopAsyncIteration:
-            break
     if answer.finish_reason is None:
         raise EngineFailure("the model stopped without finishing")

@@ -5,6 +5,7 @@ reserves for it."""
 import json
 from typing import TypeVar
 
+from vllm.entrypoints.anthropic.protocol import AnthropicMessagesRequest
 from vllm.entrypoints.generate.base.protocol import StreamOptions
 from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
 from vllm.entrypoints.openai.completion.protocol import CompletionRequest
@@ -46,6 +47,8 @@ def for_engine(chat: R, model_id: str, max_tokens: int | None) -> R:
 def reserved_tokens(request: EngineRequest) -> int:
     """The most the request can generate, which its key's tokens-per-minute budget holds back
     until the real count is known; none for a request that generates nothing (tokenization)."""
+    if isinstance(request, AnthropicMessagesRequest):
+        return request.max_tokens  # required by Anthropic's API, for its one answer
     if not isinstance(request, GenerationRequest):
         return 0
     return (getattr(request, "max_completion_tokens", None) or request.max_tokens or 0) * completions_asked(request)
@@ -69,6 +72,9 @@ def prompt_token_bound(request: EngineRequest) -> int:
     count never exceeds the reservation. Tokenization generates nothing and counts for nothing."""
     if isinstance(request, CompletionRequest):
         return _completion_prompt_bound(request)
+    if isinstance(request, AnthropicMessagesRequest):
+        text = request.model_dump_json(include={"messages", "system", "tools"}, exclude_none=True)
+        return len(text.encode()) + MESSAGE_OVERHEAD_TOKENS * len(request.messages) + PROMPT_OVERHEAD_TOKENS
     if not isinstance(request, ChatCompletionRequest):
         return 0
     text = json.dumps(request.messages, default=str) + (json.dumps(request.tools, default=str) if request.tools else "")

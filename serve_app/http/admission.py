@@ -25,6 +25,17 @@ from serve_app.tenancy.keys import Caller, KeyRing
 
 logger = logging.getLogger("ray.serve")
 
+
+def credentials(request: Request, endpoint: str) -> str | None:
+    """Anthropic's SDK sends its key as `x-api-key`: on the Messages API that header stands for
+    `Authorization: Bearer <key>` where that one is absent."""
+    authorization = request.headers.get("authorization")
+    api_key = request.headers.get("x-api-key")
+    if authorization is None and api_key and api_of(endpoint) == "anthropic":
+        return f"Bearer {api_key}"
+    return authorization
+
+
 Handler = Callable[[Request, Caller, RequestLifecycle], Awaitable[Response | dict[str, Any]]]
 """A route's logic: a response, or a body to answer as JSON."""
 
@@ -39,7 +50,7 @@ class Admission:
         """A stream's lifecycle is ended by the stream, when it ends; every other answer's here."""
         lifecycle = RequestLifecycle(request_id_of(request), endpoint, self._listeners)
         try:
-            caller = self._keys.authenticate(request.headers.get("authorization"))
+            caller = self._keys.authenticate(credentials(request, endpoint))
             lifecycle.key_name, lifecycle.tenant = caller.key_name, caller.tenant_name
             if scope is not None:
                 caller.require(scope)

@@ -1,5 +1,5 @@
-"""Server-Sent Events: the framing of `data: …` lines and the closing `[DONE]` for both APIs,
-and the streaming response that ends its request's lifecycle when the stream ends.
+"""Server-Sent Events: the framing of `data: …` lines and the closing `[DONE]` of the OpenAI-style
+APIs (Anthropic's events come framed by vLLM, and end without it), and the streaming response that ends its request's lifecycle when the stream ends.
 
 The stream's events are written by the API's own generator, which owns its failure mode: once
 the 200 has gone out an error can only be told inside the stream, so the generator ends the
@@ -41,8 +41,11 @@ class EventStream(StreamingResponse):
         cancel: Callable[[], None],
         lifecycle: RequestLifecycle,
         headers: dict[str, str],
+        done: str | None = DONE,
     ) -> None:
-        super().__init__(_ended(events, lifecycle), media_type="text/event-stream", headers=HEADERS | headers)
+        """`done`: the stream's last event, OpenAI's `[DONE]` unless the API has none (Anthropic's
+        ends with its `message_stop` event)."""
+        super().__init__(_ended(events, lifecycle, done), media_type="text/event-stream", headers=HEADERS | headers)
         self._events = events
         self._cancel = cancel
         self._lifecycle = lifecycle
@@ -64,8 +67,11 @@ class EventStream(StreamingResponse):
                     self._lifecycle.finish(self._lifecycle.answer.stream_status())
 
 
-async def _ended(events: AsyncGenerator[str, None], lifecycle: RequestLifecycle) -> AsyncIterator[str]:
+async def _ended(
+    events: AsyncGenerator[str, None], lifecycle: RequestLifecycle, done: str | None
+) -> AsyncIterator[str]:
     async for item in events:
         yield item
     lifecycle.answer.complete = True
-    yield DONE
+    if done is not None:
+        yield done

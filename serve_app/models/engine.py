@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from logging.handlers import MemoryHandler
 from typing import TYPE_CHECKING, Any, Protocol
 
+from vllm.entrypoints.anthropic.protocol import AnthropicCountTokensRequest, AnthropicMessagesRequest
 from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
 from vllm.entrypoints.openai.completion.protocol import CompletionRequest
 from vllm.entrypoints.serve.engine.protocol import ErrorResponse
@@ -129,13 +130,16 @@ def _serving_methods(state: Any) -> dict[type, Callable[[Any], Awaitable[EngineR
     them (without the HTTP request, which they read only for headers this server does not pass
     on). A serving class vLLM did not make for this model (completions for a model that only
     embeds, say) leaves its types out: `answer` then refuses them."""
-    names = ("openai_serving_chat", "openai_serving_completion", "serving_tokenization")
-    chat, completion, tokenization = (getattr(state, name, None) for name in names)
+    names = ("openai_serving_chat", "openai_serving_completion", "anthropic_serving_messages", "serving_tokenization")
+    chat, completion, messages, tokenization = (getattr(state, name, None) for name in names)
     methods: dict[type, Callable[[Any], Awaitable[EngineResult]]] = {}
     if chat is not None:
         methods[ChatCompletionRequest] = chat.create_chat_completion
     if completion is not None:
         methods[CompletionRequest] = completion.create_completion
+    if messages is not None:
+        methods[AnthropicMessagesRequest] = messages.create_messages
+        methods[AnthropicCountTokensRequest] = messages.count_tokens
     if tokenization is not None:
         methods[TokenizeCompletionRequest] = methods[TokenizeChatRequest] = lambda request: (
             tokenization.create_tokenize(request, None)

@@ -6,6 +6,7 @@ find one."""
 
 from dataclasses import dataclass
 
+from vllm.entrypoints.anthropic.protocol import AnthropicCountTokensResponse, AnthropicMessagesResponse
 from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionResponse
 from vllm.entrypoints.openai.completion.protocol import CompletionResponse
 from vllm.entrypoints.serve.tokenize.protocol import DetokenizeResponse, TokenizeResponse
@@ -19,7 +20,15 @@ class ModelError:
     message: str
 
 
-WholeAnswer = ChatCompletionResponse | CompletionResponse | TokenizeResponse | DetokenizeResponse
+WholeAnswer = (
+    ChatCompletionResponse
+    | CompletionResponse
+    | AnthropicMessagesResponse
+    | AnthropicCountTokensResponse
+    | TokenizeResponse
+    | DetokenizeResponse
+)
 
 ModelOutput = WholeAnswer | ModelError | str
-"""`str`: one stream chunk's JSON, without SSE framing."""
+"""`str`: one stream chunk's JSON, without SSE framing; for Anthropic's Messages API, whose
+events are named, the whole `event: …` and `data: …` frame."""

@@ -2,6 +2,7 @@
 server that this server serves. Each travels to the model's replica as it is, and the replica
 hands it to the vLLM serving class for its type (`engine.VLLMEngine`)."""
 
+from vllm.entrypoints.anthropic.protocol import AnthropicCountTokensRequest, AnthropicMessagesRequest
 from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
 from vllm.entrypoints.openai.completion.protocol import CompletionRequest
 from vllm.entrypoints.serve.tokenize.protocol import DetokenizeRequest, TokenizeChatRequest, TokenizeCompletionRequest
@@ -9,4 +10,11 @@ from vllm.entrypoints.serve.tokenize.protocol import DetokenizeRequest, Tokenize
 GenerationRequest = ChatCompletionRequest | CompletionRequest
 """A request the engine generates for: it has `max_tokens`, `n`, `stream` and `stream_options`."""
 
-EngineRequest = GenerationRequest | TokenizeCompletionRequest | TokenizeChatRequest | DetokenizeRequest
+EngineRequest = (
+    GenerationRequest
+    | AnthropicMessagesRequest
+    | AnthropicCountTokensRequest
+    | TokenizeCompletionRequest
+    | TokenizeChatRequest
+    | DetokenizeRequest
+)

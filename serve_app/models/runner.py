@@ -67,9 +67,13 @@ class ModelRunner:
         self._engine.shutdown()
 
 
+ANTHROPIC_ERROR = "event: error\ndata: "
+
+
 async def _stream_outputs(lines: AsyncIterator[str]) -> AsyncIterator[str | ModelError]:
-    """vLLM's SSE lines as chunk payloads; its error event (a failure before the first token, or
-    one midway) as a `ModelError`, which ends the stream."""
+    """vLLM's SSE lines as chunk payloads (a named event's whole frame); its error event (a
+    failure before the first token, or one midway, in OpenAI's terms or Anthropic's) as a
+    `ModelError`, which ends the stream."""
     async for line in lines:
         payload = line.removeprefix("data: ").rstrip()
         if payload == "[DONE]":
@@ -77,6 +81,10 @@ async def _stream_outputs(lines: AsyncIterator[str]) -> AsyncIterator[str | Mode
         if payload.startswith('{"error"'):
             error = json.loads(payload)["error"]
             yield ModelError(error.get("code") or 500, error.get("message") or "generation failed")
+            return
+        if payload.startswith(ANTHROPIC_ERROR):
+            error = json.loads(payload.removeprefix(ANTHROPIC_ERROR)).get("error") or {}
+            yield ModelError(500, error.get("message") or "generation failed")
             return
         yield payload
 

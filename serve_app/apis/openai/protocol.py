@@ -2,17 +2,16 @@
 vLLM's requests (chat, completions, tokenization) before a key's budget is touched."""
 
 import json
-from typing import Any, TypeVar
+from typing import Any
 
-from pydantic import BaseModel, ValidationError
-from pydantic_core import from_json
+from pydantic import ValidationError
 from vllm.entrypoints.generate.base.protocol import StreamOptions
 from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest, ChatCompletionResponse
 from vllm.entrypoints.openai.completion.protocol import CompletionRequest
 from vllm.entrypoints.serve.tokenize.protocol import DetokenizeRequest, TokenizeChatRequest, TokenizeCompletionRequest
-from vllm.exceptions import VLLMClientError
 
-from serve_app.errors import BadRequest, from_validation
+from serve_app.apis.bodies import json_object, validated
+from serve_app.errors import BadRequest
 
 __all__ = [
     "ChatCompletionRequest",
@@ -24,8 +23,6 @@ __all__ = [
     "parse_tokenize",
 ]
 
-M = TypeVar("M", bound=BaseModel)
-
 KNOWN_ROLES = {"system", "developer", "user", "assistant", "tool", "function"}
 TEXT_PART_TYPES = {"text", "input_text", "output_text", "refusal", "thinking"}
 """Content parts whose words are under `text` (`refusal` under `refusal`, `thinking` under
@@ -36,9 +33,9 @@ def parse_chat(body: bytes) -> ChatCompletionRequest:
     """The body is parsed here and its shape checked before vLLM's model sees it: that model's
     own checks across fields run on the raw JSON first and assume its types (`messages` not a
     list raised TypeError, a 500)."""
-    document = _document(body)
+    document = json_object(body)
     _check_shape(document)
-    chat = _validated(ChatCompletionRequest, document, body)
+    chat = validated(ChatCompletionRequest, document, body)
     _check_counts(chat, ("n", "max_tokens", "max_completion_tokens"))
     _check_contents(chat)
     return chat
@@ -47,52 +44,30 @@ def parse_chat(body: bytes) -> ChatCompletionRequest:
 def parse_completion(body: bytes) -> CompletionRequest:
     """`prompt_embeds` would reach the engine as tensors whose tokens no budget can bound, and
     vLLM serves them only where its server enables them, which this one does not."""
-    document = _document(body)
+    document = json_object(body)
     if document.get("prompt_embeds") is not None:
         raise BadRequest("invalid request body: prompt_embeds: not served here; send prompt as text or token ids")
     _check_type(document.get("prompt"), "prompt", str | list)
     if not document.get("prompt"):
         raise BadRequest("invalid request body: prompt: must be a text, a list of texts or token ids, not empty")
-    completion = _validated(CompletionRequest, document, body)
+    completion = validated(CompletionRequest, document, body)
     _check_counts(completion, ("n", "max_tokens"))
     return completion
 
 
 def parse_tokenize(body: bytes) -> TokenizeCompletionRequest | TokenizeChatRequest:
     """vLLM's `/tokenize` takes a prompt, or messages that it renders with the chat template."""
-    document = _document(body)
+    document = json_object(body)
     if "messages" in document:
         _check_shape(document)
-        chat = _validated(TokenizeChatRequest, document, body)
+        chat = validated(TokenizeChatRequest, document, body)
         _check_contents(chat)
         return chat
-    return _validated(TokenizeCompletionRequest, document, body)
+    return validated(TokenizeCompletionRequest, document, body)
 
 
 def parse_detokenize(body: bytes) -> DetokenizeRequest:
-    return _validated(DetokenizeRequest, _document(body), body)
-
-
-def _document(body: bytes) -> dict[str, Any]:
-    """JSON's grammar has no NaN or Infinity."""
-    try:
-        document = from_json(body, allow_inf_nan=False)
-    except ValueError as error:
-        raise BadRequest(f"the request body is not valid JSON: {error}") from None
-    if not isinstance(document, dict):
-        raise BadRequest("invalid request body: body: must be a JSON object")
-    return document
-
-
-def _validated(model: type[M], document: dict[str, Any], body: bytes) -> M:
-    """vLLM's models raise their own error for checks across fields (stream_options without
-    stream, an empty tools list); pydantic does not wrap it."""
-    try:
-        return model.model_validate(document)
-    except ValidationError as error:
-        raise from_validation(error, "request body", body) from None
-    except VLLMClientError as error:
-        raise BadRequest(f"invalid request body: {error}") from None
+    return validated(DetokenizeRequest, json_object(body), body)
 
 
 def _check_shape(document: dict[str, Any]) -> None:

@@ -1,0 +1,84 @@
+"""The Messages API's logic: vLLM's Anthropic answers and events passed through as vLLM gives
+them, the events read on the way for the request's usage and finish reason; and token counts."""
+
+import json
+import logging
+from collections.abc import AsyncGenerator
+
+from fastapi import Request
+from fastapi.responses import JSONResponse
+from starlette.responses import Response
+
+from serve_app.apis.anthropic.protocol import parse_count_tokens, parse_messages, usage_counts
+from serve_app.apis.model_call import ModelCall, ModelCalls, payloads
+from serve_app.apis.request_policy import capped_max_tokens
+from serve_app.errors import APIError, EngineFailure, error_body
+from serve_app.http.lifecycle import RequestLifecycle
+from serve_app.http.streaming import KEEPALIVE, EventStream
+from serve_app.routing.router import Router
+from serve_app.telemetry.record import Answer
+from serve_app.tenancy.keys import Caller
+
+logger = logging.getLogger("ray.serve")
+
+
+class AnthropicMessages:
+    def __init__(self, router: Router, calls: ModelCalls, max_tokens_limit: int | None) -> None:
+        self._router = router
+        self._calls = calls
+        self._max_tokens_limit = max_tokens_limit
+
+    async def messages(self, request: Request, caller: Caller, lifecycle: RequestLifecycle) -> Response:
+        body = parse_messages(await request.body())
+        route = self._router.resolve(body.model, caller)
+        lifecycle.routed(route.model_id, route.price)
+        capped_max_tokens(body.max_tokens, None, self._max_tokens_limit)  # refuses one above the cap
+        call = await self._calls.start(route, body.model_copy(update={"model": route.model_id}), caller, lifecycle)
+        if body.stream:
+            events = anthropic_events(call, lifecycle.answer, lifecycle.request_id)
+            return EventStream(events, call.cancel, lifecycle, call.headers, done=None)
+        message = call.first
+        lifecycle.answer.token()
+        lifecycle.answer.usage(usage_counts(message.usage))
+        lifecycle.answer.finish_reason = message.stop_reason
+        return JSONResponse(message.model_dump(exclude_none=True), headers=call.headers)
+
+    async def count_tokens(self, request: Request, caller: Caller, lifecycle: RequestLifecycle) -> Response:
+        body = parse_count_tokens(await request.body())
+        route = self._router.resolve(body.model, caller)
+        lifecycle.routed(route.model_id, route.price)
+        call = await self._calls.start(route, body.model_copy(update={"model": route.model_id}), caller, lifecycle)
+        return JSONResponse(call.first.model_dump(exclude_none=True), headers=call.headers)
+
+
+async def anthropic_events(call: ModelCall, answer: Answer, request_id: str) -> AsyncGenerator[str, None]:
+    """Each of vLLM's events goes out as it came (`event: …` and `data: …`); `message_start` and
+    `message_delta` carry the usage so far, `message_delta` the stop reason, and a
+    `content_block_delta` is new output. A failure after the 200 went out ends the stream with
+    Anthropic's `error` event, which its SDK raises."""
+    try:
+        async for _ in call.keepalives():
+            yield KEEPALIVE
+        async for frame in payloads(call):
+            name, _, data = frame.partition("\ndata: ")
+            name = name.removeprefix("event: ")
+            if name == "content_block_delta":
+                answer.token()
+            elif name in ("message_start", "message_delta"):
+                event = json.loads(data)
+                answer.usage(usage_counts((event.get("message") or event).get("usage")))
+                answer.finish_reason = (event.get("delta") or {}).get("stop_reason") or answer.finish_reason
+            yield frame + "\n\n"
+        if answer.finish_reason is None:
+            raise EngineFailure("the model stopped without finishing")
+    except APIError as error:
+        answer.fail(error.status)
+        yield error_event(error, request_id)
+    except Exception:
+        logger.exception("stream failed (request id %s)", request_id)
+        answer.fail(500)
+        yield error_event(EngineFailure(f"the model engine failed mid-stream (request id {request_id})"), request_id)
+
+
+def error_event(error: APIError, request_id: str) -> str:
+    return f"event: error\ndata: {json.dumps(error_body('anthropic', error, request_id))}\n\n"
