@@ -220,6 +220,26 @@ def _messages_body(field) -> st.SearchStrategy[dict]:
 messages_bodies = with_extras(families(_messages_body))
 """Anthropic `/v1/messages` bodies: a conversation, `max_tokens`, a system prompt."""
 
+
+def _responses_body(field) -> st.SearchStrategy[dict]:
+    wide = field is either
+    return st.fixed_dictionaries(
+        {"input": field(texts, _messages(field, ["system", "developer", "user", "assistant"]))},
+        optional={
+            "model": field(st.sampled_from(["fake-a", "a", *(["nope"] if wide else [])])),
+            "instructions": field(texts),
+            "max_output_tokens": field(numbers if wide else st.integers(1, 64)),
+            "temperature": field(numbers if wide else st.floats(0, 2)),
+            "stream": field(st.booleans()),
+            "store": field(st.booleans()),
+            "previous_response_id": field(texts),
+        },
+    )
+
+
+responses_bodies = with_extras(families(_responses_body))
+"""`/v1/responses` bodies: an input as text or messages, and the fields that need stored state."""
+
 tokenize_bodies = with_extras(
     families(
         lambda field: st.one_of(

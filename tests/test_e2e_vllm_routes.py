@@ -1,5 +1,5 @@
 """The routes served by vLLM's own serving classes beyond chat, on the real engine and model:
-`/v1/completions` through the official `openai` SDK and Anthropic's `/v1/messages` and
+`/v1/completions` and `/v1/responses` through the official `openai` SDK and Anthropic's `/v1/messages` and
 `/v1/messages/count_tokens` through the official `anthropic` SDK, streamed and not, and
 `/tokenize` and `/detokenize`; each recorded in the ledger under its own endpoint, with the usage
 its client was told. And the Livepeer runner's `/llm/chat/completions` alias of `/llm`."""
@@ -58,6 +58,33 @@ def test_completions_whole_and_streamed_are_answered_and_recorded(sdk, client):
     assert row["failed_requests"] == 0
     assert row["prompt_tokens"] == 2 * whole.usage.prompt_tokens
     assert row["completion_tokens"] == 2 * whole.usage.completion_tokens
+
+
+def test_responses_whole_and_streamed_are_answered_statelessly_and_recorded(sdk, client):
+    since = time.time()
+    ask = {"model": MODEL, "input": "What is the capital of France?", "max_output_tokens": 12, "temperature": 0}
+    whole = sdk.responses.create(**ask)
+    assert "Paris" in whole.output_text and whole.usage.output_tokens > 0
+    events = list(sdk.responses.create(**ask | {"model": "smollm2"}, stream=True))
+    kinds = [event.type for event in events]
+    assert kinds[0] == "response.created" and kinds[-1] in ("response.completed", "response.incomplete")
+    text = "".join(event.delta for event in events if event.type == "response.output_text.delta")
+    assert text == whole.output_text  # greedy decoding: the same words
+    assert events[-1].response.usage == whole.usage
+
+    row = _ledger(client, since, "/v1/responses", 2)
+    assert row["failed_requests"] == 0
+    assert row["prompt_tokens"] == 2 * whole.usage.input_tokens
+    assert row["completion_tokens"] == 2 * whole.usage.output_tokens
+
+
+def test_stored_and_chained_responses_are_refused_clearly(sdk):
+    with pytest.raises(openai.BadRequestError) as stored:
+        sdk.responses.create(model=MODEL, input="hi", max_output_tokens=4, store=True)
+    assert "store: stored responses are not kept by this server" in stored.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as chained:
+        sdk.responses.create(model=MODEL, input="hi", max_output_tokens=4, previous_response_id="resp_1")
+    assert "previous_response_id" in chained.value.body["message"]
 
 
 def test_a_bad_completion_request_is_refused_in_openais_shape(sdk):

@@ -18,7 +18,13 @@ from serve_app.apis.admin_registry import RegistryCalls, parsed
 from serve_app.apis.admin_tenants import TenantCreate, TenantUpdate
 from serve_app.apis.anthropic.protocol import parse_messages
 from serve_app.apis.livepeer.protocol import LLMRequest
-from serve_app.apis.openai.protocol import parse_chat, parse_completion, parse_detokenize, parse_tokenize
+from serve_app.apis.openai.protocol import (
+    parse_chat,
+    parse_completion,
+    parse_detokenize,
+    parse_responses,
+    parse_tokenize,
+)
 from serve_app.errors import MAX_PROBLEMS, BadRequest
 from serve_app.tenancy.limiter import LimitGate
 from tests.fuzz import (
@@ -32,6 +38,7 @@ from tests.fuzz import (
     messages_bodies,
     new_key,
     new_tenant,
+    responses_bodies,
     rotation,
     tenant_change,
     tokenize_bodies,
@@ -81,6 +88,17 @@ def test_any_anthropic_messages_body_is_a_request_that_crosses_a_ray_hop_or_a_40
         _clean(error, body)
         return
     pickle.dumps(message)
+
+
+@fuzz_settings(300)
+@given(body=encoded(responses_bodies))
+def test_any_responses_body_is_a_request_that_crosses_a_ray_hop_or_a_400(body):
+    try:
+        response = parse_responses(body)
+    except BadRequest as error:
+        _clean(error, body)
+        return
+    pickle.dumps(response)
 
 
 @fuzz_settings(200)

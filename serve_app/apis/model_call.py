@@ -16,11 +16,11 @@ from typing import Any
 
 from ray.serve.exceptions import BackPressureError
 
-from serve_app.apis.request_policy import completions_asked, prompt_token_bound, reserved_tokens
+from serve_app.apis.request_policy import completions_asked, generates, prompt_token_bound, reserved_tokens
 from serve_app.errors import BadRequest, EngineFailure, Overloaded, for_status
 from serve_app.http.lifecycle import RequestLifecycle
 from serve_app.models.outputs import ModelError, WholeAnswer
-from serve_app.models.requests import EngineRequest, GenerationRequest
+from serve_app.models.requests import EngineRequest
 from serve_app.routing.router import ModelStream, Route
 from serve_app.telemetry.record import Answer
 from serve_app.tenancy.budgets import Ask
@@ -102,7 +102,7 @@ def _unbounded_reservation(route: Route, request: EngineRequest, caller: Caller)
     key's or tenant's token limits: it may generate up to the model's context, so it reserves that
     for each choice; otherwise a budget would be overrun by what it had not reserved."""
     counting = [subject for subject in caller.subjects() if subject.limits.counts_tokens]
-    if not counting or not isinstance(request, GenerationRequest):
+    if not counting or not generates(request):
         return 0  # requests and concurrency limits count requests, not tokens
     if route.max_model_len is None:
         raise BadRequest(

@@ -9,6 +9,7 @@ from vllm.entrypoints.anthropic.protocol import AnthropicMessagesRequest
 from vllm.entrypoints.generate.base.protocol import StreamOptions
 from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
 from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+from vllm.entrypoints.openai.responses.protocol import ResponsesRequest
 
 from serve_app.errors import BadRequest
 from serve_app.models.requests import EngineRequest, GenerationRequest
@@ -49,13 +50,23 @@ def reserved_tokens(request: EngineRequest) -> int:
     until the real count is known; none for a request that generates nothing (tokenization)."""
     if isinstance(request, AnthropicMessagesRequest):
         return request.max_tokens  # required by Anthropic's API, for its one answer
+    if isinstance(request, ResponsesRequest):
+        return request.max_output_tokens or 0
     if not isinstance(request, GenerationRequest):
         return 0
     return (getattr(request, "max_completion_tokens", None) or request.max_tokens or 0) * completions_asked(request)
 
 
-def completions_asked(request: GenerationRequest) -> int:
-    """Each of its `n` choices, for each prompt of a completion request's batch."""
+def generates(request: EngineRequest) -> bool:
+    """Whether the engine generates for it: tokenization and token counts only read the prompt."""
+    return isinstance(request, GenerationRequest | ResponsesRequest | AnthropicMessagesRequest)
+
+
+def completions_asked(request: EngineRequest) -> int:
+    """Each of its `n` choices, for each prompt of a completion request's batch; the other APIs
+    answer once."""
+    if not isinstance(request, GenerationRequest):
+        return 1
     prompts = len(_prompts(request)) if isinstance(request, CompletionRequest) else 1
     return (request.n or 1) * prompts
 
@@ -75,6 +86,10 @@ def prompt_token_bound(request: EngineRequest) -> int:
     if isinstance(request, AnthropicMessagesRequest):
         text = request.model_dump_json(include={"messages", "system", "tools"}, exclude_none=True)
         return len(text.encode()) + MESSAGE_OVERHEAD_TOKENS * len(request.messages) + PROMPT_OVERHEAD_TOKENS
+    if isinstance(request, ResponsesRequest):
+        text = request.model_dump_json(include={"input", "instructions", "tools"}, exclude_none=True)
+        items = 1 if isinstance(request.input, str) else len(request.input)
+        return len(text.encode()) + MESSAGE_OVERHEAD_TOKENS * (items + 1) + PROMPT_OVERHEAD_TOKENS
     if not isinstance(request, ChatCompletionRequest):
         return 0
     text = json.dumps(request.messages, default=str) + (json.dumps(request.tools, default=str) if request.tools else "")

@@ -9,7 +9,7 @@ import argparse
 import json
 import logging
 import os
-from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from logging.handlers import MemoryHandler
 from typing import TYPE_CHECKING, Any, Protocol
@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from vllm.entrypoints.anthropic.protocol import AnthropicCountTokensRequest, AnthropicMessagesRequest
 from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
 from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+from vllm.entrypoints.openai.responses.protocol import ResponsesRequest
 from vllm.entrypoints.serve.engine.protocol import ErrorResponse
 from vllm.entrypoints.serve.tokenize.protocol import DetokenizeRequest, TokenizeChatRequest, TokenizeCompletionRequest
 
@@ -130,13 +131,17 @@ def _serving_methods(state: Any) -> dict[type, Callable[[Any], Awaitable[EngineR
     them (without the HTTP request, which they read only for headers this server does not pass
     on). A serving class vLLM did not make for this model (completions for a model that only
     embeds, say) leaves its types out: `answer` then refuses them."""
-    names = ("openai_serving_chat", "openai_serving_completion", "anthropic_serving_messages", "serving_tokenization")
-    chat, completion, messages, tokenization = (getattr(state, name, None) for name in names)
+    names = ("chat", "completion", "responses")
+    chat, completion, responses = (getattr(state, f"openai_serving_{name}", None) for name in names)
+    messages = getattr(state, "anthropic_serving_messages", None)
+    tokenization = getattr(state, "serving_tokenization", None)
     methods: dict[type, Callable[[Any], Awaitable[EngineResult]]] = {}
     if chat is not None:
         methods[ChatCompletionRequest] = chat.create_chat_completion
     if completion is not None:
         methods[CompletionRequest] = completion.create_completion
+    if responses is not None:
+        methods[ResponsesRequest] = lambda request: _responses(responses, request)
     if messages is not None:
         methods[AnthropicMessagesRequest] = messages.create_messages
         methods[AnthropicCountTokensRequest] = messages.count_tokens
@@ -146,6 +151,15 @@ def _serving_methods(state: Any) -> dict[type, Callable[[Any], Awaitable[EngineR
         )
         methods[DetokenizeRequest] = lambda request: tokenization.create_detokenize(request, None)
     return methods
+
+
+async def _responses(serving: Any, request: ResponsesRequest) -> EngineResult:
+    """A Responses stream's events come from vLLM's serving class as objects, which its own
+    server's route frames as SSE (named events); they are framed the same way here."""
+    from vllm.entrypoints.openai.responses.api_router import _convert_stream_to_sse_events
+
+    result = await serving.create_responses(request)
+    return _convert_stream_to_sse_events(result) if isinstance(result, AsyncIterator) else result
 
 
 @contextmanager

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from vllm.entrypoints.anthropic.protocol import AnthropicCountTokensResponse, AnthropicMessagesResponse
 from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionResponse
 from vllm.entrypoints.openai.completion.protocol import CompletionResponse
+from vllm.entrypoints.openai.responses.protocol import ResponsesResponse
 from vllm.entrypoints.serve.tokenize.protocol import DetokenizeResponse, TokenizeResponse
 
 
@@ -23,6 +24,7 @@ class ModelError:
 WholeAnswer = (
     ChatCompletionResponse
     | CompletionResponse
+    | ResponsesResponse
     | AnthropicMessagesResponse
     | AnthropicCountTokensResponse
     | TokenizeResponse
@@ -30,5 +32,5 @@ WholeAnswer = (
 )
 
 ModelOutput = WholeAnswer | ModelError | str
-"""`str`: one stream chunk's JSON, without SSE framing; for Anthropic's Messages API, whose
-events are named, the whole `event: …` and `data: …` frame."""
+"""`str`: one stream chunk's JSON, without SSE framing; for Anthropic's Messages API
+and OpenAI's Responses API, whose events are named, the whole `event: …` and `data: …` frame."""

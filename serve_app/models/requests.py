@@ -5,6 +5,7 @@ hands it to the vLLM serving class for its type (`engine.VLLMEngine`)."""
 from vllm.entrypoints.anthropic.protocol import AnthropicCountTokensRequest, AnthropicMessagesRequest
 from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
 from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+from vllm.entrypoints.openai.responses.protocol import ResponsesRequest
 from vllm.entrypoints.serve.tokenize.protocol import DetokenizeRequest, TokenizeChatRequest, TokenizeCompletionRequest
 
 GenerationRequest = ChatCompletionRequest | CompletionRequest
@@ -12,6 +13,7 @@ GenerationRequest = ChatCompletionRequest | CompletionRequest
 
 EngineRequest = (
     GenerationRequest
+    | ResponsesRequest
     | AnthropicMessagesRequest
     | AnthropicCountTokensRequest
     | TokenizeCompletionRequest

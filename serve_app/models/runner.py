@@ -67,13 +67,14 @@ class ModelRunner:
         self._engine.shutdown()
 
 
-ANTHROPIC_ERROR = "event: error\ndata: "
+ERROR_EVENT = "event: error\ndata: "
+"""A named `error` event: Anthropic's (its error under `error`) or the Responses API's (at the top)."""
 
 
 async def _stream_outputs(lines: AsyncIterator[str]) -> AsyncIterator[str | ModelError]:
     """vLLM's SSE lines as chunk payloads (a named event's whole frame); its error event (a
-    failure before the first token, or one midway, in OpenAI's terms or Anthropic's) as a
-    `ModelError`, which ends the stream."""
+    failure before the first token, or one midway, in the terms of OpenAI's chat, Anthropic's or
+    the Responses API) as a `ModelError`, which ends the stream."""
     async for line in lines:
         payload = line.removeprefix("data: ").rstrip()
         if payload == "[DONE]":
@@ -82,9 +83,9 @@ async def _stream_outputs(lines: AsyncIterator[str]) -> AsyncIterator[str | Mode
             error = json.loads(payload)["error"]
             yield ModelError(error.get("code") or 500, error.get("message") or "generation failed")
             return
-        if payload.startswith(ANTHROPIC_ERROR):
-            error = json.loads(payload.removeprefix(ANTHROPIC_ERROR)).get("error") or {}
-            yield ModelError(500, error.get("message") or "generation failed")
+        if payload.startswith(ERROR_EVENT):
+            event = json.loads(payload.removeprefix(ERROR_EVENT))
+            yield ModelError(500, (event.get("error") or event).get("message") or "generation failed")
             return
         yield payload
 

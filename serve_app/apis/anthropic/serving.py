@@ -1,8 +1,8 @@
 """The Messages API's logic: vLLM's Anthropic answers and events passed through as vLLM gives
-them, the events read on the way for the request's usage and finish reason; and token counts."""
+them (`event_streams`), the events read on the way for the request's usage and stop reason; and
+token counts."""
 
 import json
-import logging
 from collections.abc import AsyncGenerator
 
 from fastapi import Request
@@ -10,16 +10,14 @@ from fastapi.responses import JSONResponse
 from starlette.responses import Response
 
 from serve_app.apis.anthropic.protocol import parse_count_tokens, parse_messages, usage_counts
-from serve_app.apis.model_call import ModelCall, ModelCalls, payloads
+from serve_app.apis.event_streams import named_events
+from serve_app.apis.model_call import ModelCall, ModelCalls
 from serve_app.apis.request_policy import capped_max_tokens
-from serve_app.errors import APIError, EngineFailure, error_body
 from serve_app.http.lifecycle import RequestLifecycle
-from serve_app.http.streaming import KEEPALIVE, EventStream
+from serve_app.http.streaming import EventStream
 from serve_app.routing.router import Router
 from serve_app.telemetry.record import Answer
 from serve_app.tenancy.keys import Caller
-
-logger = logging.getLogger("ray.serve")
 
 
 class AnthropicMessages:
@@ -51,34 +49,16 @@ class AnthropicMessages:
         return JSONResponse(call.first.model_dump(exclude_none=True), headers=call.headers)
 
 
-async def anthropic_events(call: ModelCall, answer: Answer, request_id: str) -> AsyncGenerator[str, None]:
-    """Each of vLLM's events goes out as it came (`event: …` and `data: …`); `message_start` and
-    `message_delta` carry the usage so far, `message_delta` the stop reason, and a
-    `content_block_delta` is new output. A failure after the 200 went out ends the stream with
-    Anthropic's `error` event, which its SDK raises."""
-    try:
-        async for _ in call.keepalives():
-            yield KEEPALIVE
-        async for frame in payloads(call):
-            name, _, data = frame.partition("\ndata: ")
-            name = name.removeprefix("event: ")
-            if name == "content_block_delta":
-                answer.token()
-            elif name in ("message_start", "message_delta"):
-                event = json.loads(data)
-                answer.usage(usage_counts((event.get("message") or event).get("usage")))
-                answer.finish_reason = (event.get("delta") or {}).get("stop_reason") or answer.finish_reason
-            yield frame + "\n\n"
-        if answer.finish_reason is None:
-            raise EngineFailure("the model stopped without finishing")
-    except APIError as error:
-        answer.fail(error.status)
-        yield error_event(error, request_id)
-    except Exception:
-        logger.exception("stream failed (request id %s)", request_id)
-        answer.fail(500)
-        yield error_event(EngineFailure(f"the model engine failed mid-stream (request id {request_id})"), request_id)
+def read_event(name: str, data: str, answer: Answer) -> None:
+    """`message_start` and `message_delta` carry the usage so far, `message_delta` the stop
+    reason, and a `content_block_delta` is new output."""
+    if name == "content_block_delta":
+        answer.token()
+    elif name in ("message_start", "message_delta"):
+        event = json.loads(data)
+        answer.usage(usage_counts((event.get("message") or event).get("usage")))
+        answer.finish_reason = (event.get("delta") or {}).get("stop_reason") or answer.finish_reason
 
 
-def error_event(error: APIError, request_id: str) -> str:
-    return f"event: error\ndata: {json.dumps(error_body('anthropic', error, request_id))}\n\n"
+def anthropic_events(call: ModelCall, answer: Answer, request_id: str) -> AsyncGenerator[str, None]:
+    return named_events(call, answer, request_id, read_event, "anthropic")

@@ -8,6 +8,7 @@ from pydantic import ValidationError
 from vllm.entrypoints.generate.base.protocol import StreamOptions
 from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest, ChatCompletionResponse
 from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+from vllm.entrypoints.openai.responses.protocol import ResponsesRequest
 from vllm.entrypoints.serve.tokenize.protocol import DetokenizeRequest, TokenizeChatRequest, TokenizeCompletionRequest
 
 from serve_app.apis.bodies import json_object, validated
@@ -20,6 +21,7 @@ __all__ = [
     "parse_chat",
     "parse_completion",
     "parse_detokenize",
+    "parse_responses",
     "parse_tokenize",
 ]
 
@@ -53,6 +55,31 @@ def parse_completion(body: bytes) -> CompletionRequest:
     completion = validated(CompletionRequest, document, body)
     _check_counts(completion, ("n", "max_tokens"))
     return completion
+
+
+STATEFUL = {
+    "store": "stored responses",
+    "previous_response_id": "previous responses",
+    "background": "background responses",
+    "conversation": "conversations",
+}
+"""Responses API fields that need state on the server, which this one does not keep: each
+refused when set (`store: false`, the default here, is stateless)."""
+
+
+def parse_responses(body: bytes) -> ResponsesRequest:
+    """vLLM's Responses request stores answers by default and needs them for
+    `previous_response_id`; vLLM's server drops them unless told to keep them, in one process's
+    memory, which several replicas could not share. Here nothing is stored, and a request that
+    asks for it is told so."""
+    document = json_object(body)
+    for field, what in STATEFUL.items():
+        if document.get(field):
+            raise BadRequest(f"invalid request body: {field}: {what} are not kept by this server; send the whole input")
+    _check_type(document.get("input"), "input", str | list, unset_ok=False)
+    responses = validated(ResponsesRequest, document | {"store": False}, body)
+    _check_counts(responses, ("max_output_tokens",))
+    return responses
 
 
 def parse_tokenize(body: bytes) -> TokenizeCompletionRequest | TokenizeChatRequest:
@@ -124,7 +151,9 @@ def _check_type(value: Any, where: str, kind: Any, unset_ok: bool = True) -> Non
         raise BadRequest(f"invalid request body: {where}: must be {noun}")
 
 
-def _check_counts(request: ChatCompletionRequest | CompletionRequest, names: tuple[str, ...]) -> None:
+def _check_counts(
+    request: ChatCompletionRequest | CompletionRequest | ResponsesRequest, names: tuple[str, ...]
+) -> None:
     """vLLM's models accept counts below 1 (its sampling parameters refuse those later, after a
     negative reservation against the key's tokens-per-minute budget would have let other requests
     through)."""

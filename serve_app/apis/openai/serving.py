@@ -1,7 +1,8 @@
 """The OpenAI-compatible routes' logic: chat completions and completions (vLLM's own answers and
-chunks, passed through less the usage the client did not ask for), vLLM's tokenization, and the
-model list."""
+chunks, passed through less the usage the client did not ask for), responses (vLLM's answers and
+named events as they come), vLLM's tokenization, and the model list."""
 
+import json
 import logging
 import time
 from collections.abc import AsyncGenerator
@@ -11,12 +12,14 @@ from fastapi import Request
 from fastapi.responses import JSONResponse
 from starlette.responses import Response
 
+from serve_app.apis.event_streams import named_events
 from serve_app.apis.model_call import ModelCall, ModelCalls, chunks
 from serve_app.apis.openai.protocol import (
     StreamOptions,
     parse_chat,
     parse_completion,
     parse_detokenize,
+    parse_responses,
     parse_tokenize,
 )
 from serve_app.apis.request_policy import capped_max_tokens, for_engine
@@ -47,6 +50,22 @@ class OpenAIAPI:
 
     async def completion(self, request: Request, caller: Caller, lifecycle: RequestLifecycle) -> Response:
         return await self._generate(parse_completion(await request.body()), caller, lifecycle)
+
+    async def responses(self, request: Request, caller: Caller, lifecycle: RequestLifecycle) -> Response:
+        body = parse_responses(await request.body())
+        route = self._router.resolve(body.model, caller)
+        lifecycle.routed(route.model_id, route.price)
+        max_tokens = capped_max_tokens(body.max_output_tokens, None, self._max_tokens_limit)
+        body = body.model_copy(update={"model": route.model_id, "max_output_tokens": max_tokens})
+        call = await self._calls.start(route, body, caller, lifecycle)
+        if body.stream:
+            events = named_events(call, lifecycle.answer, lifecycle.request_id, read_response_event, "openai")
+            return EventStream(events, call.cancel, lifecycle, call.headers, done=None)
+        response = call.first
+        lifecycle.answer.token()
+        lifecycle.answer.usage(response_usage(response.usage and response.usage.model_dump()))
+        lifecycle.answer.finish_reason = response.status
+        return JSONResponse(response.model_dump(mode="json", by_alias=True), headers=call.headers)
 
     async def tokenize(self, request: Request, caller: Caller, lifecycle: RequestLifecycle) -> Response:
         return await self._whole(parse_tokenize(await request.body()), caller, lifecycle)
@@ -138,3 +157,31 @@ async def openai_events(
         answer.fail(500)
         error = EngineFailure(f"the model engine failed mid-stream (request id {request_id})")
         yield event(error_body("openai", error, request_id))
+
+
+OUTPUT_DELTAS = {
+    "response.output_text.delta",
+    "response.reasoning_text.delta",
+    "response.function_call_arguments.delta",
+}
+ENDED = {"response.completed", "response.incomplete"}
+
+
+def read_response_event(name: str, data: str, answer: Answer) -> None:
+    """A delta of text, reasoning or a tool call's arguments is new output; the response's end
+    carries its usage and status (`completed`, or `incomplete` at `max_output_tokens`)."""
+    if name in OUTPUT_DELTAS:
+        answer.token()
+    elif name in ENDED:
+        response = json.loads(data)["response"]
+        answer.usage(response_usage(response.get("usage")))
+        answer.finish_reason = response.get("status")
+    elif name == "response.failed":
+        raise EngineFailure("the model failed to answer")
+
+
+def response_usage(usage: dict | None) -> dict[str, int] | None:
+    """The Responses API's usage in the ledger's terms (its input tokens include cached ones)."""
+    if usage is None:
+        return None
+    return {"prompt_tokens": usage.get("input_tokens") or 0, "completion_tokens": usage.get("output_tokens") or 0}
