@@ -9,6 +9,7 @@ from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
+from ray.exceptions import ActorDiedError, ActorUnavailableError
 from ray.serve.exceptions import BackPressureError
 
 from cluster.schema import ApiKey, KeyLimits, Price
@@ -134,15 +135,37 @@ async def test_a_model_error_first_is_a_real_status_and_cancels_the_models_work(
     assert stream.cancelled == 1 and lifecycle.reached_engine is True
 
 
-async def test_a_model_that_fails_before_its_first_output_is_500_logged_once_and_cancelled():
+async def test_a_model_that_fails_before_its_first_output_is_500_logged_once_cancelled_and_recorded():
     stream = ScriptedStream([RuntimeError("CUDA out of memory")])
     route, _ = _route(stream)
+    lifecycle = _lifecycle()
     with serve_records() as records, pytest.raises(EngineFailure) as raised:
-        await ModelCalls(_Gate()).start(route, CHAT, Caller(None), _lifecycle())
+        await ModelCalls(_Gate()).start(route, CHAT, Caller(None), lifecycle)
     assert raised.value.status == 500 and raised.value.message == "the model engine failed (request id rid-3)"
     assert stream.cancelled == 1
+    assert lifecycle.reached_engine is True  # the ledger records it, failed
     [logged] = records.at(logging.ERROR)
     assert "rid-3" in logged.getMessage() and isinstance(logged.exc_info[1], RuntimeError)
+
+
+@pytest.mark.parametrize(
+    "lost",
+    [ActorDiedError(), ActorUnavailableError("Actor is unavailable.", None)],
+    ids=["died", "unavailable"],
+)
+async def test_a_replica_lost_before_its_first_output_is_503_to_retry_logged_and_recorded(lost):
+    """Its node or process gone with the request on it (Serve's handle raises Ray's actor errors):
+    a retry goes to a live replica, so the client is told to retry, without Ray's words."""
+    stream = ScriptedStream([lost])
+    route, _ = _route(stream)
+    lifecycle = _lifecycle()
+    with serve_records() as records, pytest.raises(Overloaded) as raised:
+        await ModelCalls(_Gate()).start(route, CHAT, Caller(None), lifecycle)
+    assert raised.value.status == 503 and raised.value.headers == {"Retry-After": "1"}
+    assert raised.value.message == "model 'm' lost the replica serving this request; retry shortly (request id rid-3)"
+    assert stream.cancelled == 1 and lifecycle.reached_engine is True
+    [logged] = records.at(logging.ERROR)
+    assert "rid-3" in logged.getMessage() and logged.exc_info[1] is lost
 
 
 async def test_a_model_at_capacity_is_503():

@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
+from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError
 
 from serve_app.apis.request_policy import completions_asked, generates, prompt_token_bound, reserved_tokens
@@ -134,9 +135,20 @@ async def _first_output(
         raise
     except BackPressureError:
         raise Overloaded(f"model {route.model_id!r} is at capacity; retry shortly") from None
+    except RayActorError:
+        # The replica's process or node was lost with the request on it, which may have begun
+        # there: the ledger records it, failed. Serve sends the retry to a live replica.
+        logger.exception("model %r lost the replica serving request id %s", route.model_id, lifecycle.request_id)
+        outputs.cancel()  # an actor only unreachable for a while may still be working on it
+        lifecycle.reached_engine = True
+        raise Overloaded(
+            f"model {route.model_id!r} lost the replica serving this request; retry shortly "
+            f"(request id {lifecycle.request_id})"
+        ) from None
     except Exception:
         logger.exception("model call failed (request id %s)", lifecycle.request_id)
         outputs.cancel()
+        lifecycle.reached_engine = True  # and failed there: the ledger records it, failed
         raise EngineFailure(f"the model engine failed (request id {lifecycle.request_id})") from None
     lifecycle.reached_engine = True
     if isinstance(first, ModelError):
