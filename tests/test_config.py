@@ -58,8 +58,8 @@ def test_errors_name_the_file_and_each_bad_field(tmp_path):
     "args, complaint",
     [
         ({"models": []}, "at least 1 item"),
-        ({"models": [_model(), _model()]}, "duplicate model id or alias 'm'"),
-        ({"models": [_model(aliases=["x"]), _model(id="x")]}, "duplicate model id or alias 'x'"),
+        ({"models": [_model(), _model()]}, "duplicate model id, alias or adapter id 'm'"),
+        ({"models": [_model(aliases=["x"]), _model(id="x")]}, "duplicate model id, alias or adapter id 'x'"),
         ({"models": [_model()], "default_model": "nope"}, "default_model 'nope' is not a model"),
         ({"models": [_model()], "auth": {"keys": [{"name": "k"}]}}, "exactly one of sha256 or env"),
         ({"models": [_model()], "auth": {"keys": [{"name": "k", "sha256": "abc"}]}}, "auth.keys.0.sha256"),
@@ -71,7 +71,7 @@ def test_errors_name_the_file_and_each_bad_field(tmp_path):
         ({"models": [_model(source={"package": "p", "file": "x.bin"})]}, "source"),
         (
             {"models": [_model()], "auth": {"keys": [{"name": "k", "env": "K", "models": ["mm"]}]}},
-            "auth.keys.0.models: 'mm' is not a model id or alias",
+            "auth.keys.0.models: 'mm' is not a model id, alias or adapter id",
         ),
         (
             {"models": [_model()], "auth": {"keys": [{"name": "k", "env": "K", "scopes": ["root"]}]}},
@@ -231,15 +231,16 @@ def test_kuberay_manifest_embeds_the_config_and_sizes_the_gpu_group():
 
 def test_node_env_is_read_by_serve():
     """The Serve exports `python -m cluster env` prints are settings Serve has: each one changes
-    what Serve runs with (a misspelt name would be ignored without a word). The one Ray setting,
-    the workers' priority, is checked on the running engine (test_e2e_engine_processes.py)."""
+    what Serve runs with (a misspelt name would be ignored without a word). The Ray settings are
+    checked on the running engine: the workers' priority (test_e2e_engine_processes.py), their
+    process groups (test_e2e_engine_faults.py)."""
     exports = subprocess.run(
         [sys.executable, "-m", "cluster", "env"], capture_output=True, text=True, check=True
     ).stdout
     env = dict(line.removeprefix("export ").split("=", 1) for line in exports.splitlines())
     assert env == NODE_ENV
     serve_names = [name for name in env if name.startswith("RAY_SERVE_")]
-    assert set(env) - set(serve_names) == {"RAY_worker_niceness"}
+    assert set(env) - set(serve_names) == {"RAY_worker_niceness", "RAY_process_group_cleanup_enabled"}
     read = (
         "import json; from ray.serve._private import constants as c; "
         f"print(json.dumps({{name: getattr(c, name) for name in {serve_names!r}}}))"

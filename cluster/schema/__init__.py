@@ -8,6 +8,7 @@ One module per concern; everything is imported from here (`from cluster.schema i
 
 - `sources`: where a model's weights come from (`HubSource`, `PathSource`, `PackageGGUFSource`)
 - `engine`: the vLLM engine's settings (`EngineSettings`)
+- `lora`: LoRA adapters on a base model (`LoraSettings`, `LoraAdapter`, `PackageFolderSource`)
 - `deployment`: a model, its replicas, their routing and its price (`ModelConfig`, `DeploymentSettings`,
   `Autoscaling`, `EngineSignals`, `PrefixCacheRouting`, `PrefixEviction`, `SessionRouting`, `Price`,
   `deployment_name`)
@@ -32,6 +33,7 @@ from cluster.schema.deployment import (
     deployment_name,
 )
 from cluster.schema.engine import EngineSettings
+from cluster.schema.lora import LoraAdapter, LoraSettings, PackageFolderSource
 from cluster.schema.serving import IngressSettings, LoggingSettings
 from cluster.schema.sources import HubSource, ModelSource, PackageGGUFSource, PathSource
 from cluster.schema.tenancy import (
@@ -58,8 +60,11 @@ __all__ = [
     "KeyLimits",
     "LimiterSettings",
     "LoggingSettings",
+    "LoraAdapter",
+    "LoraSettings",
     "ModelConfig",
     "ModelSource",
+    "PackageFolderSource",
     "PackageGGUFSource",
     "PathSource",
     "PrefixCacheRouting",

@@ -30,7 +30,8 @@ class ClusterConfig(StrictModel):
     @model_validator(mode="after")
     def _names_resolve(self) -> "ClusterConfig":
         names = [name for model in self.models for name in (model.id, *model.aliases)]
-        reject_duplicates("model id or alias", names)
+        adapters = [adapter.id for model in self.models if model.lora for adapter in model.lora.adapters]
+        reject_duplicates("model id, alias or adapter id", names + adapters)
         deployments: dict[str, str] = {}
         for model in self.models:
             name = deployment_name(model.id)
@@ -46,10 +47,10 @@ class ClusterConfig(StrictModel):
         for index, key in enumerate(self.auth.keys):
             for pattern in key.models:
                 # A plain name is a promise about this config; a glob may be about models to come.
-                if not _is_glob(pattern) and pattern not in names:
+                if not _is_glob(pattern) and pattern not in names + adapters:
                     raise ValueError(
-                        f"auth.keys.{index}.models: {pattern!r} is not a model id or alias "
-                        f"(models: {', '.join(names)}; glob patterns like 'llama-*' are allowed)"
+                        f"auth.keys.{index}.models: {pattern!r} is not a model id, alias or adapter id "
+                        f"(models: {', '.join(names + adapters)}; glob patterns like 'llama-*' are allowed)"
                     )
         self._prices_agree()
         if self.ingress.colocate:
@@ -65,6 +66,11 @@ class ClusterConfig(StrictModel):
                 raise ValueError(
                     "ingress.colocate: a colocated model's requests are routed by Serve's HTTP proxy, which "
                     "reads neither the prompt nor the session: drop `routing` or set colocate: false"
+                )
+            if self.models[0].lora is not None:
+                raise ValueError(
+                    "ingress.colocate: LoRA adapters are routed by Serve's model multiplexing, which needs the "
+                    "model in a deployment of its own: drop `lora` or set colocate: false"
                 )
             if scaling is not None and scaling.engine_signals is not None:
                 raise ValueError(

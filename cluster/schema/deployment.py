@@ -9,6 +9,7 @@ from pydantic import Field, model_validator
 
 from cluster.schema.base import ENV_VAR, MODEL_ID, StrictModel
 from cluster.schema.engine import EngineSettings
+from cluster.schema.lora import LoraSettings
 from cluster.schema.sources import ModelSource
 
 
@@ -263,6 +264,10 @@ class ModelConfig(StrictModel):
         description="how requests are spread over the model's replicas, by `policy`: `prefix_cache` or "
         "`session`; unset, Serve's own (the less loaded of two replicas picked at random). Not with "
         "`ingress.colocate`",
+    )
+    lora: LoraSettings | None = Field(
+        default=None,
+        description="LoRA adapters served on this model, each named like a model; not with `ingress.colocate`",
     )
 
     @model_validator(mode="after")

@@ -2,30 +2,56 @@
 replicas that hold a model's engine, all derived from its config: the autoscaler included, on
 Serve's count of requests or on the engine's signals, which each replica reports."""
 
+import logging
 from collections.abc import AsyncGenerator
 from typing import Any
 
+from ray import serve
 from ray.serve.config import AutoscalingPolicy, BackpressureConfig
 
 from cluster.schema import Autoscaling, ModelConfig, deployment_name
+from serve_app.models.adapters import Adapters
 from serve_app.models.autoscaling import EngineSignalPolicy
 from serve_app.models.bounds import CONTROL_PLACES, colocated_bounds
-from serve_app.models.engine import EngineFactory, vllm_engine
-from serve_app.models.outputs import ModelOutput
+from serve_app.models.engine import AdapterError, EngineFactory, vllm_engine
+from serve_app.models.outputs import ModelError, ModelOutput
 from serve_app.models.requests import EngineRequest
 from serve_app.models.runner import ModelRunner
 
+logger = logging.getLogger("ray.serve")
+
 
 class ModelServer:
-    """The model's own Serve deployment."""
+    """The model's own Serve deployment. A request for one of its LoRA adapters comes with the
+    adapter's id as Serve's multiplexed model id: the replica loads it first if it has not (Serve's
+    multiplexing keeps `lora.max_loaded` per replica, unloading the least recently used, and sends
+    an adapter's requests to the replicas that hold it)."""
 
     async def __init__(self, model: ModelConfig, engine_factory: EngineFactory = vllm_engine) -> None:
         self._runner = ModelRunner(model, engine_factory)
         await self._runner.start()
+        self._adapters = Adapters(model.lora)
+        if model.lora is not None:
+
+            async def load(adapter_id: str) -> LoadedAdapter:
+                path = self._adapters.path(adapter_id)
+                if path is None:
+                    raise AdapterError(404, f"model {model.id!r} has no adapter {adapter_id!r}")
+                await self._runner.load_adapter(adapter_id, path)
+                logger.info("loaded LoRA adapter %s from %s", adapter_id, path)
+                return LoadedAdapter(self._runner, adapter_id)
+
+            self._loaded = serve.multiplexed(max_num_models_per_replica=model.lora.max_loaded)(load)
 
     async def answer(self, request: EngineRequest) -> AsyncGenerator[ModelOutput, None]:
         """Every API's request, whatever its type: Serve awaits this and streams the runner's own
         generator, with no extra layer per chunk."""
+        adapter_id = serve.get_multiplexed_model_id()
+        if adapter_id:
+            try:
+                await self._loaded(adapter_id)
+            except AdapterError as error:
+                return _refused(ModelError(error.status, error.message))
         return self._runner.answer(request)
 
     async def check_health(self) -> None:
@@ -44,6 +70,25 @@ class ModelServer:
         runner = getattr(self, "_runner", None)
         if runner is not None:
             runner.shutdown()
+
+
+class LoadedAdapter:
+    """What Serve's multiplexing holds per loaded adapter: it awaits the object's `__del__` when
+    it drops the least recently used one. An instance attribute, not a method, so that the
+    garbage collector never calls the coroutine function unawaited."""
+
+    def __init__(self, runner: ModelRunner, adapter_id: str) -> None:
+        self.__del__ = self._unload
+        self._runner = runner
+        self._adapter_id = adapter_id
+
+    async def _unload(self) -> None:
+        await self._runner.unload_adapter(self._adapter_id)
+        logger.info("unloaded LoRA adapter %s (the least recently used)", self._adapter_id)
+
+
+async def _refused(error: ModelError) -> AsyncGenerator[ModelOutput, None]:
+    yield error
 
 
 def colocated_options(model: ModelConfig) -> dict[str, Any]:

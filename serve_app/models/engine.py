@@ -39,6 +39,11 @@ class Engine(Protocol):
 
     async def answer(self, request: EngineRequest) -> EngineResult: ...
 
+    async def load_adapter(self, adapter_id: str, path: str) -> None:
+        """Raise `AdapterError` if it cannot be loaded."""
+
+    async def unload_adapter(self, adapter_id: str) -> None: ...
+
     async def check_health(self) -> None:
         """Raise if the engine cannot serve."""
 
@@ -59,6 +64,7 @@ class VLLMEngine:
         self._vllm_args = vllm_args
         self._client: Any = None
         self._serving: dict[type, Callable[[Any], Awaitable[EngineResult]]] = {}
+        self._models: Any = None
         self._loads: list[SchedulerLoad] = []
 
     async def start(self) -> None:
@@ -85,6 +91,7 @@ class VLLMEngine:
             state = State()
             await init_app_state(self._client, state, args, supported_tasks=await self._client.get_supported_tasks())
             self._serving = _serving_methods(state)
+            self._models = state.openai_serving_models
 
     async def answer(self, request: EngineRequest) -> EngineResult:
         """Client mistakes found while rendering the prompt (too long for the context, a bad
@@ -102,6 +109,26 @@ class VLLMEngine:
             return await serving(request)
         except (ValueError, TypeError, OverflowError, NotImplementedError, VLLMClientError, GracefulHTTPError) as error:
             return create_error_response(error)
+
+    async def load_adapter(self, adapter_id: str, path: str) -> None:
+        """Registered under its id, as vLLM's own `/v1/load_lora_adapter` does, and loaded into
+        the engine at once, so that a bad adapter fails here and not in a request."""
+        from vllm.entrypoints.serve.lora.protocol import LoadLoRAAdapterRequest
+
+        result = await self._models.load_lora_adapter(LoadLoRAAdapterRequest(lora_name=adapter_id, lora_path=path))
+        if isinstance(result, ErrorResponse):
+            raise AdapterError(result.error.code, result.error.message)
+
+    async def unload_adapter(self, adapter_id: str) -> None:
+        """vLLM's unloading only forgets the name; the engine's copy is removed too, so that an
+        evicted adapter's memory is freed."""
+        from vllm.entrypoints.serve.lora.protocol import UnloadLoRAAdapterRequest
+
+        loaded = self._models.lora_requests.get(adapter_id)
+        if loaded is None:
+            return
+        await self._models.unload_lora_adapter(UnloadLoRAAdapterRequest(lora_name=adapter_id))
+        await self._client.remove_lora(loaded.lora_int_id)
 
     async def check_health(self) -> None:
         await self._client.check_health()
@@ -228,13 +255,22 @@ def _one_flag_value(action: argparse.Action, value: Any) -> Any:
     return value
 
 
+class AdapterError(Exception):
+    """An adapter that cannot be loaded, with the status vLLM's server would answer."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
 EngineFactory = Callable[[ModelConfig], Engine]
 
 
 def vllm_engine(model: ModelConfig) -> Engine:
     from serve_app.models import sources
 
-    vllm_args = model.engine.to_vllm_args()
+    vllm_args = model.engine.to_vllm_args() | (model.lora.to_vllm_args() if model.lora else {})
     if model.engine.world_size > 1:
         # Workers beyond the first GPU run as Ray actors in this replica's placement group.
         vllm_args.setdefault("distributed_executor_backend", "ray")

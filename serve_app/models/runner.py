@@ -54,6 +54,12 @@ class ModelRunner:
                 self._metrics.duration.observe(time.perf_counter() - started, self._tags)
         yield ModelError(result.error.code, result.error.message) if isinstance(result, ErrorResponse) else result
 
+    async def load_adapter(self, adapter_id: str, path: str) -> None:
+        await self._engine.load_adapter(adapter_id, path)
+
+    async def unload_adapter(self, adapter_id: str) -> None:
+        await self._engine.unload_adapter(adapter_id)
+
     async def check_health(self) -> None:
         await self._engine.check_health()
 

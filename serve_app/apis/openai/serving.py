@@ -105,32 +105,32 @@ class OpenAIAPI:
         return JSONResponse(first.model_dump(), headers=call.headers)
 
     async def models(self, request: Request, caller: Caller, lifecycle: RequestLifecycle) -> dict[str, Any]:
-        return {"object": "list", "data": await self._entries(self._router.models_for(caller))}
+        """The models, then their LoRA adapters, each with its base model as `parent`."""
+        listed = [(model_id, None) for model_id in self._router.models_for(caller)]
+        return {"object": "list", "data": await self._entries(listed + self._router.adapters_for(caller))}
 
     async def model(self, name: str, caller: Caller) -> dict[str, Any]:
-        """One model by id or alias, as OpenAI's SDK retrieves it."""
+        """One model by id or alias, or an adapter, as OpenAI's SDK retrieves it."""
         if not name:  # the router reads an empty name as the default model's
             raise NotFound("name a model after /v1/models/, or GET /v1/models for the list")
-        [entry] = await self._entries([self._router.resolve(name, caller).model_id])
+        route = self._router.resolve(name, caller)
+        [entry] = await self._entries([(route.model_id, route.parent)])
         return entry
 
-    async def _entries(self, model_ids: list[str]) -> list[dict[str, Any]]:
+    async def _entries(self, listed: list[tuple[str, str | None]]) -> list[dict[str, Any]]:
+        """An adapter is as ready as its base model: it is loaded on the base's replicas."""
         created = int(time.time())
-        states = await model_states(model_ids)
-        return [
-            {
-                "id": model_id,
-                "object": "model",
-                "created": created,
-                "owned_by": "livepeer-llm-serve",
-                "aliases": list(self._router.names[model_id][1:]),
-                "state": state.state,
-                "replicas": state.replicas,
-            }
+        states = await model_states(list(dict.fromkeys(parent or model_id for model_id, parent in listed)))
+        entries = []
+        for model_id, parent in listed:
+            state = states[parent or model_id]
+            aliases = [f"{parent}:{model_id}"] if parent else list(self._router.names[model_id][1:])
+            entry = {"id": model_id, "object": "model", "created": created, "owned_by": "livepeer-llm-serve"}
+            entry |= {"aliases": aliases} | ({"parent": parent} if parent else {})
+            entry |= {"state": state.state, "replicas": state.replicas}
             # Why a model is not ready, in fixed words: Serve's own message may hold internals.
-            | ({"message": state.reason} if state.reason else {})
-            for model_id, state in states.items()
-        ]
+            entries.append(entry | ({"message": state.reason} if state.reason else {}))
+        return entries
 
 
 async def openai_events(
