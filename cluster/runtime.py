@@ -28,9 +28,17 @@ NODE_ENV = {
     # anything else on the host. Our workers are the server: the replicas, and the vLLM processes
     # they start, whose scheduler loop is on the path of every token.
     "RAY_worker_niceness": "0",
+    # A replica's vLLM engine (`VLLM::EngineCore` and its `VLLM::Worker`) runs in child
+    # processes of the replica's worker that nothing else tracks: a worker that dies without
+    # shutting its engine down (killed, crashed, stopped while starting it) would leave the engine
+    # running, reparented to init, with its weights, KV cache and GPU memory. With this, Ray starts
+    # each worker in a process group of its own and kills the group when the worker exits. It is
+    # Ray 2.60's default, pinned because a clean stop rests on it and Ray's documentation still
+    # calls it off by default; the older alternative, a subreaper raylet, Ray now deprecates.
+    "RAY_process_group_cleanup_enabled": "1",
 }
-"""Without them everything works, only slower: what they buy together is measured in
-docs/design.md."""
+"""Without the process-group cleanup a replica's engine can outlive its replica; without the others
+everything works, only slower: what they buy together is measured in docs/design.md."""
 
 
 @dataclass(frozen=True)
