@@ -22,7 +22,7 @@ import httpx
 from hypothesis import HealthCheck, Phase, settings
 from hypothesis import strategies as st
 
-Api = Literal["livepeer", "openai"]
+Api = Literal["livepeer", "openai", "anthropic"]
 
 STEERING = ("FAIL", "RETRYABLE", "STALL", "NO CHOICES", "WAIT")
 
@@ -417,6 +417,10 @@ def check_error(response: httpx.Response, api: Api, sent: bytes) -> None:
     if api == "livepeer":
         assert set(body) == {"detail"} and set(body["detail"]) == {"msg", "request_id"}, body
         message, request_id = body["detail"]["msg"], body["detail"]["request_id"]
+    elif api == "anthropic":
+        assert set(body) == {"type", "error", "request_id"} and body["type"] == "error", body
+        assert set(body["error"]) == {"type", "message"} and body["error"]["type"], body
+        message, request_id = body["error"]["message"], body["request_id"]
     else:
         assert set(body) == {"error", "request_id"}, body
         assert set(body["error"]) == {"message", "type", "param", "code"}, body
