@@ -6,7 +6,6 @@ and loaded again when asked, an unknown adapter is a 404 naming those there are,
 and `/v1/models` know the adapters by their own ids."""
 
 import time
-from pathlib import Path
 
 import httpx
 import pytest
@@ -17,6 +16,7 @@ from cluster.schema import ClusterConfig
 from serve_app.app import build_app
 from serve_app.models import sources
 from tests.conftest import API_KEY, ROOT, ledger_in
+from tests.lora_adapters import make_adapter
 from tests.polling import until
 from tests.serve_logs import lines_of
 
@@ -27,21 +27,6 @@ BASE = "smollm2-135m-instruct"
 ASK = [{"role": "user", "content": "Name three colors."}]
 
 
-def _make_adapter(base: str, folder: Path, seed: int) -> None:
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    # init_lora_weights=False: both matrices random, so the adapter changes what the model says
-    # (peft's default leaves one at zero, an adapter that changes nothing).
-    adapter = get_peft_model(
-        model, LoraConfig(r=8, lora_alpha=32, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
-    )
-    adapter.save_pretrained(folder)
-
-
 @pytest.fixture(scope="module")
 def lora_url(serve_url, llm_url, tmp_path_factory):
     """The shipped model, apart from the ingress (adapters are routed by Serve's multiplexing),
@@ -49,8 +34,8 @@ def lora_url(serve_url, llm_url, tmp_path_factory):
     folder = tmp_path_factory.mktemp("adapters")
     raw = load(ROOT / "configs" / "local.yaml").apps["llm"].model_dump()
     base = sources.resolve(ClusterConfig.model_validate(raw).models[0].source)
-    _make_adapter(base, folder / "pirate", seed=1)
-    _make_adapter(base, folder / "found" / "sailor", seed=2)
+    make_adapter(base, folder / "pirate", seed=1)
+    make_adapter(base, folder / "found" / "sailor", seed=2)
     raw["ingress"]["colocate"] = False
     raw["usage"] = ledger_in(tmp_path_factory.mktemp("lora-ledger")).model_dump()
     model = raw["models"][0]

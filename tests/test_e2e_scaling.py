@@ -194,26 +194,21 @@ async def test_waiting_for_a_cold_start_is_bounded(serve_url, fake_url, tmp_path
 def test_models_scale_up_under_load_and_back_down_independently(serve_url, fake_url, tmp_path):
     hold = tmp_path / "hold"
     hold.touch()
-    elastic = {
+    # Both alike; only one is loaded.
+    deployment = {
         "autoscaling": {
             "min_replicas": 1,
             "max_replicas": 3,
             "target_ongoing_requests": 1,
             "upscale_delay_s": 0,
             "downscale_delay_s": 1,
-        }
-    }
-    steady = {
-        "autoscaling": {
-            "min_replicas": 1,
-            "max_replicas": 3,
-            "target_ongoing_requests": 1,
-            "upscale_delay_s": 0,
-            "downscale_delay_s": 1,
+            # Serve averages each replica's load over this window: the shortest the config takes,
+            # so that the load's end shows soon.
+            "look_back_period_s": 11,
         }
     }
     serve.run(
-        _app({"id": "elastic", "deployment": elastic}, {"id": "steady", "deployment": steady}),
+        _app({"id": "elastic", "deployment": deployment}, {"id": "steady", "deployment": deployment}),
         name="scaling",
         route_prefix="/scaling",
     )

@@ -3,6 +3,7 @@ replicas that hold a model's engine, all derived from its config: the autoscaler
 Serve's count of requests or on the engine's signals, which each replica reports."""
 
 import logging
+import time
 from collections.abc import AsyncGenerator
 from typing import Any
 
@@ -37,8 +38,9 @@ class ModelServer:
                 path = self._adapters.path(adapter_id)
                 if path is None:
                     raise AdapterError(404, f"model {model.id!r} has no adapter {adapter_id!r}")
+                started = time.perf_counter()
                 await self._runner.load_adapter(adapter_id, path)
-                logger.info("loaded LoRA adapter %s from %s", adapter_id, path)
+                logger.info("loaded LoRA adapter %s from %s in %.2f s", adapter_id, path, time.perf_counter() - started)
                 return LoadedAdapter(self._runner, adapter_id)
 
             self._loaded = serve.multiplexed(max_num_models_per_replica=model.lora.max_loaded)(load)
