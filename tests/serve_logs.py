@@ -55,3 +55,14 @@ def _find(request_id: str, app: str, timeout_s: float) -> tuple[str, str]:
         return next(((name, line) for name, line in _lines(app) if f"request id={request_id} " in line), None)
 
     return until(scan, timeout_s, f"the log line of request {request_id}")
+
+
+def log_line_under(logs: Path, request_id: str, app: str = "llm", timeout_s: float = 15) -> str:
+    """The request's line in the app's replica logs under `logs` (a Ray node's logs/serve/): for
+    a server this session did not start, whose logs the session's node does not know."""
+
+    def scan() -> str | None:
+        lines = (line for path in logs.glob(f"replica_{app}_*.log") for line in path.read_text().splitlines())
+        return next((line for line in lines if f"request id={request_id} " in line), None)
+
+    return until(scan, timeout_s, f"the log line of request {request_id}")
