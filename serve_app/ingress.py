@@ -104,6 +104,10 @@ class Ingress:
     async def completions(self, request: Request):
         return await self._admission.serve(request, "/v1/completions", "chat", self._openai.completion)
 
+    @app.post("/v1/embeddings")
+    async def embeddings(self, request: Request):
+        return await self._admission.serve(request, "/v1/embeddings", "chat", self._openai.embeddings)
+
     @app.post("/v1/responses")
     async def responses(self, request: Request):
         return await self._admission.serve(request, "/v1/responses", "chat", self._openai.responses)

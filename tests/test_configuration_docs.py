@@ -40,7 +40,7 @@ def test_a_field_is_listed_with_its_type_constraints_and_default():
     assert "| `flush_interval_s` | number > 0, ≤ 60 | `1.0` |" in page
     assert "| `max_model_len` | integer > 0 or null | `null` |" in page
     assert (
-        "| `source` | one of [HubSource](#hubsource), [PathSource](#pathsource), [PackageGGUFSource](#packageggufsource) | required |"
+        "| `source` | one of [HubSource](#hubsource), [PathSource](#pathsource), [PackageGGUFSource](#packageggufsource), [PackageArchiveSource](#packagearchivesource) | required |"
         in page
     )
     assert "At `auth.keys[].limits`." in page

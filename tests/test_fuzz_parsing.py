@@ -22,6 +22,7 @@ from serve_app.apis.openai.protocol import (
     parse_chat,
     parse_completion,
     parse_detokenize,
+    parse_embeddings,
     parse_responses,
     parse_tokenize,
 )
@@ -124,6 +125,19 @@ def test_any_tokenization_body_is_a_request_or_a_400(body):
 )
 def test_a_completion_body_we_cannot_bound_or_serve_is_a_400_naming_its_field(fields, complaint):
     assert complaint in _refusal(parse_completion, json.dumps(fields).encode())
+
+
+@pytest.mark.parametrize(
+    "fields, complaint",
+    [
+        ({}, "input: must be a string or a list"),
+        ({"input": []}, "input: must be a text, a list of texts or token ids, not empty"),
+        ({"input": "hi", "encoding_format": "bytes"}, "encoding_format: must be float or base64"),
+        ({"messages": "hi"}, "messages: must be a list"),
+    ],
+)
+def test_an_embeddings_body_we_cannot_serve_is_a_400_naming_its_field(fields, complaint):
+    assert complaint in _refusal(parse_embeddings, json.dumps(fields).encode())
 
 
 def test_tokenize_reads_messages_as_a_chat_and_a_prompt_as_text():

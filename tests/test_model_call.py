@@ -13,7 +13,7 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError
 from ray.serve.exceptions import BackPressureError
 
 from cluster.schema import ApiKey, KeyLimits, Price
-from serve_app.apis.model_call import ModelCalls
+from serve_app.apis.model_call import ModelCall, ModelCalls, payloads
 from serve_app.apis.openai.protocol import ChatCompletionRequest
 from serve_app.errors import BadRequest, EngineFailure, Overloaded, RateLimited
 from serve_app.http.lifecycle import Listeners, RequestLifecycle
@@ -133,6 +133,28 @@ async def test_a_model_error_first_is_a_real_status_and_cancels_the_models_work(
     assert (raised.value.status, raised.value.message) == (status, "prompt is 5000 tokens, the context 4096")
     assert raised.value.headers == headers
     assert stream.cancelled == 1 and lifecycle.reached_engine is True
+
+
+VLLM_OWN = "EngineCore encountered an issue. See stack trace (above) for the root cause."
+
+
+async def test_the_models_own_failure_is_told_in_fixed_words_and_its_own_logged():
+    """First or midway, an error the engine reports about itself (a 500) speaks of vLLM's
+    insides: the client gets a fixed sentence, the log vLLM's words with the request id."""
+    stream = ScriptedStream([ModelError(500, VLLM_OWN)])
+    route, _ = _route(stream)
+    with serve_records() as records, pytest.raises(EngineFailure) as raised:
+        await ModelCalls(_Gate()).start(route, CHAT, Caller(None), _lifecycle())
+    assert raised.value.message == "the model engine failed (request id rid-3)"
+    [logged] = records.at(logging.ERROR)
+    assert "rid-3" in logged.getMessage() and VLLM_OWN in logged.getMessage()
+
+    midway = ModelCall(first=answer_script("Hel")[0], rest=ScriptedStream([ModelError(500, VLLM_OWN)]), headers={})
+    midway.request_id = "rid-9"
+    with serve_records(), pytest.raises(EngineFailure) as raised:
+        async for _ in payloads(midway):
+            pass
+    assert raised.value.message == "the model engine failed mid-stream"  # the stream's end tells the id
 
 
 async def test_a_model_that_fails_before_its_first_output_is_500_logged_once_cancelled_and_recorded():

@@ -191,3 +191,12 @@ def test_for_engine_treats_a_completion_as_a_chat():
     sent = for_engine(completion, "model-id", 32)
     assert (sent.model, sent.max_tokens, sent.kv_transfer_params) == ("model-id", 32, None)
     assert sent.stream_options.include_usage and sent.stream_options.continuous_usage_stats
+
+
+def test_an_embedding_reserves_nothing_and_bounds_its_inputs():
+    from vllm.entrypoints.pooling.embed.protocol import EmbeddingCompletionRequest
+
+    batch = EmbeddingCompletionRequest(model="m", input=["ab", "c"])
+    assert reserved_tokens(batch) == 0
+    assert prompt_token_bound(batch) == 3 + 2 * PROMPT_OVERHEAD_TOKENS
+    assert prompt_token_bound(EmbeddingCompletionRequest(model="m", input=[5, 6, 7])) == 3

@@ -6,7 +6,8 @@ application, so it must mean the same thing everywhere.
 
 One module per concern; everything is imported from here (`from cluster.schema import X`):
 
-- `sources`: where a model's weights come from (`HubSource`, `PathSource`, `PackageGGUFSource`)
+- `sources`: where a model's weights come from (`HubSource`, `PathSource`, `PackageGGUFSource`,
+  `PackageArchiveSource`)
 - `engine`: the vLLM engine's settings (`EngineSettings`)
 - `lora`: LoRA adapters on a base model (`LoraSettings`, `LoraAdapter`, `PackageFolderSource`)
 - `deployment`: a model, its replicas, their routing and its price (`ModelConfig`, `DeploymentSettings`,
@@ -35,7 +36,7 @@ from cluster.schema.deployment import (
 from cluster.schema.engine import EngineSettings
 from cluster.schema.lora import LoraAdapter, LoraSettings, PackageFolderSource
 from cluster.schema.serving import IngressSettings, LoggingSettings
-from cluster.schema.sources import HubSource, ModelSource, PackageGGUFSource, PathSource
+from cluster.schema.sources import HubSource, ModelSource, PackageArchiveSource, PackageGGUFSource, PathSource
 from cluster.schema.tenancy import (
     ApiKey,
     AuthConfig,
@@ -64,6 +65,7 @@ __all__ = [
     "LoraSettings",
     "ModelConfig",
     "ModelSource",
+    "PackageArchiveSource",
     "PackageFolderSource",
     "PackageGGUFSource",
     "PathSource",

@@ -250,7 +250,8 @@ class ModelConfig(StrictModel):
         default_factory=list, description="other names requests may give the model by"
     )
     source: ModelSource = Field(
-        description="where the weights come from: exactly one of `hf`, `path`, or `package` with `file`"
+        description="where the weights come from: exactly one of `hf`, `path`, or `package` with `file` (a GGUF) "
+        "or `archive` (a zipped checkpoint)"
     )
     engine: EngineSettings = Field(default_factory=EngineSettings, description="the vLLM engine's settings")
     deployment: DeploymentSettings = Field(

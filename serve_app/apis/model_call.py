@@ -18,7 +18,7 @@ from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError
 
 from serve_app.apis.request_policy import completions_asked, generates, prompt_token_bound, reserved_tokens
-from serve_app.errors import BadRequest, EngineFailure, Overloaded, for_status
+from serve_app.errors import APIError, BadRequest, EngineFailure, Overloaded, for_status
 from serve_app.http.lifecycle import RequestLifecycle
 from serve_app.models.outputs import ModelError, WholeAnswer
 from serve_app.models.requests import EngineRequest
@@ -41,6 +41,8 @@ class ModelCall:
     pending: "asyncio.Task[tuple[WholeAnswer | str, ModelStream]] | None" = None
     """A stream's first output, still awaited after the keep-alive delay."""
     keepalive_s: float = 0.0
+    request_id: str = ""
+    """For the log line of a failure the model tells midway."""
 
     async def keepalives(self) -> AsyncIterator[None]:
         """At once (the call has waited `keepalive_s` already), then once per `keepalive_s`, until
@@ -86,16 +88,18 @@ class ModelCalls:
         headers = lease.decision.headers if lease is not None else {}
         if not getattr(request, "stream", False) or self._keepalive_s is None:
             first, rest = await _first_output(route, request, lifecycle)
-            return ModelCall(first, rest, headers)
+            return ModelCall(first, rest, headers, request_id=lifecycle.request_id)
         waiting = asyncio.ensure_future(_first_output(route, request, lifecycle))
         try:
             first, rest = await asyncio.wait_for(asyncio.shield(waiting), self._keepalive_s)
         except TimeoutError:
-            return ModelCall(None, None, headers, pending=waiting, keepalive_s=self._keepalive_s)
+            return ModelCall(
+                None, None, headers, pending=waiting, keepalive_s=self._keepalive_s, request_id=lifecycle.request_id
+            )
         except asyncio.CancelledError:
             waiting.cancel()
             raise
-        return ModelCall(first, rest, headers)
+        return ModelCall(first, rest, headers, request_id=lifecycle.request_id)
 
 
 def _unbounded_reservation(route: Route, request: EngineRequest, caller: Caller) -> int:
@@ -153,8 +157,22 @@ async def _first_output(
     lifecycle.reached_engine = True
     if isinstance(first, ModelError):
         outputs.cancel()
-        raise for_status(first.status, first.message)
+        raise told(first, lifecycle.request_id)
     return first, outputs
+
+
+def told(error: ModelError, request_id: str, midway: bool = False) -> APIError:
+    """What the client is told of an error the model reported: vLLM's own words for the client's
+    mistakes and its refusals (a prompt too long, its queue full), which are meant for callers;
+    for its own failure (a dead engine, a crash: a 500) a fixed sentence, its words going to the
+    log with the request id, since they speak of vLLM's insides ("EngineCore encountered an
+    issue. See stack trace..."). Midway, the stream's own end tells the request id."""
+    if error.status < 500 or error.status == 503:
+        return for_status(error.status, error.message)
+    logger.error("the model failed (request id %s): %s", request_id, error.message)
+    return EngineFailure(
+        "the model engine failed mid-stream" if midway else f"the model engine failed (request id {request_id})"
+    )
 
 
 async def payloads(call: ModelCall) -> AsyncIterator[str]:
@@ -164,7 +182,7 @@ async def payloads(call: ModelCall) -> AsyncIterator[str]:
     rest = aiter(call.rest)
     while True:
         if isinstance(item, ModelError):
-            raise for_status(item.status, item.message)
+            raise told(item, call.request_id, midway=True)
         yield item
         try:
             item = await anext(rest)

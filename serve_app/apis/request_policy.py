@@ -10,6 +10,7 @@ from vllm.entrypoints.generate.base.protocol import StreamOptions
 from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
 from vllm.entrypoints.openai.completion.protocol import CompletionRequest
 from vllm.entrypoints.openai.responses.protocol import ResponsesRequest
+from vllm.entrypoints.pooling.embed.protocol import EmbeddingCompletionRequest
 
 from serve_app.errors import BadRequest
 from serve_app.models.requests import EngineRequest, GenerationRequest
@@ -67,7 +68,7 @@ def completions_asked(request: EngineRequest) -> int:
     answer once."""
     if not isinstance(request, GenerationRequest):
         return 1
-    prompts = len(_prompts(request)) if isinstance(request, CompletionRequest) else 1
+    prompts = len(_prompts(request.prompt)) if isinstance(request, CompletionRequest) else 1
     return (request.n or 1) * prompts
 
 
@@ -82,7 +83,9 @@ def prompt_token_bound(request: EngineRequest) -> int:
     given as token ids counts them. A budget reserves this beside max_tokens, so that the real
     count never exceeds the reservation. Tokenization generates nothing and counts for nothing."""
     if isinstance(request, CompletionRequest):
-        return _completion_prompt_bound(request)
+        return _prompts_bound(request.prompt)
+    if isinstance(request, EmbeddingCompletionRequest):
+        return _prompts_bound(request.input)
     if isinstance(request, AnthropicMessagesRequest):
         text = request.model_dump_json(include={"messages", "system", "tools"}, exclude_none=True)
         return len(text.encode()) + MESSAGE_OVERHEAD_TOKENS * len(request.messages) + PROMPT_OVERHEAD_TOKENS
@@ -96,10 +99,9 @@ def prompt_token_bound(request: EngineRequest) -> int:
     return len(text.encode()) + MESSAGE_OVERHEAD_TOKENS * len(request.messages) + PROMPT_OVERHEAD_TOKENS
 
 
-def _prompts(request: CompletionRequest) -> list[str | list[int]]:
-    """A completion request's prompts: a text, token ids, or a batch of either (one completion,
-    of `n` choices, per prompt)."""
-    prompt = request.prompt
+def _prompts(prompt: str | list | None) -> list[str | list[int]]:
+    """A completion's (or an embedding's) prompts: a text, token ids, or a batch of either (one
+    completion, of `n` choices, per prompt)."""
     if prompt is None:
         return []
     if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
@@ -107,9 +109,9 @@ def _prompts(request: CompletionRequest) -> list[str | list[int]]:
     return list(prompt)
 
 
-def _completion_prompt_bound(request: CompletionRequest) -> int:
+def _prompts_bound(prompts: str | list | None) -> int:
     """A text is bounded by its bytes; token ids count themselves."""
     return sum(
         len(prompt.encode()) + PROMPT_OVERHEAD_TOKENS if isinstance(prompt, str) else len(prompt)
-        for prompt in _prompts(request)
+        for prompt in _prompts(prompts)
     )

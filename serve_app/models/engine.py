@@ -18,6 +18,7 @@ from vllm.entrypoints.anthropic.protocol import AnthropicCountTokensRequest, Ant
 from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
 from vllm.entrypoints.openai.completion.protocol import CompletionRequest
 from vllm.entrypoints.openai.responses.protocol import ResponsesRequest
+from vllm.entrypoints.pooling.embed.protocol import EmbeddingChatRequest, EmbeddingCompletionRequest
 from vllm.entrypoints.serve.engine.protocol import ErrorResponse
 from vllm.entrypoints.serve.tokenize.protocol import DetokenizeRequest, TokenizeChatRequest, TokenizeCompletionRequest
 
@@ -104,7 +105,8 @@ class VLLMEngine:
 
         serving = self._serving.get(type(request))
         if serving is None:
-            return create_error_response(NotImplementedError(f"model {self._model_id!r} does not serve this API"))
+            # The client's mistake (a chat to an embedding model, say): a 400, not vLLM's 501.
+            return create_error_response(f"model {self._model_id!r} does not serve this API")
         try:
             return await serving(request)
         except (ValueError, TypeError, OverflowError, NotImplementedError, VLLMClientError, GracefulHTTPError) as error:
@@ -161,6 +163,7 @@ def _serving_methods(state: Any) -> dict[type, Callable[[Any], Awaitable[EngineR
     names = ("chat", "completion", "responses")
     chat, completion, responses = (getattr(state, f"openai_serving_{name}", None) for name in names)
     messages = getattr(state, "anthropic_serving_messages", None)
+    embedding = getattr(state, "serving_embedding", None)
     tokenization = getattr(state, "serving_tokenization", None)
     methods: dict[type, Callable[[Any], Awaitable[EngineResult]]] = {}
     if chat is not None:
@@ -172,6 +175,10 @@ def _serving_methods(state: Any) -> dict[type, Callable[[Any], Awaitable[EngineR
     if messages is not None:
         methods[AnthropicMessagesRequest] = messages.create_messages
         methods[AnthropicCountTokensRequest] = messages.count_tokens
+    if embedding is not None:
+        methods[EmbeddingCompletionRequest] = methods[EmbeddingChatRequest] = lambda request: _embeddings(
+            embedding, request
+        )
     if tokenization is not None:
         methods[TokenizeCompletionRequest] = methods[TokenizeChatRequest] = lambda request: (
             tokenization.create_tokenize(request, None)
@@ -187,6 +194,16 @@ async def _responses(serving: Any, request: ResponsesRequest) -> EngineResult:
 
     result = await serving.create_responses(request)
     return _convert_stream_to_sse_events(result) if isinstance(result, AsyncIterator) else result
+
+
+async def _embeddings(serving: Any, request: Any) -> EngineResult:
+    """vLLM's embedding serving class answers with the HTTP response its server sends, which is
+    read back into its model here: what crosses to the ingress is the answer, not a response."""
+    from vllm.entrypoints.pooling.embed.protocol import EmbeddingResponse
+
+    response = await serving(request, None)
+    model = ErrorResponse if response.status_code >= 400 else EmbeddingResponse
+    return model.model_validate_json(response.body)
 
 
 @contextmanager

@@ -10,6 +10,7 @@ from vllm.entrypoints.anthropic.protocol import AnthropicCountTokensResponse, An
 from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionResponse
 from vllm.entrypoints.openai.completion.protocol import CompletionResponse
 from vllm.entrypoints.openai.responses.protocol import ResponsesResponse
+from vllm.entrypoints.pooling.embed.protocol import EmbeddingResponse
 from vllm.entrypoints.serve.tokenize.protocol import DetokenizeResponse, TokenizeResponse
 
 
@@ -27,6 +28,7 @@ WholeAnswer = (
     | ResponsesResponse
     | AnthropicMessagesResponse
     | AnthropicCountTokensResponse
+    | EmbeddingResponse
     | TokenizeResponse
     | DetokenizeResponse
 )

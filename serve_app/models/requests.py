@@ -6,6 +6,7 @@ from vllm.entrypoints.anthropic.protocol import AnthropicCountTokensRequest, Ant
 from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
 from vllm.entrypoints.openai.completion.protocol import CompletionRequest
 from vllm.entrypoints.openai.responses.protocol import ResponsesRequest
+from vllm.entrypoints.pooling.embed.protocol import EmbeddingChatRequest, EmbeddingCompletionRequest
 from vllm.entrypoints.serve.tokenize.protocol import DetokenizeRequest, TokenizeChatRequest, TokenizeCompletionRequest
 
 GenerationRequest = ChatCompletionRequest | CompletionRequest
@@ -16,6 +17,8 @@ EngineRequest = (
     | ResponsesRequest
     | AnthropicMessagesRequest
     | AnthropicCountTokensRequest
+    | EmbeddingCompletionRequest
+    | EmbeddingChatRequest
     | TokenizeCompletionRequest
     | TokenizeChatRequest
     | DetokenizeRequest

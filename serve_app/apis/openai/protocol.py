@@ -9,6 +9,7 @@ from vllm.entrypoints.generate.base.protocol import StreamOptions
 from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest, ChatCompletionResponse
 from vllm.entrypoints.openai.completion.protocol import CompletionRequest
 from vllm.entrypoints.openai.responses.protocol import ResponsesRequest
+from vllm.entrypoints.pooling.embed.protocol import EmbeddingChatRequest, EmbeddingCompletionRequest
 from vllm.entrypoints.serve.tokenize.protocol import DetokenizeRequest, TokenizeChatRequest, TokenizeCompletionRequest
 
 from serve_app.apis.bodies import json_object, validated
@@ -21,6 +22,7 @@ __all__ = [
     "parse_chat",
     "parse_completion",
     "parse_detokenize",
+    "parse_embeddings",
     "parse_responses",
     "parse_tokenize",
 ]
@@ -80,6 +82,24 @@ def parse_responses(body: bytes) -> ResponsesRequest:
     responses = validated(ResponsesRequest, document | {"store": False}, body)
     _check_counts(responses, ("max_output_tokens",))
     return responses
+
+
+def parse_embeddings(body: bytes) -> EmbeddingCompletionRequest | EmbeddingChatRequest:
+    """An `input` (a text, token ids, or a batch of either), or vLLM's `messages` rendered with
+    the chat template. Embeddings come as floats or base64 in JSON; vLLM's raw `bytes` formats
+    answer with a stream of bytes this server does not pass through."""
+    document = json_object(body)
+    if document.get("encoding_format") not in (None, "float", "base64"):
+        raise BadRequest("invalid request body: encoding_format: must be float or base64")
+    if "messages" in document:
+        _check_shape(document)
+        chat = validated(EmbeddingChatRequest, document, body)
+        _check_contents(chat)
+        return chat
+    _check_type(document.get("input"), "input", str | list, unset_ok=False)
+    if not document["input"]:
+        raise BadRequest("invalid request body: input: must be a text, a list of texts or token ids, not empty")
+    return validated(EmbeddingCompletionRequest, document, body)
 
 
 def parse_tokenize(body: bytes) -> TokenizeCompletionRequest | TokenizeChatRequest:
@@ -163,7 +183,7 @@ def _check_counts(
             raise BadRequest(f"invalid request body: {name}: must be at least 1, not {value}")
 
 
-def _check_contents(chat: ChatCompletionRequest | TokenizeChatRequest) -> None:
+def _check_contents(chat: ChatCompletionRequest | TokenizeChatRequest | EmbeddingChatRequest) -> None:
     """vLLM's model validates some messages' content parts only as they are first read, and holds
     them meanwhile in an iterator that cannot cross a Ray hop to the model's replica: they are
     read here, so that a bad part is a 400 now."""

@@ -19,6 +19,7 @@ from serve_app.apis.openai.protocol import (
     parse_chat,
     parse_completion,
     parse_detokenize,
+    parse_embeddings,
     parse_responses,
     parse_tokenize,
 )
@@ -67,6 +68,9 @@ class OpenAIAPI:
         lifecycle.answer.finish_reason = response.status
         return JSONResponse(response.model_dump(mode="json", by_alias=True), headers=call.headers)
 
+    async def embeddings(self, request: Request, caller: Caller, lifecycle: RequestLifecycle) -> Response:
+        return await self._whole(parse_embeddings(await request.body()), caller, lifecycle)
+
     async def tokenize(self, request: Request, caller: Caller, lifecycle: RequestLifecycle) -> Response:
         return await self._whole(parse_tokenize(await request.body()), caller, lifecycle)
 
@@ -74,10 +78,13 @@ class OpenAIAPI:
         return await self._whole(parse_detokenize(await request.body()), caller, lifecycle)
 
     async def _whole(self, body: EngineRequest, caller: Caller, lifecycle: RequestLifecycle) -> Response:
-        """vLLM's answer as it gives it, for a request that generates nothing."""
+        """vLLM's answer as it gives it, for a request that generates nothing; an embedding's
+        usage (its prompt's tokens) goes to the ledger."""
         route = self._router.resolve(body.model, caller)
         lifecycle.routed(route.model_id, route.price)
         call = await self._calls.start(route, body.model_copy(update={"model": route.model_id}), caller, lifecycle)
+        usage = getattr(call.first, "usage", None)
+        lifecycle.answer.usage(usage.model_dump() if usage is not None else None)
         return JSONResponse(call.first.model_dump(), headers=call.headers)
 
     async def _generate(self, body: GenerationRequest, caller: Caller, lifecycle: RequestLifecycle) -> Response:
