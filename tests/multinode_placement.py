@@ -11,6 +11,7 @@ standing."""
 
 import asyncio
 import json
+import re
 import shutil
 import socket
 import sqlite3
@@ -88,6 +89,7 @@ def main() -> None:
         time.sleep(0.5)
     status = serve.status().applications["llm"].deployments
     models = httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=30).json()["data"]
+    hardware_stats = httpx.get(f"http://127.0.0.1:{port}/hardware/stats", timeout=30).json()
     groups = [
         {
             "bundles": [dict(b) for b in table["bundles"].values()],
@@ -106,6 +108,8 @@ def main() -> None:
             if actor.name and actor.name.startswith("SERVE_REPLICA::llm#model-")
         },
         "models": {m["id"]: m for m in models},
+        "hardware_stats": hardware_stats,
+        "gpu_nodes_read": _gpu_nodes_read(len(workers)),
         "states": {
             m: {
                 "status": str(status[deployment_name(m)].status.value),
@@ -121,6 +125,21 @@ def main() -> None:
     ray.shutdown()
     cluster.shutdown()
     shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _gpu_nodes_read(expected: int) -> list[str]:
+    """The nodes `/hardware/stats` sent its NVML task to, by the ingress's log: these simulated GPUs
+    have no NVML to read, so each node's task fails and the ingress names the node it asked."""
+    logs = Path(ray._private.worker.global_worker.node.get_logs_dir_path()) / "serve"
+
+    def asked() -> list[str]:
+        text = "\n".join(path.read_text() for path in logs.glob("replica_llm_ingress_*.log"))
+        return sorted(set(re.findall(r"could not read the GPUs of node (\w+)", text)))
+
+    deadline = time.monotonic() + 30
+    while len(asked()) < expected and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return asked()
 
 
 def _free_port() -> int:

@@ -51,6 +51,14 @@ def test_single_gpu_model_lands_on_a_gpu_node(report):
     assert node in report["gpu_nodes"]
 
 
+def test_hardware_stats_asks_each_gpu_node_and_only_those(report):
+    """The fan-out: an NVML task on each node Ray counts GPUs on (the head has none). Declared
+    GPUs have no NVML behind them, so each node's reading fails, is logged naming the node, and
+    is left out of a still valid answer."""
+    assert report["gpu_nodes_read"] == sorted(report["gpu_nodes"])
+    assert report["hardware_stats"] == {"pipeline": "llm", "model_id": "tp2", "gpu_stats": {}}
+
+
 def test_a_model_that_fits_nowhere_is_reported(report):
     state = report["states"]["too-big"]
     assert state["running"] == 0
