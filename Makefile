@@ -5,7 +5,7 @@ STAMP  := $(VENV)/.installed
 CONFIG ?= configs/local.yaml
 TOKEN_FILE := .llm_api_key
 
-.PHONY: install serve test lint unit docs bench clean image image-gpu image-cpu
+.PHONY: install serve test lint unit docs bench bench-routing clean image image-gpu image-cpu
 
 install: $(STAMP)
 
@@ -56,6 +56,11 @@ $(BENCH_STAMP): $(STAMP)
 
 bench: $(BENCH_STAMP)
 	$(PY) -m bench $(BENCH_ARGS)
+
+# Beside `make bench`, not in it: the routing policies over two replicas of the real engine
+# (bench/routing.py), four fresh deployments, a run of its own length.
+bench-routing: $(BENCH_STAMP)
+	$(PY) -m bench.routing $(ROUTING_ARGS)
 
 # The images, on Ray's at the Ray that pyproject.toml pins, tagged with this project's name and
 # version: <name>:<version>-gpu is the image `python -m cluster render kuberay` names by default.

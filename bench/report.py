@@ -134,3 +134,13 @@ def plot(results: list[LoadResult], path: Path) -> None:
     throughput.legend(fontsize=7)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
+
+
+def marked_section(page: str, section: str, begin: str, end: str) -> str:
+    """`page` with everything from `begin` to `end` replaced by `section`, for the focused
+    benchmarks that keep a section of their own (bench/routing.py); refused unless the page holds
+    each marker once, in that order, so that a run never writes over the wrong part of it."""
+    first, last = page.find(begin), page.find(end)
+    if first < 0 or last < first or page.count(begin) != 1 or page.count(end) != 1:
+        raise ValueError(f"the page needs one {begin} and, after it, one {end}")
+    return page[:first] + section + page[last + len(end) :]
