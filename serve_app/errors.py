@@ -167,7 +167,7 @@ def anthropic_type(status: int) -> str:
 
 
 def error_body(api: Api, error: APIError, request_id: str) -> dict[str, Any]:
-    """Also the body of an error event inside an OpenAI stream whose 200 already went out."""
+    """Also the body of an error event inside a stream whose 200 already went out."""
     if api == "livepeer":
         return {"detail": {"msg": error.message, "request_id": request_id}}
     if api == "anthropic":

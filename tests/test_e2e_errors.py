@@ -66,7 +66,7 @@ def test_no_such_route_or_method_answers_in_the_endpoints_shape(client):
     assert wrong_method.status_code == 405
     assert "GET /llm" in wrong_method.json()["detail"]["msg"]
     assert wrong_method.headers["allow"] == "POST"
-    no_route = client.get("/v1/completions")
+    no_route = client.get("/v1/no-such-route")
     assert no_route.status_code == 404
     assert no_route.json()["error"]["type"] == "not_found_error"
     openai_wrong_method = client.get("/v1/chat/completions")

@@ -111,7 +111,7 @@ def test_a_redeploy_keeps_the_old_replica_serving_only_with_surge(
         until(lambda: _model_replicas(name) == wanted, 60, f"the new replica loading beside {old_ones_serving} old")
         if old_ones_serving:
             answer = httpx.post(
-                f"{serve_url}/{name}/llm", json={"messages": [{"role": "user", "content": "still here"}]}, timeout=30
+                f"{serve_url}/{name}/llm", json={"messages": [{"role": "user", "content": "still here"}]}, timeout=60
             )
             assert (answer.status_code, answer.json()["choices"][0]["message"]["content"]) == (200, "still here")
             assert _model_replicas(name) == wanted  # answered by the old replica: the new one still loads

@@ -106,3 +106,27 @@ def test_an_unknown_adapter_is_404_naming_the_available_ones(tmp_path):
         with pytest.raises(NotFound) as refused:
             router.resolve(name, EVERYONE)
         assert refused.value.message.endswith("available models: base, b, other, pirate")
+
+
+def test_an_adapter_found_under_two_bases_is_each_bases_own(tmp_path):
+    for base in ("one", "two"):
+        _adapter(tmp_path / base / "shared")
+    config = ClusterConfig.model_validate(
+        {
+            "models": [
+                {"id": base, "source": {"path": f"/{base}"}, "lora": {"directory": str(tmp_path / base)}}
+                for base in ("one", "two")
+            ]
+        }
+    )
+    handles = {m.id: _Handle(m.id) for m in config.models}
+    router = Router(config, handles)
+    assert router.resolve("one:shared", EVERYONE).call("r") == "stream of one"
+    assert router.resolve("two:shared", EVERYONE).call("r") == "stream of two"  # not the cached one's
+    with pytest.raises(NotFound):
+        router.resolve("two:shared", _caller("one:shared"))
+
+
+def test_an_adapter_id_takes_no_colon(tmp_path):
+    with pytest.raises(ValidationError, match=r"adapters\.0\.id"):
+        _config(tmp_path, adapters=[{"id": "org:tuned", "source": {"path": "/t"}}])

@@ -200,3 +200,27 @@ def test_an_embedding_reserves_nothing_and_bounds_its_inputs():
     assert reserved_tokens(batch) == 0
     assert prompt_token_bound(batch) == 3 + 2 * PROMPT_OVERHEAD_TOKENS
     assert prompt_token_bound(EmbeddingCompletionRequest(model="m", input=[5, 6, 7])) == 3
+
+
+def test_every_apis_request_loses_its_transfer_fields_on_the_way_to_its_model():
+    """Their prompt token ids would replace the prompt that the budget's bound counted."""
+    from vllm.entrypoints.anthropic.protocol import AnthropicMessagesRequest
+    from vllm.entrypoints.openai.responses.protocol import ResponsesRequest
+
+    from serve_app.apis.request_policy import for_model
+
+    smuggled = {"prompt_token_ids": list(range(5000)), "do_remote_prefill": True}
+    for request in (
+        AnthropicMessagesRequest(model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=4),
+        ResponsesRequest(model="m", input="hi"),
+        CompletionRequest(model="m", prompt="hi"),
+    ):
+        sent = for_model(request.model_copy(update={"kv_transfer_params": smuggled, "ec_transfer_params": {}}), "id")
+        assert (sent.model, sent.kv_transfer_params, sent.ec_transfer_params) == ("id", None, None)
+
+
+def test_an_embedding_of_messages_bounds_them_like_a_chat():
+    from vllm.entrypoints.pooling.embed.protocol import EmbeddingChatRequest
+
+    chat = EmbeddingChatRequest(model="m", messages=[{"role": "user", "content": "x" * 300}])
+    assert prompt_token_bound(chat) > 300

@@ -20,6 +20,7 @@ from tests.scripted_model import model_call
         ({"store": True}, "store: stored responses are not kept by this server"),
         ({"previous_response_id": "resp_1"}, "previous_response_id: previous responses are not kept"),
         ({"background": True}, "background: background responses are not kept"),
+        ({"previous_input_messages": [{"role": "user", "content": "x"}]}, "previous_input_messages: previous messages"),
         ({"max_output_tokens": 0}, "max_output_tokens: must be at least 1, not 0"),
     ],
 )

@@ -42,7 +42,7 @@ def test_prefix_cache_installs_rays_router_with_its_arguments_and_eviction_alway
         "eviction": {"threshold_chars": 1000, "target_chars": 800},
     }
     config = request_router_options(_model(routing=routing))["request_router_config"]
-    assert config.get_request_router_class().__name__ == "PrefixCacheAffinityRouter"
+    assert issubclass(config.get_request_router_class(), PrefixCacheAffinityRouter)
     assert config.request_router_kwargs == {
         "imbalanced_threshold": 4,
         "match_rate_threshold": 0.1,

@@ -5,7 +5,7 @@ from typing import Annotated
 
 from pydantic import Field, model_validator
 
-from cluster.schema.base import MODEL_ID, StrictModel, reject_duplicates
+from cluster.schema.base import StrictModel, reject_duplicates
 from cluster.schema.sources import PathSource
 
 
@@ -22,11 +22,15 @@ class PackageFolderSource(StrictModel):
 AdapterSource = PathSource | PackageFolderSource
 
 
+ADAPTER_ID = r"^[A-Za-z0-9][A-Za-z0-9._/-]*$"
+"""A model name without `:`, which separates a base model's name from its adapter's."""
+
+
 class LoraAdapter(StrictModel):
     """One adapter of the model: the name requests give it and its weights."""
 
     id: str = Field(
-        pattern=MODEL_ID,
+        pattern=ADAPTER_ID,
         description="the name requests give it in `model` (or `<base id>:<id>`), and the one `/v1/models`, "
         "the ledger, metrics and logs show; unique across models and adapters",
     )
@@ -37,8 +41,9 @@ class LoraAdapter(StrictModel):
 
 
 class LoraSettings(StrictModel):
-    """Served by vLLM's LoRA support on the base model's engine; Serve's model multiplexing sends
-    a request for an adapter to a replica that has it loaded, where there is one."""
+    """Served by vLLM's LoRA support on the base model's engine; under Serve's default router
+    (no `routing`), its model multiplexing sends a request for an adapter to a replica that has
+    it loaded, where there is one."""
 
     adapters: list[LoraAdapter] = Field(default_factory=list, description="the adapters known at start")
     directory: str | None = Field(

@@ -5,17 +5,19 @@ reserves for it."""
 import json
 from typing import TypeVar
 
+from pydantic import BaseModel
 from vllm.entrypoints.anthropic.protocol import AnthropicMessagesRequest
 from vllm.entrypoints.generate.base.protocol import StreamOptions
 from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
 from vllm.entrypoints.openai.completion.protocol import CompletionRequest
 from vllm.entrypoints.openai.responses.protocol import ResponsesRequest
-from vllm.entrypoints.pooling.embed.protocol import EmbeddingCompletionRequest
+from vllm.entrypoints.pooling.embed.protocol import EmbeddingChatRequest, EmbeddingCompletionRequest
 
 from serve_app.errors import BadRequest
 from serve_app.models.requests import EngineRequest, GenerationRequest
 
 R = TypeVar("R", ChatCompletionRequest, CompletionRequest)
+E = TypeVar("E", bound=BaseModel)
 
 
 def capped_max_tokens(asked: int | None, default: int | None, limit: int | None) -> int | None:
@@ -30,20 +32,30 @@ def capped_max_tokens(asked: int | None, default: int | None, limit: int | None)
     return limit if default is None else min(default, limit)
 
 
+TRANSFER_FIELDS = ("kv_transfer_params", "ec_transfer_params")
+"""vLLM's disaggregated prefill takes a prompt's token ids from these instead of its messages
+(whatever the API), which would slip past the prompt's bound that budgets reserve; this server
+runs no such prefill, so they have no use here."""
+
+
+def for_model(request: E, model_id: str) -> E:
+    """Any API's request as it goes to its model: named by the model's id (or an adapter's), its
+    transfer fields dropped."""
+    dropped = {name: None for name in TRANSFER_FIELDS if name in type(request).model_fields}
+    return request.model_copy(update={"model": model_id} | dropped)
+
+
 def for_engine(chat: R, model_id: str, max_tokens: int | None) -> R:
     """Streams ask vLLM for usage on every chunk, whatever the client asked: the request log and
     the ledger then count even an abandoned stream's tokens, and the Livepeer gateway takes usage
     from the last chunk. Each API forwards only as much of it as its client asked for."""
-    # vLLM's disaggregated prefill takes a prompt's token ids from here instead of its messages,
-    # which would slip past the prompt's bound that budgets reserve; this server runs no such
-    # prefill, so the field has no use here.
-    update: dict = {"model": model_id, "kv_transfer_params": None}
+    update: dict = {}
     if max_tokens is not None and getattr(chat, "max_completion_tokens", None) is None:
         update["max_tokens"] = max_tokens
     if chat.stream:
         asked = chat.stream_options or StreamOptions()
         update["stream_options"] = asked.model_copy(update={"include_usage": True, "continuous_usage_stats": True})
-    return chat.model_copy(update=update)
+    return for_model(chat, model_id).model_copy(update=update)
 
 
 def reserved_tokens(request: EngineRequest) -> int:
@@ -86,6 +98,9 @@ def prompt_token_bound(request: EngineRequest) -> int:
         return _prompts_bound(request.prompt)
     if isinstance(request, EmbeddingCompletionRequest):
         return _prompts_bound(request.input)
+    if isinstance(request, EmbeddingChatRequest):
+        text = json.dumps(request.messages, default=str)
+        return len(text.encode()) + MESSAGE_OVERHEAD_TOKENS * len(request.messages) + PROMPT_OVERHEAD_TOKENS
     if isinstance(request, AnthropicMessagesRequest):
         text = request.model_dump_json(include={"messages", "system", "tools"}, exclude_none=True)
         return len(text.encode()) + MESSAGE_OVERHEAD_TOKENS * len(request.messages) + PROMPT_OVERHEAD_TOKENS

@@ -1,6 +1,6 @@
 """Server-Sent Events: the framing of `data: …` lines and the closing `[DONE]` of the OpenAI-style
-APIs (Anthropic's events come framed by vLLM, and end without it), and the streaming response
-that ends its request's lifecycle when the stream ends.
+APIs (the named events of Anthropic's API and of Responses come framed by vLLM, and end without
+it), and the streaming response that ends its request's lifecycle when the stream ends.
 
 The stream's events are written by the API's own generator, which owns its failure mode: once
 the 200 has gone out an error can only be told inside the stream, so the generator ends the

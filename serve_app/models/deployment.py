@@ -25,8 +25,8 @@ logger = logging.getLogger("ray.serve")
 class ModelServer:
     """The model's own Serve deployment. A request for one of its LoRA adapters comes with the
     adapter's id as Serve's multiplexed model id: the replica loads it first if it has not (Serve's
-    multiplexing keeps `lora.max_loaded` per replica, unloading the least recently used, and sends
-    an adapter's requests to the replicas that hold it)."""
+    multiplexing keeps `lora.max_loaded` per replica, unloading the least recently used, and its
+    default router sends an adapter's requests to the replicas that hold it)."""
 
     async def __init__(self, model: ModelConfig, engine_factory: EngineFactory = vllm_engine) -> None:
         self._runner = ModelRunner(model, engine_factory)
@@ -39,7 +39,12 @@ class ModelServer:
                 if path is None:
                     raise AdapterError(404, f"model {model.id!r} has no adapter {adapter_id!r}")
                 started = time.perf_counter()
-                await self._runner.load_adapter(adapter_id, path)
+                try:
+                    await self._runner.load_adapter(adapter_id, path)
+                except AdapterError as error:
+                    # vLLM's words name the folder on the server: they go to the log.
+                    logger.error("could not load LoRA adapter %s from %s: %s", adapter_id, path, error.message)
+                    raise AdapterError(error.status, f"adapter {adapter_id!r} could not be loaded") from None
                 logger.info("loaded LoRA adapter %s from %s in %.2f s", adapter_id, path, time.perf_counter() - started)
                 return LoadedAdapter(self._runner, adapter_id)
 

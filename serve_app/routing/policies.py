@@ -2,7 +2,7 @@
 router its callers run (`request_router_config`); none keeps Serve's own.
 
 The request router runs where the model is called from, the ingress, and reads the call's
-arguments (our `ChatCompletionRequest`) and options (its `session_id`). That is why a colocated
+arguments (vLLM's request for the route) and options (its `session_id`). That is why a colocated
 model, reached only through Serve's HTTP proxy, cannot have a policy (refused by the config)."""
 
 from typing import Any
@@ -15,6 +15,21 @@ from ray.serve.config import RequestRouterConfig
 
 from cluster.schema import ModelConfig
 from serve_app.routing.session import SessionAffinityRouter
+
+
+class PromptPrefixRouter(PrefixCacheAffinityRouter):
+    """Ray's router, reading every API's request: Ray's reads `messages` or `prompt` and raises on
+    any other, which Serve logs and leaves unrouted until the request times out. The Responses
+    and embeddings requests carry `input`; one with no text (token ids to detokenize) matches
+    nothing and is routed by load."""
+
+    def _extract_text_from_request(self, pending_request) -> str:
+        for arg in pending_request.args:
+            for name in ("messages", "prompt", "input"):
+                value = getattr(arg, name, None)
+                if value is not None:
+                    return self._normalize_prompt_to_string(value)
+        return ""
 
 
 def request_router_options(model: ModelConfig) -> dict[str, Any]:
@@ -33,7 +48,7 @@ def request_router_options(model: ModelConfig) -> dict[str, Any]:
     else:
         eviction = routing.eviction
         config = RequestRouterConfig(
-            request_router_class=PrefixCacheAffinityRouter,
+            request_router_class=PromptPrefixRouter,
             request_router_kwargs={
                 "imbalanced_threshold": routing.imbalanced_threshold,
                 "match_rate_threshold": routing.match_rate_threshold,

@@ -78,7 +78,7 @@ class Router:
         self.model_ids = [m.id for m in config.models]
         self.names = {m.id: (m.id, *m.aliases) for m in config.models}
         self._adapters = {m.id: Adapters(m.lora) for m in config.models if m.lora is not None}
-        self._adapter_routes: dict[str, Route] = {}
+        self._adapter_routes: dict[tuple[str, str], Route] = {}
 
     def _route(self, model: ModelConfig, adapter_id: str | None = None) -> Route:
         return Route(
@@ -118,9 +118,9 @@ class Router:
         return next(((name, base_id) for base_id, a in self._adapters.items() if a.path(name)), None)
 
     def _adapter_route(self, adapter_id: str, base_id: str) -> Route:
-        route = self._adapter_routes.get(adapter_id)
+        route = self._adapter_routes.get((base_id, adapter_id))
         if route is None:
-            route = self._adapter_routes[adapter_id] = self._route(self._configs[base_id], adapter_id)
+            route = self._adapter_routes[base_id, adapter_id] = self._route(self._configs[base_id], adapter_id)
         return route
 
     def models_for(self, caller: Caller) -> list[str]:

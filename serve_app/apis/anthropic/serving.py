@@ -12,7 +12,7 @@ from starlette.responses import Response
 from serve_app.apis.anthropic.protocol import parse_count_tokens, parse_messages, usage_counts
 from serve_app.apis.event_streams import named_events
 from serve_app.apis.model_call import ModelCall, ModelCalls
-from serve_app.apis.request_policy import capped_max_tokens
+from serve_app.apis.request_policy import capped_max_tokens, for_model
 from serve_app.http.lifecycle import RequestLifecycle
 from serve_app.http.streaming import EventStream
 from serve_app.routing.router import Router
@@ -31,7 +31,7 @@ class AnthropicMessages:
         route = self._router.resolve(body.model, caller)
         lifecycle.routed(route.model_id, route.price)
         capped_max_tokens(body.max_tokens, None, self._max_tokens_limit)  # refuses one above the cap
-        call = await self._calls.start(route, body.model_copy(update={"model": route.model_id}), caller, lifecycle)
+        call = await self._calls.start(route, for_model(body, route.model_id), caller, lifecycle)
         if body.stream:
             events = anthropic_events(call, lifecycle.answer, lifecycle.request_id)
             return EventStream(events, call.cancel, lifecycle, call.headers, done=None)
@@ -45,7 +45,7 @@ class AnthropicMessages:
         body = parse_count_tokens(await request.body())
         route = self._router.resolve(body.model, caller)
         lifecycle.routed(route.model_id, route.price)
-        call = await self._calls.start(route, body.model_copy(update={"model": route.model_id}), caller, lifecycle)
+        call = await self._calls.start(route, for_model(body, route.model_id), caller, lifecycle)
         return JSONResponse(call.first.model_dump(exclude_none=True), headers=call.headers)
 
 

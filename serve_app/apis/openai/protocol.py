@@ -62,6 +62,7 @@ def parse_completion(body: bytes) -> CompletionRequest:
 STATEFUL = {
     "store": "stored responses",
     "previous_response_id": "previous responses",
+    "previous_input_messages": "previous messages",
     "background": "background responses",
     "conversation": "conversations",
 }

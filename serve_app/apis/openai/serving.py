@@ -15,6 +15,7 @@ from starlette.responses import Response
 from serve_app.apis.event_streams import named_events
 from serve_app.apis.model_call import ModelCall, ModelCalls, chunks
 from serve_app.apis.openai.protocol import (
+    ChatCompletionRequest,
     StreamOptions,
     parse_chat,
     parse_completion,
@@ -23,7 +24,7 @@ from serve_app.apis.openai.protocol import (
     parse_responses,
     parse_tokenize,
 )
-from serve_app.apis.request_policy import capped_max_tokens, for_engine
+from serve_app.apis.request_policy import capped_max_tokens, for_engine, for_model
 from serve_app.errors import APIError, EngineFailure, NotFound, error_body
 from serve_app.http.lifecycle import RequestLifecycle
 from serve_app.http.streaming import KEEPALIVE, EventStream, event
@@ -57,7 +58,7 @@ class OpenAIAPI:
         route = self._router.resolve(body.model, caller)
         lifecycle.routed(route.model_id, route.price)
         max_tokens = capped_max_tokens(body.max_output_tokens, None, self._max_tokens_limit)
-        body = body.model_copy(update={"model": route.model_id, "max_output_tokens": max_tokens})
+        body = for_model(body, route.model_id).model_copy(update={"max_output_tokens": max_tokens})
         call = await self._calls.start(route, body, caller, lifecycle)
         if body.stream:
             events = named_events(call, lifecycle.answer, lifecycle.request_id, read_response_event, "openai")
@@ -82,7 +83,7 @@ class OpenAIAPI:
         usage (its prompt's tokens) goes to the ledger."""
         route = self._router.resolve(body.model, caller)
         lifecycle.routed(route.model_id, route.price)
-        call = await self._calls.start(route, body.model_copy(update={"model": route.model_id}), caller, lifecycle)
+        call = await self._calls.start(route, for_model(body, route.model_id), caller, lifecycle)
         usage = getattr(call.first, "usage", None)
         lifecycle.answer.usage(usage.model_dump() if usage is not None else None)
         return JSONResponse(call.first.model_dump(), headers=call.headers)
@@ -91,9 +92,13 @@ class OpenAIAPI:
         route = self._router.resolve(body.model, caller)
         lifecycle.routed(route.model_id, route.price)
         asked = body.stream_options or StreamOptions()
-        max_tokens = capped_max_tokens(
-            getattr(body, "max_completion_tokens", None) or body.max_tokens, None, self._max_tokens_limit
+        # vLLM's completion request has OpenAI's default of 16 when the client sets none: a default
+        # bows to the server's cap, a client's own value above it is refused.
+        client_max = getattr(body, "max_completion_tokens", None) or (
+            body.max_tokens if "max_tokens" in body.model_fields_set else None
         )
+        default = None if isinstance(body, ChatCompletionRequest) else body.max_tokens
+        max_tokens = capped_max_tokens(client_max, default, self._max_tokens_limit)
         chat = for_engine(body, route.model_id, max_tokens)
         call = await self._calls.start(route, chat, caller, lifecycle)
         if chat.stream:
