@@ -8,14 +8,13 @@ difference from the variant without keys.
 """
 
 import argparse
-import json
 import tempfile
 import time
 from pathlib import Path
 
 import httpx
 
-from bench import systems
+from bench import report, systems
 from bench.load import percentile_ms
 from cluster.schema import ClusterConfig
 
@@ -85,9 +84,7 @@ def main() -> None:
             f"{name:<20} {summary['median_ms']:>10.2f} {summary['p90_ms']:>8.2f} {summary['p99_ms']:>8.2f} "
             f"{summary['added_median_ms']:>+17.2f}"
         )
-    RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.write_text(json.dumps({"requests_per_variant": args.requests, "variants": summaries}, indent=2) + "\n")
-    print(f"wrote {RESULTS}")
+    report.save({"requests_per_variant": args.requests, "variants": summaries}, RESULTS, show=False)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ requests with the config's key and with a runtime key, taken in turn.
 """
 
 import argparse
-import json
 import re
 import tempfile
 import time
@@ -18,7 +17,7 @@ from pathlib import Path
 
 import httpx
 
-from bench import systems
+from bench import report, systems
 from bench.load import percentile_ms
 from cluster.schema import ClusterConfig
 
@@ -104,10 +103,7 @@ def main() -> None:
         "runtime_key_median_ms": percentile_ms(latencies["runtime"], 50),
     }
     result["runtime_key_added_median_ms"] = result["runtime_key_median_ms"] - result["config_key_median_ms"]
-    print(json.dumps(result, indent=2))
-    RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {RESULTS}")
+    report.save(result, RESULTS)
 
 
 if __name__ == "__main__":

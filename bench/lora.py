@@ -10,7 +10,6 @@ are left alone).
 """
 
 import argparse
-import json
 import os
 import re
 import statistics
@@ -22,6 +21,7 @@ import httpx
 import ray
 from ray import serve
 
+from bench import report
 from cluster.load import load
 from cluster.runtime import NODE_ENV
 from cluster.schema import ClusterConfig
@@ -100,10 +100,7 @@ def main() -> None:
         "first_token": {"base": _summary(base), "adapter": _summary(adapter)},
         "adapter_over_base_median": round(statistics.median(adapter) / statistics.median(base), 2),
     }
-    print(json.dumps(result, indent=2))
-    RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {RESULTS}")
+    report.save(result, RESULTS)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,15 @@ def write(
     return table
 
 
+def save(result: dict, path: Path, show: bool = True) -> None:
+    """A focused benchmark's figures: printed (unless it printed its own table), and kept as JSON."""
+    if show:
+        print(json.dumps(result, indent=2))
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {path}")
+
+
 def check_docs(docs: Path) -> None:
     """Before a run, not after it: a page without its markers would fail the run's last step."""
     with_section(docs.read_text(), "")

@@ -24,7 +24,7 @@ from pathlib import Path
 import httpx
 import psutil
 
-from bench import systems
+from bench import report, systems
 from cluster.load import load
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -149,10 +149,7 @@ def main() -> None:
         "ledger_rows": {kind: ledger.get(f"soak-{kind}", {}).get("requests") for kind in CLASSES},
         "ledger_equals_clients": matches,
     }
-    print(json.dumps(result, indent=2))
-    RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {RESULTS}")
+    report.save(result, RESULTS)
 
 
 if __name__ == "__main__":
