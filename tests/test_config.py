@@ -12,6 +12,7 @@ from pathlib import Path
 import psutil
 import pytest
 import yaml
+from pydantic import ValidationError
 
 from cluster import render
 from cluster.load import ConfigError, load
@@ -158,6 +159,29 @@ def test_the_ingress_lets_the_longest_streams_finish_when_replaced():
     options = ingress_options(config)
     assert options["graceful_shutdown_timeout_s"] == 300  # the 32B model's, not the 8B's 60
     assert (options["num_replicas"], options["ray_actor_options"]) == (2, {"num_cpus": 1})
+
+
+def test_a_model_pinned_by_custom_resources_asks_them_for_its_replica():
+    pinned = {"num_cpus": 0.5, "resources": {"pool_b": 1}}
+    config = ClusterConfig.model_validate(
+        {
+            "models": [
+                _model(id="one", deployment=pinned),
+                _model(id="tp", engine={"tensor_parallel_size": 2}, deployment=pinned | {"num_gpus": 1}),
+            ]
+        }
+    )
+    one, tp = (deployment_options(model) for model in config.models)
+    assert one["ray_actor_options"] == {"num_cpus": 0.5, "resources": {"pool_b": 1}, "num_gpus": 0}
+    # The replica's own bundle holds them, the workers' GPU bundles do not.
+    assert tp["placement_group_bundles"] == [{"CPU": 0.5, "pool_b": 1}, {"GPU": 1}, {"GPU": 1}]
+    assert tp["ray_actor_options"]["resources"] == {"pool_b": 1}
+
+
+@pytest.mark.parametrize("name", ["CPU", "GPU", "memory", "accelerator_type:A100", "1st"])
+def test_ray_s_own_resources_are_not_custom_ones(name):
+    with pytest.raises(ValidationError, match="resources"):
+        ClusterConfig.model_validate({"models": [_model(deployment={"resources": {name: 1}})]})
 
 
 def test_local_model_takes_no_gpu_and_gets_its_env():

@@ -8,7 +8,6 @@ import asyncio
 import os
 import secrets
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -25,24 +24,18 @@ import yaml
 
 from tests.conftest import ROOT
 from tests.polling import until
+from tests.processes import MARKER, Seen, alive, described, free_port, kill_all, marked, record
 from tests.serve_logs import fields_of, log_line_under
 from tests.sse import events, json_chunks
 
 pytestmark = pytest.mark.e2e
 
 MODEL = "smollm2-135m-instruct"
-MARKER = "LLM_SERVE_FAULT_TEST"
-"""Set in the server's environment, which every process of its Ray cluster inherits: the test
-finds what it started by it, and touches nothing else on the host."""
-
 ENGINE = "VLLM::EngineCore"
 # What a caller must never read: Python's, Ray's and vLLM's insides.
 INTERNALS = ("traceback", 'file "', "enginedead", "enginecore", "vllm", "ray::", "rayactorerror", "site-packages")
 LONG = {"max_tokens": 1500, "ignore_eos": True, "temperature": 0, "stream": True}
 PROMPT = [{"role": "user", "content": "Tell a long story."}]
-
-Seen = set[tuple[int, float]]
-"""Processes by pid and start time: a pid the host reuses is not taken for one of ours."""
 
 
 def _config(folder: Path, port: int) -> Path:
@@ -60,17 +53,11 @@ def _config(folder: Path, port: int) -> Path:
     return path
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _start(folder: Path, marker: str, key: str) -> tuple[subprocess.Popen, int]:
     """`python -m cluster serve` in a session of its own, as a terminal runs `make serve`, with a
     Ray cluster of its own: no address of this session's cluster, and its own temp dir (sockets,
     logs, the file by which `ray.init` finds a running cluster)."""
-    port = _free_port()
+    port = free_port()
     env = {name: value for name, value in os.environ.items() if not name.startswith("RAY_")}
     env |= {MARKER: marker, "LLM_API_KEY": key, "RAY_TMPDIR": str(folder)}
     server = subprocess.Popen(
@@ -90,12 +77,6 @@ def _descendants(server: subprocess.Popen) -> list[psutil.Process]:
     return []
 
 
-def _record(server: subprocess.Popen, seen: Seen) -> None:
-    for process in _descendants(server):
-        with suppress(psutil.NoSuchProcess):
-            seen.add((process.pid, process.create_time()))
-
-
 def _engines(server: subprocess.Popen) -> list[psutil.Process]:
     found = []
     for process in _descendants(server):
@@ -105,33 +86,9 @@ def _engines(server: subprocess.Popen) -> list[psutil.Process]:
     return found
 
 
-def _marked(marker: str) -> list[psutil.Process]:
-    """Every process on the host with the marker in its environment (others' are unreadable)."""
-    found = []
-    for process in psutil.process_iter():
-        with suppress(psutil.Error):
-            if process.environ().get(MARKER) == marker:
-                found.append(process)
-    return found
-
-
-def _alive(seen: Seen) -> list[int]:
-    left = []
-    for pid, started in seen:
-        with suppress(psutil.NoSuchProcess):
-            process = psutil.Process(pid)
-            if process.create_time() == started and process.status() != psutil.STATUS_ZOMBIE:
-                left.append(pid)
-    return left
-
-
 def _left(seen: Seen, marker: str) -> dict[int, str]:
     """The processes of the server still running, by pid: those seen, and any with its marker."""
-    left = {}
-    for pid in [*_alive(seen), *(process.pid for process in _marked(marker))]:
-        with suppress(psutil.Error):
-            left[pid] = " ".join(psutil.Process(pid).cmdline())[:80]
-    return left
+    return described([*alive(seen), *(process.pid for process in marked(marker))])
 
 
 def _ready(server: subprocess.Popen, url: str) -> bool:
@@ -203,7 +160,7 @@ def test_a_killed_engine_fails_its_streams_cleanly_and_a_stop_leaves_no_process_
         until(lambda: _ready(server, url), 600, "the server to be ready", every_s=1)
         [engine] = _engines(server)
         first_replica = engine.ppid()
-        _record(server, seen)
+        record(_descendants(server), seen)
 
         # 1. The engine process killed under a /llm and a /v1 stream.
         llm, v1 = asyncio.run(_kill_engine_under_streams(url, key, engine))
@@ -231,13 +188,13 @@ def test_a_killed_engine_fails_its_streams_cleanly_and_a_stop_leaves_no_process_
         # Serve starts the replacement (its engine among the processes then).
         [engine] = _engines(server)
         assert engine.ppid() != first_replica, "the replica kept its worker: it was not replaced"
-        _record(server, seen)
+        record(_descendants(server), seen)
         replaced: Seen = {(p.pid, p.create_time()) for p in [engine, *engine.children(recursive=True)]}
         engine.parent().kill()
         # Gone before the replacement's engine loads: on a GPU, it would want their memory.
-        until(lambda: not _alive(replaced), 30, "the killed replica's engine processes to exit")
+        until(lambda: not alive(replaced), 30, "the killed replica's engine processes to exit")
         until(lambda: [e for e in _engines(server) if e.pid != engine.pid], 300, "the replacement's engine")
-        _record(server, seen)
+        record(_descendants(server), seen)
         os.killpg(server.pid, signal.SIGINT)
         server.wait(timeout=120)
         try:
@@ -246,9 +203,7 @@ def test_a_killed_engine_fails_its_streams_cleanly_and_a_stop_leaves_no_process_
             pytest.fail(f"left running after the stop: {_left(seen, marker)}")
         assert not any(words for words, _ in shown.values()), shown
     finally:
-        for process in [*_descendants(server), *_marked(marker)]:
-            with suppress(psutil.NoSuchProcess):
-                process.kill()
+        kill_all([*_descendants(server), *marked(marker)])
         with suppress(ProcessLookupError):
             os.killpg(server.pid, signal.SIGKILL)
         server.wait(timeout=30)

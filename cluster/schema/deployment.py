@@ -5,12 +5,16 @@ its Serve deployment."""
 import re
 from typing import Annotated, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from cluster.schema.base import ENV_VAR, MODEL_ID, StrictModel
 from cluster.schema.engine import EngineSettings
 from cluster.schema.lora import LoraSettings
 from cluster.schema.sources import ModelSource
+
+RESOURCE = r"^[A-Za-z_][A-Za-z0-9_.:-]*$"
+RAY_RESOURCES = {"CPU": "num_cpus", "GPU": "num_gpus", "memory": None, "object_store_memory": None}
+"""Ray's own resources, which are not custom ones: the fields that set them, where there is one."""
 
 
 class EngineSignals(StrictModel):
@@ -183,6 +187,13 @@ class DeploymentSettings(StrictModel):
         description="the kind of GPU the replica (or each of its workers) must be placed on, as Ray names it "
         "(`A100`, `H100`)",
     )
+    resources: dict[Annotated[str, Field(pattern=RESOURCE)], Annotated[float, Field(gt=0)]] = Field(
+        default_factory=dict,
+        description="custom Ray resources each replica takes, as its nodes declare them "
+        "(`ray start --resources='{\"pool_a\": 1}'`): a replica is placed only on a node with them free, "
+        "so a model can be pinned to a node or a pool. With tensor or pipeline parallelism, the "
+        "replica's own bundle takes them, not its workers'",
+    )
     env: dict[Annotated[str, Field(pattern=ENV_VAR)], str] = Field(
         default_factory=dict,
         description="environment variables of the replicas (and of the engine processes they start)",
@@ -213,6 +224,16 @@ class DeploymentSettings(StrictModel):
         "with room for them, old replicas serve until their successors are ready; 0 stops old "
         "replicas first",
     )
+
+    @field_validator("resources")
+    @classmethod
+    def _custom_only(cls, resources: dict[str, float]) -> dict[str, float]:
+        for name in resources:
+            if name in RAY_RESOURCES or name.startswith("accelerator_type:"):
+                field = RAY_RESOURCES.get(name, "accelerator_type" if name.startswith("accelerator_") else None)
+                instead = f"; set `{field}`" if field else ""
+                raise ValueError(f"{name!r} is Ray's own resource, not a custom one{instead}")
+        return resources
 
     @model_validator(mode="after")
     def _one_scaling_mode(self) -> "DeploymentSettings":

@@ -128,6 +128,8 @@ def deployment_options(model: ModelConfig) -> dict[str, Any]:
     else:
         options["num_replicas"] = settings.num_replicas or 1
     actor: dict[str, Any] = {"num_cpus": settings.num_cpus}
+    if settings.resources:
+        actor["resources"] = dict(settings.resources)
     if settings.env:
         actor["runtime_env"] = {"env_vars": dict(settings.env)}
     world = model.engine.world_size
@@ -135,7 +137,7 @@ def deployment_options(model: ModelConfig) -> dict[str, Any]:
         gpu_bundle: dict[str, float] = {"GPU": 1}
         if settings.accelerator_type:
             gpu_bundle[f"accelerator_type:{settings.accelerator_type}"] = 0.001
-        options["placement_group_bundles"] = [{"CPU": settings.num_cpus}] + [gpu_bundle] * world
+        options["placement_group_bundles"] = [{"CPU": settings.num_cpus} | settings.resources] + [gpu_bundle] * world
         # A tensor-parallel group needs one node's fast interconnect; pipeline stages may span nodes.
         options["placement_group_strategy"] = "STRICT_PACK" if model.engine.pipeline_parallel_size == 1 else "PACK"
     else:
