@@ -79,8 +79,12 @@ def build_graph(config: ClusterConfig, engine_factory: EngineFactory) -> Applica
 def ingress_options(config: ClusterConfig) -> dict[str, Any]:
     """Serve options for the ingress when the models have deployments of their own."""
     ingress = config.ingress
-    return {
-        "num_replicas": ingress.num_replicas,
+    sizing = (
+        {"num_replicas": ingress.num_replicas}
+        if ingress.num_replicas is not None
+        else {"autoscaling_config": ingress.autoscaling.model_dump()}
+    )
+    return sizing | {
         "max_ongoing_requests": ingress.max_ongoing_requests,
         # Its streams are the models' streams, and it stores its held usage rows as it stops.
         "graceful_shutdown_timeout_s": max(model.deployment.graceful_shutdown_timeout_s for model in config.models),

@@ -158,7 +158,37 @@ def test_the_ingress_lets_the_longest_streams_finish_when_replaced():
     config = load(ROOT / "configs" / "gpu-cluster.yaml").apps["llm"]
     options = ingress_options(config)
     assert options["graceful_shutdown_timeout_s"] == 300  # the 32B model's, not the 8B's 60
-    assert (options["num_replicas"], options["ray_actor_options"]) == (2, {"num_cpus": 1})
+    assert options["ray_actor_options"] == {"num_cpus": 1}
+    assert (options["autoscaling_config"]["min_replicas"], options["autoscaling_config"]["max_replicas"]) == (2, 8)
+    assert "num_replicas" not in options
+
+
+def test_an_ingress_apart_autoscales_on_its_streams_unless_given_a_count():
+    scaled = ingress_options(ClusterConfig.model_validate({"models": [_model()]}))
+    assert "num_replicas" not in scaled
+    assert scaled["autoscaling_config"] == {
+        "min_replicas": 1,
+        "max_replicas": 4,
+        "target_ongoing_requests": 64,
+        "look_back_period_s": 30,
+        "upscale_delay_s": 5,
+        "downscale_delay_s": 120,
+    }
+    fixed = ingress_options(ClusterConfig.model_validate({"ingress": {"num_replicas": 3}, "models": [_model()]}))
+    assert fixed["num_replicas"] == 3 and "autoscaling_config" not in fixed
+
+
+@pytest.mark.parametrize(
+    ("ingress", "says"),
+    [
+        ({"num_replicas": 2, "autoscaling": {"max_replicas": 3}}, "set either num_replicas"),
+        ({"autoscaling": {"min_replicas": 5}}, "min_replicas (5) is above max_replicas (4)"),
+        ({"autoscaling": {"min_replicas": 0}}, "greater than or equal to 1"),
+    ],
+)
+def test_an_ingress_sized_two_ways_or_to_zero_is_refused(ingress, says):
+    with pytest.raises(ValidationError, match=re.escape(says)):
+        ClusterConfig.model_validate({"ingress": ingress, "models": [_model()]})
 
 
 def test_a_model_pinned_by_custom_resources_asks_them_for_its_replica():

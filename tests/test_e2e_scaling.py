@@ -1,11 +1,12 @@
 """Scaling and overload through HTTP on the test engine, each scenario its own application on the
 session's Ray cluster: fast 503s past a model's queue bound while admitted requests complete and
 `/health` still answers (in both layouts), a first request to a model at zero replicas (streams
-kept alive meanwhile), the bound on that wait, and two models scaling up and down independently
-under load."""
+kept alive meanwhile), the bound on that wait, and two models and the ingress scaling up and down
+independently under load."""
 
 import asyncio
 import json
+import threading
 import time
 
 import httpx
@@ -42,8 +43,9 @@ def _ask(text: str, model: str | None = None) -> dict:
     return {"messages": [{"role": "user", "content": text}]} | ({"model": model} if model else {})
 
 
-def _replicas(app: str, model: str) -> int:
-    deployment = serve.status().applications[app].deployments[deployment_name(model)]
+def _replicas(app: str, model: str | None) -> int:
+    """Running replicas of a model's deployment, or of the ingress's (None)."""
+    deployment = serve.status().applications[app].deployments["ingress" if model is None else deployment_name(model)]
     return deployment.replica_states.get("RUNNING", 0)
 
 
@@ -191,24 +193,18 @@ async def test_waiting_for_a_cold_start_is_bounded(serve_url, fake_url, tmp_path
     assert 2 <= seconds < 5
 
 
-def test_models_scale_up_under_load_and_back_down_independently(serve_url, fake_url, tmp_path):
+def test_models_and_the_ingress_scale_up_under_load_and_back_down_independently(serve_url, fake_url, tmp_path):
     hold = tmp_path / "hold"
     hold.touch()
-    # Both alike; only one is loaded.
-    deployment = {
-        "autoscaling": {
-            "min_replicas": 1,
-            "max_replicas": 3,
-            "target_ongoing_requests": 1,
-            "upscale_delay_s": 0,
-            "downscale_delay_s": 1,
-            # Serve averages each replica's load over this window: the shortest the config takes,
-            # so that the load's end shows soon.
-            "look_back_period_s": 11,
-        }
-    }
+    # Serve averages each replica's load over look_back_period_s: the shortest the config takes,
+    # so that the load's end shows soon.
+    scaling = {"upscale_delay_s": 0, "downscale_delay_s": 1, "look_back_period_s": 11}
+    # Both models alike; only one is loaded.
+    deployment = {"autoscaling": {"min_replicas": 1, "max_replicas": 3, "target_ongoing_requests": 1} | scaling}
+    # The ingress scales on its own load too, to 2 under the 6 requests.
+    ingress = {"autoscaling": {"max_replicas": 2, "target_ongoing_requests": 2} | scaling}
     serve.run(
-        _app({"id": "elastic", "deployment": deployment}, {"id": "steady", "deployment": deployment}),
+        _app({"id": "elastic", "deployment": deployment}, {"id": "steady", "deployment": deployment}, ingress=ingress),
         name="scaling",
         route_prefix="/scaling",
     )
@@ -220,17 +216,17 @@ def test_models_scale_up_under_load_and_back_down_independently(serve_url, fake_
             return [r.status_code for r in await asyncio.gather(*requests)]
 
     try:
-        import threading
-
         statuses: list[int] = []
         worker = threading.Thread(target=lambda: statuses.extend(asyncio.run(load())))
         worker.start()
         until(lambda: _replicas("scaling", "elastic") == 3, 60, "elastic to scale up to its maximum of 3")
+        until(lambda: _replicas("scaling", None) == 2, 60, "the ingress to scale up to its maximum of 2")
         assert _replicas("scaling", "steady") == 1
         hold.unlink()
         worker.join(60)
         assert statuses == [200] * 6
         until(lambda: _replicas("scaling", "elastic") == 1, 60, "elastic to scale back down to 1")
+        until(lambda: _replicas("scaling", None) == 1, 60, "the ingress to scale back down to 1")
         assert _replicas("scaling", "steady") == 1
     finally:
         serve.delete("scaling")

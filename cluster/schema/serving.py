@@ -2,11 +2,47 @@
 
 from typing import Annotated, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from cluster.schema.base import StrictModel
 
 MAX_BODY_BYTES = 4 * 1024 * 1024
+
+
+class IngressAutoscaling(StrictModel):
+    """Serve's autoscaling for the ingress, on its count of the streams each replica relays: every
+    token of every model passes through an ingress replica, so at GPU token rates one replica's core
+    becomes the bound (docs/benchmarks.md). Its replicas start in seconds and hold no weights, so
+    it scales sooner and keeps fewer idle replicas than a model does."""
+
+    min_replicas: Annotated[int, Field(ge=1)] = Field(
+        default=1, description="ingress replicas kept however idle (at least 1: it is the HTTP server)"
+    )
+    max_replicas: Annotated[int, Field(ge=1)] = Field(
+        default=4, description="the most ingress replicas Serve starts; at least `min_replicas`"
+    )
+    target_ongoing_requests: Annotated[float, Field(gt=0)] = Field(
+        default=64,
+        description="requests (streams) per ingress replica Serve scales to keep: about what one core relays "
+        "at a GPU engine's per-stream token rate",
+    )
+    look_back_period_s: Annotated[float, Field(gt=10)] = Field(
+        default=30,
+        description="the window Serve averages each replica's reports over; above the 10 s between a "
+        "replica's reports, or a window could hold none",
+    )
+    upscale_delay_s: Annotated[float, Field(ge=0)] = Field(
+        default=5, description="how long a load above the target must last before a replica is added"
+    )
+    downscale_delay_s: Annotated[float, Field(ge=0)] = Field(
+        default=120, description="how long a load below the target must last before a replica is removed"
+    )
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "IngressAutoscaling":
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) is above max_replicas ({self.max_replicas})")
+        return self
 
 
 class IngressSettings(StrictModel):
@@ -14,7 +50,13 @@ class IngressSettings(StrictModel):
     never blocks a model replica from being scheduled. With `colocate`, the model's `deployment`
     settings size the one deployment, and the sizes here do not apply."""
 
-    num_replicas: Annotated[int, Field(ge=1)] = Field(default=1, description="ingress replicas")
+    num_replicas: Annotated[int, Field(ge=1)] | None = Field(
+        default=None, description="a fixed count of ingress replicas; unset, `autoscaling` sizes it"
+    )
+    autoscaling: IngressAutoscaling = Field(
+        default_factory=IngressAutoscaling,
+        description="how the ingress scales on its load when `num_replicas` is unset",
+    )
     num_cpus: Annotated[float, Field(ge=0)] = Field(
         default=0.1, description="logical CPUs Ray reserves for each ingress replica"
     )
@@ -45,6 +87,12 @@ class IngressSettings(StrictModel):
         description="run the one model's engine inside the ingress's replicas: one hop less per "
         "request and per token; the model's deployment settings then apply to the ingress",
     )
+
+    @model_validator(mode="after")
+    def _one_sizing(self) -> "IngressSettings":
+        if self.num_replicas is not None and "autoscaling" in self.model_fields_set:
+            raise ValueError("set either num_replicas (a fixed count) or autoscaling, not both")
+        return self
 
 
 class LoggingSettings(StrictModel):
