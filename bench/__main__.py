@@ -123,7 +123,7 @@ def main() -> None:
             )
             if sse_path:
                 path = sse_path if run is contender else "/v1/chat/completions"
-                body = _sse_body(path, model.id, args.output_len)
+                body = sse_body(path, model.id, args.output_len)
                 pooled[run.name, path] += asyncio.run(sse_load(run, path, body, concurrency, prompts))
         results.extend(
             LoadResult.of(name, api, concurrency, samples, compared_with=contender.name if name == bare.name else "")
@@ -143,7 +143,7 @@ def main() -> None:
     if "overhead" in args.systems:
         # A zero-cost engine needs no core of its own: the stack has them all, as beside a GPU.
         os.sched_setaffinity(0, all_cores)
-        configs = _overhead_configs()
+        configs = overhead_configs()
         with systems.our_apps(
             configs, args.port, logs, name="zero-cost engine", import_path="bench.overhead:build_app"
         ) as runs:
@@ -177,7 +177,7 @@ def main() -> None:
     print(report.write(results, overhead, meta, args.out, args.docs))
 
 
-def _sse_body(path: str, model_id: str, output_len: int) -> dict:
+def sse_body(path: str, model_id: str, output_len: int) -> dict:
     """A prompt whose greedy answer runs past `output_len`, so every system generates exactly
     `output_len` tokens without `ignore_eos` (which `/llm` does not have)."""
     body = {
@@ -189,7 +189,7 @@ def _sse_body(path: str, model_id: str, output_len: int) -> dict:
     return body if path == "/llm" else body | {"model": model_id}
 
 
-def _overhead_configs() -> dict[str, ClusterConfig]:
+def overhead_configs() -> dict[str, ClusterConfig]:
     """The two layouts our configs take, side by side in one Serve instance: the one model's engine
     in the ingress's replica, and the ingress calling a model deployment."""
     config = {

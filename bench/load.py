@@ -152,8 +152,12 @@ def _api_key(key: str | None):
             os.environ["OPENAI_API_KEY"] = before
 
 
-async def sse_load(run: Running, path: str, body: dict, concurrency: int, prompts: int) -> Samples:
-    """`prompts` streaming requests, at most `concurrency` at once; `body` is sent as is."""
+async def sse_load(
+    run: Running, path: str, body: dict, concurrency: int, prompts: int, warm_up: bool = True
+) -> Samples:
+    """`prompts` streaming requests, at most `concurrency` at once; `body` is sent as is. Without
+    `warm_up`, no uncounted request first: a caller measuring around the load (its CPU time, say)
+    warms up before it starts counting."""
     headers = {"Authorization": f"Bearer {run.api_key}"} if run.api_key else {}
     limits = httpx.Limits(max_connections=concurrency)
     queue = list(range(prompts))
@@ -190,7 +194,8 @@ async def sse_load(run: Running, path: str, body: dict, concurrency: int, prompt
             await one(client, samples)
 
     async with httpx.AsyncClient(base_url=run.base_url, headers=headers, limits=limits, timeout=300) as client:
-        await one(client, Samples())  # warm-up, not counted
+        if warm_up:
+            await one(client, Samples())  # not counted
         started = time.perf_counter()
         await asyncio.gather(*(worker(client) for _ in range(concurrency)))
         samples.elapsed_s = time.perf_counter() - started

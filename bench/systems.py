@@ -9,6 +9,7 @@ CPUs so that light deployments are never starved of scheduling.
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -38,6 +39,9 @@ class Running:
     model: str
     api_key: str | None
     started_in_s: float
+    sessions: tuple[int, ...] = ()
+    """The sessions its processes run in (every process the bench starts leads a session of its
+    own): how its processes are told from everything else on the host (bench/relay.py)."""
 
 
 def vllm_cli_args(model: ModelConfig) -> list[str]:
@@ -72,13 +76,13 @@ def bare_vllm(model: ModelConfig, model_path: str, port: int, log_dir: Path) -> 
         *vllm_cli_args(model),
     ]
     env = os.environ | dict(model.deployment.env)
-    with _process(command, env, log_dir / "bare-vllm.log"):
+    with _process(command, env, log_dir / "bare-vllm.log") as server:
         started = time.monotonic()
         url = f"http://127.0.0.1:{port}"
         _wait_ready(url, model.id, None)
         # Our replicas do this themselves (serve_app/models/engine.py): the same engine layout for all.
-        runtime.schedulers_to_engine_cores()
-        yield Running("bare vLLM", url, model.id, None, time.monotonic() - started)
+        runtime.schedulers_to_engine_cores(started_by=server.pid)
+        yield Running("bare vLLM", url, model.id, None, time.monotonic() - started, (server.pid,))
 
 
 @contextmanager
@@ -108,14 +112,17 @@ def our_apps(
     document = {"http_options": {"host": "127.0.0.1", "port": port}, "applications": applications}
     # Ray Serve LLM runs with Serve's defaults, as its users get it; these settings are ours.
     env = os.environ | runtime.NODE_ENV | {"LLM_API_KEY": api_key}
-    with _ray(env), _serve_run(document, env, log_dir / f"{slug}.log"):
+    with _ray(env) as ray, _serve_run(document, ray, log_dir / f"{slug}.log") as driver:
         started = time.monotonic()
         runs = []
         for prefix, config in configs.items():
             url = f"http://127.0.0.1:{port}" + (f"/{prefix}" if prefix else "")
             _wait_ready(url, config.models[0].id, api_key)
+            elapsed = time.monotonic() - started
             runs.append(
-                Running(f"{name} {prefix}".strip(), url, config.models[0].id, api_key, time.monotonic() - started)
+                Running(
+                    f"{name} {prefix}".strip(), url, config.models[0].id, api_key, elapsed, (ray.session, driver.pid)
+                )
             )
         yield runs
 
@@ -140,34 +147,68 @@ def ray_serve_llm(model: ModelConfig, model_path: str, port: int, log_dir: Path)
             }
         ],
     }
-    with _ray(os.environ), _serve_run(document, os.environ, log_dir / "ray-serve-llm.log"):
+    with _ray(os.environ) as ray, _serve_run(document, ray, log_dir / "ray-serve-llm.log") as driver:
         started = time.monotonic()
         url = f"http://127.0.0.1:{port}"
         _wait_ready(url, model.id, None)
         # Our replicas do this themselves (serve_app/models/engine.py): the same engine layout for all.
         runtime.schedulers_to_engine_cores()
-        yield Running("Ray Serve LLM", url, model.id, None, time.monotonic() - started)
+        yield Running("Ray Serve LLM", url, model.id, None, time.monotonic() - started, (ray.session, driver.pid))
+
+
+@dataclass(frozen=True)
+class _RayNode:
+    session: int
+    """The session of `ray start`, which its daemons and workers (and their engines) stay in."""
+    address: str
+    env: dict[str, str]
+    """The node's environment, which its drivers need too."""
 
 
 @contextmanager
-def _ray(env) -> Iterator[None]:
-    """Ray in a session of its own. `ray stop` leaves vLLM's engine processes behind when it kills
-    the replica that started them, and an orphaned engine spins on a core through the next system's
-    run; everything left in the session goes with it."""
+def _ray(env) -> Iterator[_RayNode]:
+    """Ray in a session of its own, on ports of its own, so that it runs beside any other cluster on
+    the host (a test suite's, say) and stops without touching them: `ray stop` stops every Ray
+    process on the host, and leaves vLLM's engine processes behind when it kills the replica that
+    started them (an orphaned engine spins on a core through the next system's run). Everything in
+    the session goes instead. No token authentication, for the node and its drivers alike: with a
+    token in ~/.ray (which a local `ray.init` makes), `ray start` turns it on and `serve run` sends
+    none."""
+    env = dict(env) | {"RAY_AUTH_MODE": "disabled"}
+    gcs, client, agent, agent_grpc, runtime_env, metrics = (_free_port() for _ in range(6))
     start = subprocess.Popen(
-        [RAY, "start", "--head", "--num-cpus=8", "--include-dashboard=false", "--disable-usage-stats"],
+        [
+            RAY,
+            "start",
+            "--head",
+            "--num-cpus=8",
+            "--include-dashboard=false",
+            "--disable-usage-stats",
+            "--node-ip-address=127.0.0.1",
+            f"--port={gcs}",
+            f"--ray-client-server-port={client}",
+            f"--dashboard-agent-listen-port={agent}",
+            f"--dashboard-agent-grpc-port={agent_grpc}",
+            f"--runtime-env-agent-port={runtime_env}",
+            f"--metrics-export-port={metrics}",
+        ],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
     )
-    if start.wait() != 0:
-        raise RuntimeError("ray start failed")
     try:
-        yield
+        if start.wait() != 0:
+            raise RuntimeError("ray start failed")
+        yield _RayNode(start.pid, f"127.0.0.1:{gcs}", env)
     finally:
-        subprocess.run([RAY, "stop", "--force"], capture_output=True)
         _kill_session(start.pid)
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def _kill_session(session: int) -> None:
@@ -181,13 +222,14 @@ def _kill_session(session: int) -> None:
 
 
 @contextmanager
-def _serve_run(document: dict, env, log: Path) -> Iterator[None]:
+def _serve_run(document: dict, ray: _RayNode, log: Path) -> Iterator[subprocess.Popen]:
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as file:
         yaml.safe_dump(document, file)
-    # The bench's own packages (bench/, tests/) are not installed: workers find them here.
-    env = env | {"PYTHONPATH": str(ROOT), "RAY_ADDRESS": "auto"}
-    with _process([SERVE, "run", file.name], env, log):
-        yield
+    # The bench's own packages (bench/, tests/) are not installed: workers find them here. The
+    # address by name: "auto" takes the host's latest cluster, which need not be this one.
+    env = ray.env | {"PYTHONPATH": str(ROOT), "RAY_ADDRESS": ray.address}
+    with _process([SERVE, "run", file.name], env, log) as driver:
+        yield driver
 
 
 @contextmanager
