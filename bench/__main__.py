@@ -85,10 +85,8 @@ def main() -> None:
         # As `make serve` runs ours, for every system alike.
         runtime.pin(split)
 
-    config = next(iter(load(args.config).apps.values()))
-    config = config.model_copy(update={"models": config.models[:1], "default_model": None})
+    config, model_path = benchmarked(args.config)
     model = config.models[0]
-    model_path = model_source.resolve(model.source)
     logs = args.out / "logs"
     results: list[LoadResult] = []
     overhead: list[LoadResult] = []
@@ -175,6 +173,14 @@ def main() -> None:
         "overhead_tokens": overhead_tokens,
     }
     print(report.write(results, overhead, meta, args.out, args.docs))
+
+
+def benchmarked(config_path: str) -> tuple[ClusterConfig, str]:
+    """A config's first application cut to its first model, the one benchmarked, and the path of
+    that model's weights (bare vLLM and Ray Serve LLM are given the same files)."""
+    config = next(iter(load(config_path).apps.values()))
+    config = config.model_copy(update={"models": config.models[:1], "default_model": None})
+    return config, model_source.resolve(config.models[0].source)
 
 
 def sse_body(path: str, model_id: str, output_len: int) -> dict:

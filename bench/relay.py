@@ -38,13 +38,11 @@ from pathlib import Path
 import psutil
 
 from bench import report, systems
-from bench.__main__ import OVERHEAD_LAYOUTS, overhead_configs, sse_body
+from bench.__main__ import OVERHEAD_LAYOUTS, benchmarked, overhead_configs, sse_body
 from bench.load import sse_load
 from cluster import runtime
-from cluster.load import load
 from cluster.schema import ClusterConfig
 from serve_app.ingress import Ingress
-from serve_app.models import sources as model_source
 from serve_app.models.deployment import deployment_options
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -354,10 +352,8 @@ def main() -> None:
     split = runtime.core_split()
     if split is not None:
         runtime.pin(split)  # as `make serve` runs ours, for every system alike
-    config = next(iter(load(args.config).apps.values()))
-    config = config.model_copy(update={"models": config.models[:1], "default_model": None})
+    config, model_path = benchmarked(args.config)
     model = config.models[0]
-    model_path = model_source.resolve(model.source)
     logs = args.out / "logs"
     readings: list[Reading] = []
 
