@@ -208,8 +208,9 @@ def overhead_configs() -> dict[str, ClusterConfig]:
             }
         ],
     }
+    # One ingress replica, not autoscaled: what one replica relays is the figure.
     return {
-        prefix: ClusterConfig.model_validate(config | {"ingress": {"colocate": colocate}})
+        prefix: ClusterConfig.model_validate(config | {"ingress": {"colocate": colocate, "num_replicas": 1}})
         for prefix, (_, colocate) in OVERHEAD_LAYOUTS.items()
     }
 

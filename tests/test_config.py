@@ -214,6 +214,16 @@ def test_ray_s_own_resources_are_not_custom_ones(name):
         ClusterConfig.model_validate({"models": [_model(deployment={"resources": {name: 1}})]})
 
 
+@pytest.mark.parametrize(("quantity", "taken"), [(0.25, True), (1, True), (3, True), (1.5, False)])
+def test_a_custom_resource_is_a_fraction_of_one_or_whole_units(quantity, taken):
+    config = {"models": [_model(deployment={"resources": {"pool_a": quantity}})]}
+    if taken:
+        assert ClusterConfig.model_validate(config).models[0].deployment.resources == {"pool_a": quantity}
+    else:
+        with pytest.raises(ValidationError, match="neither at most 1 nor a whole number"):
+            ClusterConfig.model_validate(config)
+
+
 def test_local_model_takes_no_gpu_and_gets_its_env():
     config = load(ROOT / "configs" / "local.yaml").apps["llm"]
     actor = deployment_options(config.models[0])["ray_actor_options"]

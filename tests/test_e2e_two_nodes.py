@@ -100,6 +100,15 @@ def _name(process: psutil.Process) -> str:
     return ""
 
 
+def _replicas_and_engines(*nodes: Node) -> list[int]:
+    found = []
+    for process in [p for node in nodes for p in marked(node.marker)]:
+        with suppress(psutil.Error):
+            if is_engine(process) or "ServeReplica" in " ".join(process.cmdline()):
+                found.append(process.pid)
+    return found
+
+
 def sh(script: str, env: dict[str, str], timeout_s: float = 180) -> str:
     """A walkthrough's lines, as an operator's shell runs them; what they print (stdout)."""
     return run(script, env, timeout_s).stdout
@@ -151,8 +160,8 @@ def _states(url: str, key: str) -> dict[str, str]:
         models = httpx.get(url + "/v1/models", headers={"Authorization": f"Bearer {key}"}, timeout=10).json()
         health = httpx.get(url + "/health", timeout=10).json()
         listed = {model["id"]: model["state"] for model in models["data"]}
-        assert listed == health["models"], (listed, health)
-        return listed
+        # Two requests: a change between them is read again, a standing disagreement never passes.
+        return listed if listed == health["models"] else {}
     return {}
 
 
@@ -170,8 +179,8 @@ def _answer(url: str, key: str, model: str, stream: bool) -> bool:
     return False
 
 
-def _refused_over(url: str, key: str, max_tokens: int, model: str = "model-a") -> bool:
-    body = {"model": model, "messages": QUESTION, "max_tokens": max_tokens}
+def _refused_over(url: str, key: str, max_tokens: int) -> bool:
+    body = {"model": "model-a", "messages": QUESTION, "max_tokens": max_tokens}
     with suppress(httpx.HTTPError):
         response = httpx.post(url + "/llm", json=body, headers={"Authorization": f"Bearer {key}"}, timeout=60)
         return response.status_code == 400 and "max_tokens" in response.text
@@ -282,14 +291,14 @@ def test_two_ray_nodes_serve_a_model_each_and_a_stopped_node_takes_only_its_own(
         until(lambda: _answer(url, key, "model-b", stream=True), 600, "model-b to answer again", every_s=1)
         served_again_s = time.monotonic() - restarted
         assert _replica_nodes(head_env, dashboard) == {model: {resource} for model, resource in MODELS.items()}
-        assert _refused_over(url, key, 300, "model-b")
 
         # `serve shutdown` takes every replica and its engine with it; the nodes stay up.
         head.note(), worker.note()
         sh(f"RAY_AUTH_MODE=token serve shutdown -y -a {dashboard}", head_env)
-        until(lambda: not any(is_engine(p) for p in [*marked(head.marker), *marked(worker.marker)]), 60, "no engine")
-        replicas = [p for p in marked(head.marker) if "ServeReplica" in " ".join(p.cmdline())]
-        assert not replicas, described([p.pid for p in replicas])
+        try:
+            until(lambda: not _replicas_and_engines(head, worker), 60, "no replica and no engine on either node")
+        except AssertionError:
+            pytest.fail(f"left running after `serve shutdown`: {described(_replicas_and_engines(head, worker))}")
         worker.stop()
         head.stop()
         print(

@@ -228,11 +228,14 @@ class DeploymentSettings(StrictModel):
     @field_validator("resources")
     @classmethod
     def _custom_only(cls, resources: dict[str, float]) -> dict[str, float]:
-        for name in resources:
+        for name, quantity in resources.items():
             if name in RAY_RESOURCES or name.startswith("accelerator_type:"):
-                field = RAY_RESOURCES.get(name, "accelerator_type" if name.startswith("accelerator_") else None)
+                field = RAY_RESOURCES.get(name, "accelerator_type")
                 instead = f"; set `{field}`" if field else ""
                 raise ValueError(f"{name!r} is Ray's own resource, not a custom one{instead}")
+            if quantity > 1 and not float(quantity).is_integer():
+                # Ray takes a fraction of one unit, or whole units.
+                raise ValueError(f"{name!r}: {quantity} is neither at most 1 nor a whole number, which Ray refuses")
         return resources
 
     @model_validator(mode="after")
