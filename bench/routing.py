@@ -25,7 +25,6 @@ import json
 import math
 import os
 import platform
-import socket
 import statistics
 import time
 from collections.abc import Iterable, Mapping
@@ -35,7 +34,7 @@ from typing import Any
 
 import httpx
 
-from bench import report
+from bench import report, systems
 from bench.load import percentile_ms
 from cluster import runtime
 from cluster.load import load
@@ -297,12 +296,6 @@ def _config(replicas: int, routing: dict[str, Any] | None, args: argparse.Namesp
     return ClusterConfig.model_validate(raw)
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def scrape(metrics_url: str) -> Samples:
     return parse_metrics(httpx.get(metrics_url, timeout=10).text)
 
@@ -455,7 +448,7 @@ def main() -> None:
         # As `make serve` runs it: both replicas' engines on the engine's cores, the rest apart.
         runtime.pin(split)
     os.environ.update(runtime.NODE_ENV)
-    metrics_port = _free_port()
+    metrics_port = systems.free_port()
     began = time.monotonic()
     # A cluster of this process's own (`address="local"`), never one already on the host, with
     # metrics reported every second rather than every ten so that a run's counters settle soon.
@@ -468,7 +461,7 @@ def main() -> None:
     )
     results: list[RunResult] = []
     try:
-        port = _free_port()
+        port = systems.free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve_url = f"http://127.0.0.1:{port}"
         metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"

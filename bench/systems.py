@@ -175,7 +175,7 @@ def _ray(env) -> Iterator[_RayNode]:
     token in ~/.ray (which a local `ray.init` makes), `ray start` turns it on and `serve run` sends
     none."""
     env = dict(env) | {"RAY_AUTH_MODE": "disabled"}
-    gcs, client, agent, agent_grpc, runtime_env, metrics = (_free_port() for _ in range(6))
+    gcs, client, agent, agent_grpc, runtime_env, metrics = (free_port() for _ in range(6))
     start = subprocess.Popen(
         [
             RAY,
@@ -205,7 +205,7 @@ def _ray(env) -> Iterator[_RayNode]:
         _kill_session(start.pid)
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]

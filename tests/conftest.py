@@ -5,7 +5,6 @@ application on a test engine at `/fake` for plumbing tests that need failures on
 import hashlib
 import os
 import secrets
-import socket
 from pathlib import Path
 
 import cloudpickle
@@ -15,6 +14,7 @@ import pytest
 from cluster.load import load
 from cluster.runtime import NODE_ENV
 from cluster.schema import ClusterConfig, UsageSettings
+from tests.processes import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 API_KEY = "sk-test-" + secrets.token_hex(8)
@@ -34,7 +34,7 @@ def serve_url():
     os.environ["LLM_API_KEY"] = API_KEY
     # Ray's and Serve's settings as `make serve` runs it (the Ray processes started here inherit them).
     os.environ.update(NODE_ENV)
-    METRICS_PORT = _free_port()
+    METRICS_PORT = free_port()
     # Extra logical CPUs: the model replica takes one, light deployments take slivers. Metrics
     # are reported every second instead of every ten, so that tests can read them soon.
     # `address="local"`: a cluster of this session's own, even where another one runs on the host
@@ -47,7 +47,7 @@ def serve_url():
         _metrics_export_port=METRICS_PORT,
         _system_config={"metrics_report_interval_ms": 1000},
     )
-    port = _free_port()
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
@@ -133,17 +133,11 @@ def fake_client(fake_url):
         yield c
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def pytest_collection_finish(session: pytest.Session) -> None:
     """The placement scenario (tests/test_e2e_placement.py) runs in a process and a Ray cluster of
     its own, on the test engine, waiting mostly on Ray's own loops: started once it is selected,
     it runs beside the tests before it, not after them."""
-    selected = any(item.nodeid.startswith("tests/test_e2e_placement.py") for item in session.items)
+    selected = any(item.path.name == "test_e2e_placement.py" for item in session.items)
     if selected and not session.config.option.collectonly:
         from tests.test_e2e_placement import SCENARIO, Scenario
 

@@ -13,7 +13,6 @@ import asyncio
 import json
 import re
 import shutil
-import socket
 import sqlite3
 import sys
 import tempfile
@@ -32,6 +31,7 @@ from ray.util.state import list_actors
 import tests.fake_engine
 from cluster.schema import ClusterConfig, deployment_name
 from serve_app.app import build_graph
+from tests.processes import free_port
 
 SPREAD = "two-nodes"
 MODELS = {
@@ -51,11 +51,11 @@ FAILURE_TIMEOUT_S = 60
 def main() -> None:
     # The dashboard, which Ray's state API goes through, on a port of its own: where another
     # cluster on this machine holds Ray's default one, Ray starts none and says so only in its log.
-    head = {"num_cpus": 2, "num_gpus": 0, "include_dashboard": True, "dashboard_port": _free_port()}
+    head = {"num_cpus": 2, "num_gpus": 0, "include_dashboard": True, "dashboard_port": free_port()}
     cluster = Cluster(initialize_head=True, head_node_args=head)
     workers = [cluster.add_node(**WORKER) for _ in range(2)]
     ray.init(address=cluster.address)
-    port = _free_port()
+    port = free_port()
     # One proxy, on the head: each node's proxy would listen on this port of this one machine, and a
     # request taken by the lost node's proxy would test the proxy, not the replica.
     serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
@@ -140,12 +140,6 @@ def _gpu_nodes_read(expected: int) -> list[str]:
     while len(asked()) < expected and time.monotonic() < deadline:
         time.sleep(0.2)
     return asked()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _running(model_id: str) -> int:

@@ -2,6 +2,7 @@
 on the same cluster, a worker node lost with requests in flight on its replica, and its return."""
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -30,7 +31,12 @@ class Scenario:
         # The child holds its own copies of the files: the parent's may close.
         with open(self.output / "stdout", "w") as stdout, open(self.output / "stderr", "w") as stderr:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "tests.multinode_placement"], cwd=ROOT, stdout=stdout, stderr=stderr
+                [sys.executable, "-m", "tests.multinode_placement"],
+                cwd=ROOT,
+                stdout=stdout,
+                stderr=stderr,
+                # A group of its own, which a stop that is not heeded takes down whole.
+                start_new_session=True,
             )
 
     def result(self, timeout_s: float) -> subprocess.CompletedProcess:
@@ -40,11 +46,17 @@ class Scenario:
         return subprocess.CompletedProcess(self.process.args, returncode, stdout, stderr)
 
     def stop(self) -> None:
-        """As a Ctrl-C stops it, when the session ends before it did (a failure with -x)."""
+        """As a Ctrl-C stops it, when the session ends before it did (a failure with -x); killed
+        with what it started if that is not heeded within a minute."""
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGINT)
-            with suppress(subprocess.TimeoutExpired):
+            try:
                 self.process.wait(60)
+            except subprocess.TimeoutExpired:
+                with suppress(ProcessLookupError):
+                    os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(10)
+        shutil.rmtree(self.output, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
