@@ -72,8 +72,9 @@ def main() -> None:
         build_graph(config, tests.fake_engine.fake_engine), name="llm", route_prefix="/", _blocking=False
     )
 
-    # Until the ones that fit run and Serve has given up waiting quietly on the one that does not.
-    deadline = time.monotonic() + 180
+    # Until the ones that fit run and Serve has given up waiting quietly on the one that does not;
+    # started beside the session's own engine loading, this cluster starts slowly.
+    deadline = time.monotonic() + 420
     while time.monotonic() < deadline:
         app = serve.status().applications.get("llm")
         deployments = app.deployments if app else {}

@@ -62,7 +62,7 @@ class Scenario:
 @pytest.fixture(scope="module")
 def run(request) -> subprocess.CompletedProcess:
     """The scenario tests/conftest.py started once the session's tests were collected."""
-    return request.config.stash[SCENARIO].result(timeout_s=600)
+    return request.config.stash[SCENARIO].result(timeout_s=900)
 
 
 def _report(run: subprocess.CompletedProcess, prefix: str) -> dict:
