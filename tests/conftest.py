@@ -133,24 +133,6 @@ def fake_client(fake_url):
         yield c
 
 
-def pytest_collection_finish(session: pytest.Session) -> None:
-    """The placement scenario (tests/test_e2e_placement.py) runs in a process and a Ray cluster of
-    its own, on the test engine, waiting mostly on Ray's own loops: started once it is selected,
-    it runs beside the tests before it, not after them."""
-    selected = any(item.path.name == "test_e2e_placement.py" for item in session.items)
-    if selected and not session.config.option.collectonly:
-        from tests.test_e2e_placement import SCENARIO, Scenario
-
-        session.config.stash[SCENARIO] = Scenario()
-
-
-def pytest_sessionfinish(session: pytest.Session) -> None:
-    from tests.test_e2e_placement import SCENARIO
-
-    if scenario := session.config.stash.get(SCENARIO, None):
-        scenario.stop()
-
-
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """The tests that talk to the real engine and model say so: `-m real_engine` selects them."""
     for item in items:

@@ -73,7 +73,7 @@ def main() -> None:
     )
 
     # Until the ones that fit run and Serve has given up waiting quietly on the one that does not;
-    # started beside the session's own engine loading, this cluster starts slowly.
+    # on a loaded machine this cluster starts slowly.
     deadline = time.monotonic() + 420
     while time.monotonic() < deadline:
         app = serve.status().applications.get("llm")

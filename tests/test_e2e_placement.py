@@ -2,13 +2,8 @@
 on the same cluster, a worker node lost with requests in flight on its replica, and its return."""
 
 import json
-import os
-import shutil
-import signal
 import subprocess
 import sys
-import tempfile
-from contextlib import suppress
 from pathlib import Path
 
 import pytest
@@ -18,51 +13,13 @@ from tests.sse import json_chunks
 pytestmark = pytest.mark.e2e
 
 ROOT = Path(__file__).resolve().parent.parent
-SCENARIO = pytest.StashKey["Scenario"]()
-"""The scenario's run, when tests/conftest.py started it as the session began."""
-
-
-class Scenario:
-    """tests/multinode_placement.py in its own process, its output kept in files (a pipe nobody
-    reads would stall it once full)."""
-
-    def __init__(self) -> None:
-        self.output = Path(tempfile.mkdtemp(prefix="llm-placement-"))
-        # The child holds its own copies of the files: the parent's may close.
-        with open(self.output / "stdout", "w") as stdout, open(self.output / "stderr", "w") as stderr:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "tests.multinode_placement"],
-                cwd=ROOT,
-                stdout=stdout,
-                stderr=stderr,
-                # A group of its own, which a stop that is not heeded takes down whole.
-                start_new_session=True,
-            )
-
-    def result(self, timeout_s: float) -> subprocess.CompletedProcess:
-        returncode = self.process.wait(timeout_s)
-        stdout, stderr = ((self.output / name).read_text() for name in ("stdout", "stderr"))
-        shutil.rmtree(self.output)
-        return subprocess.CompletedProcess(self.process.args, returncode, stdout, stderr)
-
-    def stop(self) -> None:
-        """As a Ctrl-C stops it, when the session ends before it did (a failure with -x); killed
-        with what it started if that is not heeded within a minute."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGINT)
-            try:
-                self.process.wait(60)
-            except subprocess.TimeoutExpired:
-                with suppress(ProcessLookupError):
-                    os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait(10)
-        shutil.rmtree(self.output, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
-def run(request) -> subprocess.CompletedProcess:
-    """The scenario tests/conftest.py started once the session's tests were collected."""
-    return request.config.stash[SCENARIO].result(timeout_s=900)
+def run() -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "tests.multinode_placement"], cwd=ROOT, capture_output=True, text=True, timeout=900
+    )
 
 
 def _report(run: subprocess.CompletedProcess, prefix: str) -> dict:
