@@ -3,7 +3,9 @@ remote build task needs no file or environment of the submitting machine), and i
 `RayService` manifest that embeds the same Serve config."""
 
 import copy
+import json
 import math
+import re
 from importlib.metadata import version
 from typing import Any
 
@@ -43,12 +45,10 @@ def normalized(loaded: LoadedConfig) -> dict[str, Any]:
 
 
 def kuberay(loaded: LoadedConfig, *, name: str, image: str, gpus_per_node: int | None = None) -> dict[str, Any]:
-    """A RayService: a CPU-only head (ingress, controller, no model replicas) and one GPU worker
-    group sized from the models' replica bounds, scaled by KubeRay's in-tree autoscaler."""
+    """A RayService: a CPU-only head (ingress, controller, no model replicas) and GPU worker groups
+    sized from the models' replica bounds, scaled by KubeRay's in-tree autoscaler."""
     models = [model for config in loaded.apps.values() for model in config.models]
     per_node = gpus_per_node or max(1, *(m.engine.tensor_parallel_size for m in models))
-    min_gpus = sum(_gpus(m) * _replica_range(m)[0] for m in models)
-    max_gpus = sum(_gpus(m) * _replica_range(m)[1] for m in models)
     # Ray's and Serve's settings, as `make serve` runs it.
     env = [{"name": name, "value": value} for name, value in NODE_ENV.items()] + [
         {"name": key.env, "valueFrom": {"secretKeyRef": {"name": f"{name}-api-keys", "key": key.env}}}
@@ -75,24 +75,59 @@ def kuberay(loaded: LoadedConfig, *, name: str, image: str, gpus_per_node: int |
                     "rayStartParams": {"num-gpus": "0", "dashboard-host": "0.0.0.0", "metrics-export-port": "8080"},
                     "template": _pod("ray-head", image, env, {"cpu": "8", "memory": "32Gi"}, serve_port=port),
                 },
-                "workerGroupSpecs": [
-                    {
-                        "groupName": "gpu",
-                        "replicas": math.ceil(min_gpus / per_node),
-                        "minReplicas": math.ceil(min_gpus / per_node),
-                        "maxReplicas": max(1, math.ceil(max_gpus / per_node)),
-                        "rayStartParams": {"metrics-export-port": "8080"},
-                        "template": _pod(
-                            "ray-worker",
-                            image,
-                            env,
-                            {"cpu": str(8 * per_node), "memory": f"{64 * per_node}Gi", "nvidia.com/gpu": str(per_node)},
-                        ),
-                    }
-                ],
+                "workerGroupSpecs": _worker_groups(models, per_node, image, env),
             },
         },
     }
+
+
+def _worker_groups(models: list[ModelConfig], per_node: int, image: str, env: list[dict]) -> list[dict[str, Any]]:
+    """One group for the models that ask for no custom resources, and one for each set of custom
+    resources that pinned models ask for (`deployment.resources`), whose nodes declare them: no
+    node declares a resource unless told to, so a pinned model would otherwise never be placed.
+    Each group is sized from its own models' GPUs."""
+    pinned: dict[tuple[str, ...], list[ModelConfig]] = {}
+    for model in models:
+        pinned.setdefault(tuple(sorted(model.deployment.resources)), []).append(model)
+    unpinned = pinned.pop((), [])
+    groups = [("gpu", unpinned, {})] if unpinned or not pinned else []
+    for names, members in sorted(pinned.items()):
+        declared = {
+            resource: math.ceil(max(m.deployment.resources.get(resource, 0) * _per_node(m, per_node) for m in members))
+            for resource in names
+        }
+        groups.append(("gpu-" + re.sub(r"[^a-z0-9]+", "-", "-".join(names).lower()).strip("-"), members, declared))
+    return [_worker_group(group, members, declared, per_node, image, env) for group, members, declared in groups]
+
+
+def _worker_group(
+    group: str, models: list[ModelConfig], declared: dict[str, int], per_node: int, image: str, env: list[dict]
+) -> dict[str, Any]:
+    min_gpus = sum(_gpus(m) * _replica_range(m)[0] for m in models)
+    max_gpus = sum(_gpus(m) * _replica_range(m)[1] for m in models)
+    start: dict[str, str] = {"metrics-export-port": "8080"}
+    if declared:
+        # KubeRay's spelling of `ray start --resources`: the JSON object as a quoted string.
+        start["resources"] = '"' + json.dumps(declared).replace('"', '\\"') + '"'
+    return {
+        "groupName": group,
+        "replicas": math.ceil(min_gpus / per_node),
+        "minReplicas": math.ceil(min_gpus / per_node),
+        "maxReplicas": max(1, math.ceil(max_gpus / per_node)),
+        "rayStartParams": start,
+        "template": _pod(
+            "ray-worker",
+            image,
+            env,
+            {"cpu": str(8 * per_node), "memory": f"{64 * per_node}Gi", "nvidia.com/gpu": str(per_node)},
+        ),
+    }
+
+
+def _per_node(model: ModelConfig, gpus_per_node: int) -> int:
+    """How many of a model's replicas one node of `gpus_per_node` GPUs holds."""
+    gpus = _gpus(model)
+    return max(1, int(gpus_per_node // gpus)) if gpus else 1
 
 
 class _Dumper(yaml.SafeDumper):
