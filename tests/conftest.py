@@ -14,6 +14,7 @@ import pytest
 from cluster.load import load
 from cluster.runtime import NODE_ENV
 from cluster.schema import ClusterConfig, UsageSettings
+from tests.polling import until
 from tests.processes import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -89,6 +90,24 @@ def serve_fake(config: ClusterConfig, name: str) -> None:
 
     cloudpickle.register_pickle_by_value(tests.fake_engine)
     serve.run(build_graph(config, tests.fake_engine.fake_engine), name=name, route_prefix=f"/{name}")
+
+
+REPLICA_START_S = 240
+"""The longest a wait that includes a replica's start may take: a replica of the test engine, like
+the ingress's, imports vLLM (its request types) before it runs, which under the suite's load on two
+cores takes a minute or more, and several start at once."""
+
+
+def delete_app(name: str, timeout_s: float = 300) -> None:
+    """`serve.delete`, waiting longer than its own 60 s: Serve stops a replica that is still
+    starting only once it has started, and a replica imports vLLM (its request types) first,
+    which under the suite's load takes a minute or more."""
+    from ray import serve
+
+    serve.delete(name, _blocking=False)
+    until(
+        lambda: name not in serve.status().applications, timeout_s, f"application {name!r} to be deleted", every_s=0.5
+    )
 
 
 def ledger_in(folder: Path) -> UsageSettings:

@@ -9,7 +9,7 @@ import pytest
 from ray import serve
 
 from cluster.schema import ClusterConfig, deployment_name
-from tests.conftest import serve_fake
+from tests.conftest import delete_app, serve_fake
 from tests.polling import until
 
 pytestmark = pytest.mark.e2e
@@ -35,7 +35,7 @@ def colocated_url(serve_url, fake_url):
     )
     serve_fake(config, APP)
     yield f"{serve_url}/{APP}"
-    serve.delete(APP)
+    delete_app(APP)
 
 
 def _unfinished() -> int:

@@ -13,7 +13,7 @@ from ray import serve
 
 from cluster.schema import ClusterConfig
 from serve_app.app import build_app
-from tests.conftest import API_KEY, ledger_in
+from tests.conftest import API_KEY, delete_app, ledger_in
 from tests.polling import until
 
 pytestmark = pytest.mark.e2e
@@ -40,7 +40,7 @@ def embed_url(serve_url, tmp_path_factory):
     )
     serve.run(build_app(config), name=APP, route_prefix="/" + APP)
     yield f"{serve_url}/{APP}"
-    serve.delete(APP)
+    delete_app(APP)
 
 
 def _cosine(a: list[float], b: list[float]) -> float:

@@ -11,7 +11,7 @@ import pytest
 from ray import serve
 
 from cluster.schema import ClusterConfig, deployment_name
-from tests.conftest import serve_fake
+from tests.conftest import REPLICA_START_S, delete_app, serve_fake
 from tests.polling import until
 
 pytestmark = pytest.mark.e2e
@@ -59,7 +59,7 @@ def test_waiting_requests_scale_up_and_an_idle_replica_goes(serve_url, tmp_path)
     try:
         assert _replicas() == 1
         worker.start()
-        until(lambda: _replicas() == 2, 60, "the waiting requests to bring a second replica")
+        until(lambda: _replicas() == 2, REPLICA_START_S, "the waiting requests to bring a second replica")
         assert worker.is_alive(), "the held requests ended before the second replica came"
         hold.unlink()
         worker.join(60)
@@ -68,4 +68,4 @@ def test_waiting_requests_scale_up_and_an_idle_replica_goes(serve_url, tmp_path)
     finally:
         hold.unlink(missing_ok=True)
         worker.join(60)
-        serve.delete(APP)
+        delete_app(APP)

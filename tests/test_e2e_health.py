@@ -12,6 +12,7 @@ from ray.serve.api import _run as deploy_without_waiting
 import tests.fake_engine
 from cluster.schema import ClusterConfig
 from serve_app.app import build_graph
+from tests.conftest import REPLICA_START_S, delete_app
 from tests.polling import until
 
 pytestmark = pytest.mark.e2e
@@ -33,7 +34,7 @@ def _app(source: str, **deployment) -> object:
     return build_graph(config, tests.fake_engine.fake_engine)
 
 
-def _health_until(url: str, wanted: str, timeout_s: float = 90) -> dict:
+def _health_until(url: str, wanted: str, timeout_s: float = REPLICA_START_S) -> dict:
     """Polls /health until it says `wanted`; the ingress itself may still be starting."""
     deadline = time.monotonic() + timeout_s
     seen = None
@@ -58,21 +59,21 @@ def test_loading_then_ok(serve_url, fake_url, tmp_path):
         hold.unlink()
         _health_until(serve_url + "/loading", "OK")
     finally:
-        serve.delete("loading")
+        delete_app("loading")
 
 
 def test_model_that_cannot_load_is_error_with_a_fixed_reason(serve_url, fake_url):
     """Serve's own message (the replica's traceback, pid, address, the missing path) is not shown."""
     deploy_without_waiting(_app("/models/broken"), name="broken", route_prefix="/broken", _blocking=False)
     try:
-        health = _health_until(serve_url + "/broken", "ERROR", timeout_s=180)
+        health = _health_until(serve_url + "/broken", "ERROR")
         assert health == {
             "status": "ERROR",
             "reason": "the model's replicas failed to start; see the server logs",
             "models": {"lifecycle": "failed"},
         }
     finally:
-        serve.delete("broken")
+        delete_app("broken")
 
 
 def test_scaled_to_zero_is_idle(serve_url, fake_url):
@@ -83,7 +84,7 @@ def test_scaled_to_zero_is_idle(serve_url, fake_url):
     try:
         _health_until(serve_url + "/idle", "IDLE")
     finally:
-        serve.delete("idle")
+        delete_app("idle")
 
 
 def _model_replicas(app: str) -> dict[str, int]:
@@ -116,7 +117,7 @@ def test_a_redeploy_keeps_the_old_replica_serving_only_with_surge(
             assert (answer.status_code, answer.json()["choices"][0]["message"]["content"]) == (200, "still here")
             assert _model_replicas(name) == wanted  # answered by the old replica: the new one still loads
         hold.unlink()
-        until(lambda: _model_replicas(name) == {"STARTING": 0, "RUNNING": 1}, 60, "the new replica alone")
+        until(lambda: _model_replicas(name) == {"STARTING": 0, "RUNNING": 1}, REPLICA_START_S, "the new replica alone")
     finally:
         hold.unlink(missing_ok=True)
-        serve.delete(name)
+        delete_app(name)

@@ -13,7 +13,7 @@ import ray
 from ray import serve
 
 from cluster.schema import ClusterConfig
-from tests.conftest import ledger_in, serve_fake
+from tests.conftest import REPLICA_START_S, delete_app, ledger_in, serve_fake
 from tests.polling import until
 from tests.serve_logs import replica_of
 from tests.sse import json_chunks
@@ -59,7 +59,7 @@ def keys_url(serve_url, tmp_path_factory):
     )
     serve_fake(config, APP)
     yield f"{serve_url}/{APP}"
-    serve.delete(APP)
+    delete_app(APP)
 
 
 def _ask(text: str = "one two three", **fields) -> dict:
@@ -296,7 +296,7 @@ def test_the_ledger_survives_restarts_of_an_ingress_replica_and_of_the_ledger(ke
     killed = [_replica_actors("ingress")[0], _replica_actors("usage-ledger")[0]]
     for name in killed:
         ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
-    until(lambda: _replaced(killed) and _healthy(), 60, "Serve to replace the killed replicas")
+    until(lambda: _replaced(killed) and _healthy(), REPLICA_START_S, "Serve to replace the killed replicas")
     assert _usage(keys_url, key="open", since=since) == before
     assert _post(keys_url, "open", "/llm", _ask()).status_code == 200
     until(lambda: _usage(keys_url, key="open", since=since)["requests"] == 4, 15, "the new ledger replica to record")
@@ -330,4 +330,4 @@ def test_an_ingress_replica_stopped_gracefully_stores_the_rows_it_holds(serve_ur
         stored = until(lambda: store.totals(None, None), 30, "the replaced ingress's row to be stored")
         assert [(row["key"], row["model"], row["requests"]) for row in stored] == [("open", "fake-held", 1)]
     finally:
-        serve.delete("held")
+        delete_app("held")

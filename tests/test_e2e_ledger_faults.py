@@ -14,11 +14,10 @@ from pathlib import Path
 import httpx
 import pytest
 import ray
-from ray import serve
 
 from cluster.schema import ClusterConfig
 from serve_app.tenancy.usage_store import bounded
-from tests.conftest import ledger_in, serve_fake
+from tests.conftest import delete_app, ledger_in, serve_fake
 from tests.polling import until
 from tests.test_e2e_observability import scrape
 
@@ -48,7 +47,7 @@ def app(serve_url, tmp_path_factory):
     )
     serve_fake(config, APP)
     yield f"{serve_url}/{APP}", Path(usage.database.removeprefix("sqlite:///")), config
-    serve.delete(APP)
+    delete_app(APP)
 
 
 def _ask(url: str, index: int, request_id: str) -> dict:

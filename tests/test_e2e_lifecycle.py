@@ -15,7 +15,7 @@ import ray
 from ray import serve
 
 from cluster.schema import ClusterConfig
-from tests.conftest import ledger_in, serve_fake
+from tests.conftest import delete_app, ledger_in, serve_fake
 from tests.polling import until
 from tests.serve_logs import errors_since, fields_of, log_line
 from tests.sse import json_chunks
@@ -50,7 +50,7 @@ def app_url(serve_url, tmp_path_factory):
     )
     serve_fake(config, APP)
     yield f"{serve_url}/{APP}"
-    serve.delete(APP)
+    delete_app(APP)
 
 
 def _headers(key: str, request_id: str) -> dict[str, str]:

@@ -19,7 +19,7 @@ import ray
 from ray import serve
 
 from cluster.schema import ClusterConfig
-from tests.conftest import ledger_in, serve_fake
+from tests.conftest import delete_app, ledger_in, serve_fake
 from tests.polling import until
 from tests.test_e2e_observability import scrape, total
 
@@ -75,7 +75,7 @@ def app(request, serve_url, tmp_path_factory):
     )
     serve_fake(config, name)
     yield App(name, f"{serve_url}/{name}", Path(usage.database.removeprefix("sqlite:///")))
-    serve.delete(name)
+    delete_app(name)
 
 
 def _ask(app: App, index: int) -> httpx.Response:

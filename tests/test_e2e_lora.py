@@ -15,7 +15,7 @@ from cluster.load import load
 from cluster.schema import ClusterConfig
 from serve_app.app import build_app
 from serve_app.models import sources
-from tests.conftest import API_KEY, ROOT, ledger_in
+from tests.conftest import API_KEY, ROOT, delete_app, ledger_in
 from tests.lora_adapters import make_adapter
 from tests.polling import until
 from tests.serve_logs import lines_of
@@ -47,7 +47,7 @@ def lora_url(serve_url, llm_url, tmp_path_factory):
     }
     serve.run(build_app(ClusterConfig.model_validate(raw)), name=APP, route_prefix="/" + APP)
     yield f"{serve_url}/{APP}"
-    serve.delete(APP)
+    delete_app(APP)
 
 
 @pytest.fixture

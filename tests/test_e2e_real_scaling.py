@@ -13,7 +13,7 @@ from ray import serve
 from cluster.load import load
 from cluster.schema import ClusterConfig, deployment_name
 from serve_app.app import build_app
-from tests.conftest import API_KEY, ROOT
+from tests.conftest import API_KEY, ROOT, delete_app
 
 pytestmark = pytest.mark.e2e
 
@@ -87,4 +87,4 @@ async def test_real_model_starts_from_zero_and_scales_on_its_engines_signals_up_
             f"down from two {scale_down_s:.1f} s after the load left"
         )
     finally:
-        serve.delete("elastic")
+        delete_app("elastic")

@@ -6,10 +6,9 @@ import secrets
 
 import httpx
 import pytest
-from ray import serve
 
 from cluster.schema import ClusterConfig
-from tests.conftest import serve_fake
+from tests.conftest import delete_app, serve_fake
 from tests.polling import until
 from tests.serve_logs import fields_of, lines_of, log_line
 
@@ -51,28 +50,31 @@ def _echo_config(logging: dict) -> ClusterConfig:
     )
 
 
-def test_json_logs_carry_the_requestfields_of(serve_url, fake_url):
+@pytest.fixture(scope="module")
+def json_logs(serve_url, fake_url):
+    """An application that logs in JSON and leaves Serve's access log off, as by default."""
     serve_fake(_echo_config({"encoding": "JSON"}), "jsonlog")
-    try:
-        request_id = "json-" + secrets.token_hex(6)
-        response = httpx.post(
-            serve_url + "/jsonlog/llm",
-            json={"messages": [{"role": "user", "content": "a b c"}]},
-            headers={"x-request-id": request_id},
-            timeout=30,
-        )
-        assert response.status_code == 200
-        fields = json.loads(log_line(request_id, app="jsonlog"))["llm_request"]
-        assert fields["request_id"] == request_id and fields["model"] == "echo" and fields["status"] == 200
-        assert fields["completion_tokens"] == 3 and fields["endpoint"] == "/llm"
-    finally:
-        serve.delete("jsonlog")
+    yield "jsonlog"
+    delete_app("jsonlog")
 
 
-def test_serve_access_log_is_off_unless_asked(serve_url, fake_url):
+def test_json_logs_carry_the_requestfields_of(serve_url, json_logs):
+    request_id = "json-" + secrets.token_hex(6)
+    response = httpx.post(
+        f"{serve_url}/{json_logs}/llm",
+        json={"messages": [{"role": "user", "content": "a b c"}]},
+        headers={"x-request-id": request_id},
+        timeout=30,
+    )
+    assert response.status_code == 200
+    fields = json.loads(log_line(request_id, app=json_logs))["llm_request"]
+    assert fields["request_id"] == request_id and fields["model"] == "echo" and fields["status"] == 200
+    assert fields["completion_tokens"] == 3 and fields["endpoint"] == "/llm"
+
+
+def test_serve_access_log_is_off_unless_asked(serve_url, json_logs):
     """Our line per request is the access log; Serve's own line per call in each replica is written
-    only with `logging.access_log: true`."""
-    serve_fake(_echo_config({}), "quietlog")
+    only with `logging.access_log: true` (the JSON application does not ask for it)."""
     serve_fake(_echo_config({"access_log": True}), "accesslog")
     try:
 
@@ -95,9 +97,8 @@ def test_serve_access_log_is_off_unless_asked(serve_url, fake_url):
         until(
             lambda: len(serve_lines(asked, "accesslog")) >= 2, 15, "Serve's access lines of the ingress and the model"
         )
-        quiet = send("quietlog")
-        send("quietlog")  # written after the first request's replicas were done with it
-        assert serve_lines(quiet, "quietlog") == []
+        quiet = send(json_logs)
+        send(json_logs)  # written after the first request's replicas were done with it
+        assert serve_lines(quiet, json_logs) == []
     finally:
-        serve.delete("quietlog")
-        serve.delete("accesslog")
+        delete_app("accesslog")

@@ -4,10 +4,9 @@ answered in `system_fingerprint`."""
 
 import httpx
 import pytest
-from ray import serve
 
 from cluster.schema import ClusterConfig
-from tests.conftest import serve_fake
+from tests.conftest import delete_app, serve_fake
 
 pytestmark = pytest.mark.e2e
 
@@ -38,7 +37,7 @@ def routing_url(serve_url):
     )
     serve_fake(config, APP)
     yield f"{serve_url}/{APP}"
-    serve.delete(APP)
+    delete_app(APP)
 
 
 def _replica(client: httpx.Client, model: str, messages: list[dict], headers: dict | None = None, **body) -> str:

@@ -13,10 +13,9 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 import ray
-from ray import serve
 
 from cluster.schema import ClusterConfig
-from tests.conftest import API_KEY, ledger_in, serve_fake
+from tests.conftest import API_KEY, delete_app, ledger_in, serve_fake
 from tests.serve_logs import fields_of, log_line, replica_of
 
 pytestmark = pytest.mark.e2e
@@ -46,7 +45,7 @@ def app_url(serve_url, tmp_path_factory):
     )
     serve_fake(config, APP)
     yield f"{serve_url}/{APP}"
-    serve.delete(APP)
+    delete_app(APP)
 
 
 def _admin(url: str, method: str, path: str, token: str = ADMIN, **kwargs) -> httpx.Response:

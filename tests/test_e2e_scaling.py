@@ -20,6 +20,7 @@ from ray import serve
 import tests.fake_engine
 from cluster.schema import ClusterConfig, deployment_name
 from serve_app.app import build_graph
+from tests.conftest import REPLICA_START_S, delete_app
 from tests.polling import until
 
 pytestmark = pytest.mark.e2e
@@ -94,7 +95,7 @@ async def test_overload_gets_fast_503s_and_admitted_requests_complete(serve_url,
             hold.unlink()
             results = await asyncio.gather(first, *others)
     finally:
-        serve.delete("overload")
+        delete_app("overload")
     statuses = sorted(response.status_code for response, _ in results)
     assert statuses == [200, 200, 503, 503, 503]
     for response, seconds in results:
@@ -167,7 +168,7 @@ async def test_first_request_to_a_model_at_zero_replicas_is_answered(serve_url, 
             assert chunks[-1].choices[0].finish_reason == "stop"
             assert (await client.get("/health")).json()["status"] == "OK"
     finally:
-        serve.delete("cold")
+        delete_app("cold")
 
 
 async def test_waiting_for_a_cold_start_is_bounded(serve_url, fake_url, tmp_path):
@@ -186,7 +187,7 @@ async def test_waiting_for_a_cold_start_is_bounded(serve_url, fake_url, tmp_path
         async with httpx.AsyncClient(base_url=serve_url + "/slow", timeout=60) as client:
             response, seconds = await _timed_post(client, "/v1/chat/completions", _ask("hi", "slow"))
     finally:
-        serve.delete("slow")
+        delete_app("slow")
     assert response.status_code == 503
     assert response.headers["retry-after"] == "5"
     assert "starting from zero replicas" in _message(response)
@@ -200,7 +201,7 @@ def test_models_and_the_ingress_scale_up_under_load_and_back_down_independently(
     # so that the load's end shows soon.
     scaling = {"upscale_delay_s": 0, "downscale_delay_s": 1, "look_back_period_s": 11}
     # Both models alike; only one is loaded.
-    deployment = {"autoscaling": {"min_replicas": 1, "max_replicas": 3, "target_ongoing_requests": 1} | scaling}
+    deployment = {"autoscaling": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1} | scaling}
     # The ingress scales on its own load too, to 2 under the 6 requests.
     ingress = {"autoscaling": {"max_replicas": 2, "target_ongoing_requests": 2} | scaling}
     serve.run(
@@ -219,8 +220,8 @@ def test_models_and_the_ingress_scale_up_under_load_and_back_down_independently(
         statuses: list[int] = []
         worker = threading.Thread(target=lambda: statuses.extend(asyncio.run(load())))
         worker.start()
-        until(lambda: _replicas("scaling", "elastic") == 3, 60, "elastic to scale up to its maximum of 3")
-        until(lambda: _replicas("scaling", None) == 2, 60, "the ingress to scale up to its maximum of 2")
+        until(lambda: _replicas("scaling", "elastic") == 2, REPLICA_START_S, "elastic to scale up to its maximum of 2")
+        until(lambda: _replicas("scaling", None) == 2, REPLICA_START_S, "the ingress to scale up to its maximum of 2")
         assert _replicas("scaling", "steady") == 1
         hold.unlink()
         worker.join(60)
@@ -229,4 +230,4 @@ def test_models_and_the_ingress_scale_up_under_load_and_back_down_independently(
         until(lambda: _replicas("scaling", None) == 1, 60, "the ingress to scale back down to 1")
         assert _replicas("scaling", "steady") == 1
     finally:
-        serve.delete("scaling")
+        delete_app("scaling")
