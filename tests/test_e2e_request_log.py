@@ -58,15 +58,22 @@ def json_logs(serve_url, fake_url):
     delete_app("jsonlog")
 
 
-def test_json_logs_carry_the_requestfields_of(serve_url, json_logs):
-    request_id = "json-" + secrets.token_hex(6)
+def _answered(serve_url: str, app: str, text: str) -> str:
+    """The id of an answered `/llm` request to the app, once its line is written."""
+    request_id = "logged-" + secrets.token_hex(6)
     response = httpx.post(
-        f"{serve_url}/{json_logs}/llm",
-        json={"messages": [{"role": "user", "content": "a b c"}]},
+        f"{serve_url}/{app}/llm",
+        json={"messages": [{"role": "user", "content": text}]},
         headers={"x-request-id": request_id},
         timeout=30,
     )
     assert response.status_code == 200
+    log_line(request_id, app=app)
+    return request_id
+
+
+def test_json_logs_carry_the_requestfields_of(serve_url, json_logs):
+    request_id = _answered(serve_url, json_logs, "a b c")
     fields = json.loads(log_line(request_id, app=json_logs))["llm_request"]
     assert fields["request_id"] == request_id and fields["model"] == "echo" and fields["status"] == 200
     assert fields["completion_tokens"] == 3 and fields["endpoint"] == "/llm"
@@ -78,27 +85,15 @@ def test_serve_access_log_is_off_unless_asked(serve_url, json_logs):
     serve_fake(_echo_config({"access_log": True}), "accesslog")
     try:
 
-        def send(app: str) -> str:
-            request_id = "access-" + secrets.token_hex(6)
-            response = httpx.post(
-                f"{serve_url}/{app}/llm",
-                json={"messages": [{"role": "user", "content": "a b"}]},
-                headers={"x-request-id": request_id},
-                timeout=30,
-            )
-            assert response.status_code == 200
-            log_line(request_id, app=app)
-            return request_id
-
         def serve_lines(request_id: str, app: str) -> list[str]:
             return [line for line in lines_of(request_id, app) if "request id=" not in line]
 
-        asked = send("accesslog")
+        asked = _answered(serve_url, "accesslog", "a b")
         until(
             lambda: len(serve_lines(asked, "accesslog")) >= 2, 15, "Serve's access lines of the ingress and the model"
         )
-        quiet = send(json_logs)
-        send(json_logs)  # written after the first request's replicas were done with it
+        quiet = _answered(serve_url, json_logs, "a b")
+        _answered(serve_url, json_logs, "a b")  # written after the first request's replicas were done with it
         assert serve_lines(quiet, json_logs) == []
     finally:
         delete_app("accesslog")
