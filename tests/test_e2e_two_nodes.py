@@ -24,6 +24,7 @@ import pytest
 import yaml
 
 from cluster.schema import deployment_name
+from serve_app.models import sources
 from tests.conftest import ROOT
 from tests.polling import until
 from tests.processes import MARKER, Seen, alive, described, free_port, is_engine, kill_all, marked, record
@@ -223,7 +224,9 @@ def test_two_ray_nodes_serve_a_model_each_and_a_stopped_node_takes_only_its_own(
     # The head's shell: its own home, where `ray get-auth-token --generate` writes the token.
     home = scratch / "home"
     home.mkdir()
-    head_env = base | {"HOME": str(home), "LLM_API_KEY": key}
+    # The host's converted model (~/.cache/llm-serve) kept, as the worker's shell keeps it: a node
+    # converts the shipped model once, and this host's already has.
+    head_env = base | {"HOME": str(home), "LLM_API_KEY": key, "LLM_SERVE_CACHE": str(sources.DEFAULT_CACHE_DIR)}
     head = Node(scratch, "node_a", head_env)
     worker = Node(scratch, "node_b", base)
     gcs, dashboard_port, http_port = free_port(), free_port(), free_port()
