@@ -98,10 +98,9 @@ the ingress's, imports vLLM (its request types) before it runs, which under the 
 cores takes a minute or more, and several start at once."""
 
 
-def delete_app(name: str, timeout_s: float = 300) -> None:
-    """`serve.delete`, waiting longer than its own 60 s: Serve stops a replica that is still
-    starting only once it has started, and a replica imports vLLM (its request types) first,
-    which under the suite's load takes a minute or more."""
+def delete_app(name: str, timeout_s: float = REPLICA_START_S + 60) -> None:
+    """`serve.delete`, waiting longer than its own fixed 60 s: Serve stops a replica that is still
+    starting only once it has started (REPLICA_START_S), then gives it its shutdown."""
     from ray import serve
 
     serve.delete(name, _blocking=False)

@@ -58,8 +58,8 @@ def json_logs(serve_url, fake_url):
     delete_app("jsonlog")
 
 
-def _answered(serve_url: str, app: str, text: str) -> str:
-    """The id of an answered `/llm` request to the app, once its line is written."""
+def _answered(serve_url: str, app: str, text: str) -> tuple[str, str]:
+    """An answered `/llm` request to the app: its id and, once written, its log line."""
     request_id = "logged-" + secrets.token_hex(6)
     response = httpx.post(
         f"{serve_url}/{app}/llm",
@@ -68,13 +68,12 @@ def _answered(serve_url: str, app: str, text: str) -> str:
         timeout=30,
     )
     assert response.status_code == 200
-    log_line(request_id, app=app)
-    return request_id
+    return request_id, log_line(request_id, app=app)
 
 
 def test_json_logs_carry_the_requestfields_of(serve_url, json_logs):
-    request_id = _answered(serve_url, json_logs, "a b c")
-    fields = json.loads(log_line(request_id, app=json_logs))["llm_request"]
+    request_id, line = _answered(serve_url, json_logs, "a b c")
+    fields = json.loads(line)["llm_request"]
     assert fields["request_id"] == request_id and fields["model"] == "echo" and fields["status"] == 200
     assert fields["completion_tokens"] == 3 and fields["endpoint"] == "/llm"
 
@@ -88,11 +87,11 @@ def test_serve_access_log_is_off_unless_asked(serve_url, json_logs):
         def serve_lines(request_id: str, app: str) -> list[str]:
             return [line for line in lines_of(request_id, app) if "request id=" not in line]
 
-        asked = _answered(serve_url, "accesslog", "a b")
+        asked, _ = _answered(serve_url, "accesslog", "a b")
         until(
             lambda: len(serve_lines(asked, "accesslog")) >= 2, 15, "Serve's access lines of the ingress and the model"
         )
-        quiet = _answered(serve_url, json_logs, "a b")
+        quiet, _ = _answered(serve_url, json_logs, "a b")
         _answered(serve_url, json_logs, "a b")  # written after the first request's replicas were done with it
         assert serve_lines(quiet, json_logs) == []
     finally:
