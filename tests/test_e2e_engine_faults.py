@@ -59,7 +59,7 @@ def _start(folder: Path, marker: str, key: str) -> tuple[subprocess.Popen, int]:
     logs, the file by which `ray.init` finds a running cluster)."""
     port = free_port()
     env = {name: value for name, value in os.environ.items() if not name.startswith("RAY_")}
-    env |= {MARKER: marker, "LLM_API_KEY": key, "RAY_TMPDIR": str(folder)}
+    env |= {MARKER: marker, "LLM_API_KEY": key, "RAY_TMPDIR": str(folder), "PYTHONUNBUFFERED": "1"}
     server = subprocess.Popen(
         [sys.executable, "-m", "cluster", "serve", str(_config(folder, port))],
         cwd=ROOT,
@@ -99,10 +99,14 @@ def _ready(server: subprocess.Popen, url: str) -> bool:
     return False
 
 
-def _answers(client: httpx.Client) -> bool:
+def _answers(client: httpx.Client, refusals: list[httpx.Response]) -> bool:
+    """Whether the model answers; a refusal is kept, to be checked."""
     body = {"messages": [{"role": "user", "content": "What is the capital of France?"}], "max_tokens": 8}
     with suppress(httpx.HTTPError):
-        return client.post("/llm", json=body, timeout=30).status_code == 200
+        response = client.post("/llm", json=body, timeout=30)
+        if response.status_code != 200:
+            refusals.append(response)
+        return response.status_code == 200
     return False
 
 
@@ -181,8 +185,14 @@ def test_a_killed_engine_fails_its_streams_cleanly_and_a_stop_leaves_no_process_
 
         # Serve's health check finds the engine dead and replaces the replica.
         with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}) as client:
-            until(lambda: _answers(client), 600, "the model to answer again", every_s=0.5)
+            refusals: list[httpx.Response] = []
+            until(lambda: _answers(client, refusals), 600, "the model to answer again", every_s=0.5)
         print(f"\nengine killed mid-stream: the model answered again {time.monotonic() - killed_at:.1f} s later")
+        # Meanwhile, a request is told to retry in /llm's shape, never given a 500.
+        print(f"refused meanwhile: {[(r.status_code, r.text[:200]) for r in refusals]}")
+        for refusal in refusals:
+            assert refusal.status_code == 503 and refusal.headers.get("retry-after"), refusal.text
+            assert "retry" in refusal.json()["detail"]["msg"], refusal.text
 
         # 2. The new replica's worker process killed, and the server stopped as Ctrl-C does while
         # Serve starts the replacement (its engine among the processes then).
