@@ -138,6 +138,18 @@ async def _kill_engine_under_streams(url: str, key: str, engine: psutil.Process)
     return llm_body, v1_body
 
 
+def _stacks(server: subprocess.Popen) -> str:
+    """The Python stacks of the server's processes still running (py-spy), for a stop that hangs."""
+    dumps = []
+    for process in _descendants(server):
+        with suppress(psutil.Error):
+            name = " ".join(process.cmdline())[:120]
+            spy = [str(Path(sys.executable).parent / "py-spy"), "dump", "--pid", str(process.pid)]
+            dump = subprocess.run(spy, capture_output=True, text=True, timeout=30)
+            dumps.append(f"--- {process.pid} {name}\n{dump.stdout[-4000:]}{dump.stderr[-500:]}")
+    return "\n".join(dumps)
+
+
 def _internals(text: str) -> list[str]:
     return [word for word in INTERNALS if word in text.lower()]
 
@@ -206,7 +218,12 @@ def test_a_killed_engine_fails_its_streams_cleanly_and_a_stop_leaves_no_process_
         until(lambda: [e for e in _engines(server) if e.pid != engine.pid], 300, "the replacement's engine")
         record(_descendants(server), seen)
         os.killpg(server.pid, signal.SIGINT)
-        server.wait(timeout=120)
+        stopping = time.monotonic()
+        try:
+            server.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"the server did not stop within 120 s of Ctrl-C; where it waits:\n{_stacks(server)}")
+        print(f"stopped by Ctrl-C in {time.monotonic() - stopping:.1f} s")
         try:
             until(lambda: not _left(seen, marker), 30, "every process of the server to exit")
         except AssertionError:
