@@ -11,7 +11,6 @@ import logging
 import os
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import contextmanager
-from http import HTTPStatus
 from logging.handlers import MemoryHandler
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -99,10 +98,8 @@ class VLLMEngine:
         """Client mistakes found while rendering the prompt (too long for the context, a bad
         template argument) and the engine's own refusals (its queue full, under `extra_args`'
         `max_num_queued_reqs`) are raised, not returned; they become the ErrorResponse with the
-        status vLLM's server would give them. A dead engine's refusal is a 503 to retry: the
-        replica's health check finds it dead and Serve replaces the replica, so the same request
-        will be served again shortly. Anything else is a failure, logged with the request's id by
-        the ingress."""
+        status vLLM's server would give them. Anything else (a dead engine included) is a failure,
+        logged with the request's id by the ingress."""
         from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
         from vllm.exceptions import GracefulHTTPError, VLLMClientError
 
@@ -110,22 +107,10 @@ class VLLMEngine:
         if serving is None:
             # The client's mistake (a chat to an embedding model, say): a 400, not vLLM's 501.
             return create_error_response(f"model {self._model_id!r} does not serve this API")
-        if self._client.errored:
-            return self._stopped()
         try:
-            result = await serving(request)
+            return await serving(request)
         except (ValueError, TypeError, OverflowError, NotImplementedError, VLLMClientError, GracefulHTTPError) as error:
             return create_error_response(error)
-        return self._stopped() if isinstance(result, ErrorResponse) and self._client.errored else result
-
-    def _stopped(self) -> ErrorResponse:
-        from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
-
-        return create_error_response(
-            f"model {self._model_id!r} is restarting after its engine stopped; retry shortly",
-            "ServiceUnavailableError",
-            HTTPStatus.SERVICE_UNAVAILABLE,
-        )
 
     async def load_adapter(self, adapter_id: str, path: str) -> None:
         """Registered under its id, as vLLM's own `/v1/load_lora_adapter` does, and loaded into

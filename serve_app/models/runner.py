@@ -38,7 +38,12 @@ class ModelRunner:
         async with self._slots.taken() if self._slots else nullcontext():
             started = time.perf_counter()
             try:
-                result = await self._engine.answer(request)
+                try:
+                    result = await self._engine.answer(request)
+                except Exception:
+                    if await self._serves():
+                        raise
+                    result = self._stopped()
                 if not isinstance(result, AsyncIterator):
                     # A whole answer's one output is its first output too, as the ingress counts it.
                     self._metrics.ttft.observe(time.perf_counter() - started, self._tags)
@@ -48,11 +53,31 @@ class ModelRunner:
                         if first:
                             self._metrics.ttft.observe(time.perf_counter() - started, self._tags)
                             first = False
-                        yield output
+                        yield await self._told(output) if isinstance(output, ModelError) else output
                     return
             finally:
                 self._metrics.duration.observe(time.perf_counter() - started, self._tags)
-        yield ModelError(result.error.code, result.error.message) if isinstance(result, ErrorResponse) else result
+        if isinstance(result, ErrorResponse):
+            result = await self._told(ModelError(result.error.code, result.error.message))
+        yield result
+
+    async def _told(self, error: ModelError) -> ModelError:
+        """A failure of an engine that has stopped (its process killed, or crashed) is a 503 to
+        retry, not a 500: the replica's health check finds the engine dead and Serve replaces the
+        replica, so the same request is served shortly, by it or by another replica."""
+        if error.status < 500 or error.status == 503 or await self._serves():
+            return error
+        return self._stopped()
+
+    async def _serves(self) -> bool:
+        try:
+            await self._engine.check_health()
+        except Exception:
+            return False
+        return True
+
+    def _stopped(self) -> ModelError:
+        return ModelError(503, f"model {self._tags['model']!r} is restarting after its engine stopped; retry shortly")
 
     async def load_adapter(self, adapter_id: str, path: str) -> None:
         await self._engine.load_adapter(adapter_id, path)
