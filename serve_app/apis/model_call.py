@@ -164,9 +164,10 @@ async def _first_output(
 def told(error: ModelError, request_id: str, midway: bool = False) -> APIError:
     """What the client is told of an error the model reported: vLLM's own words for the client's
     mistakes and its refusals (a prompt too long, its queue full), which are meant for callers;
-    for its own failure (a dead engine, a crash: a 500) a fixed sentence, its words going to the
-    log with the request id, since they speak of vLLM's insides ("EngineCore encountered an
-    issue. See stack trace..."). Midway, the stream's own end tells the request id."""
+    for its own failure (a crash: a 500) a fixed sentence, its words going to the log with the
+    request id, since they speak of vLLM's insides ("EngineCore encountered an issue. See stack
+    trace..."); a dead engine's the model's runner has made a 503 to retry. Midway, the stream's
+    own end tells the request id."""
     if error.status < 500 or error.status == 503:
         return for_status(error.status, error.message)
     logger.error("the model failed (request id %s): %s", request_id, error.message)

@@ -98,8 +98,8 @@ class VLLMEngine:
         """Client mistakes found while rendering the prompt (too long for the context, a bad
         template argument) and the engine's own refusals (its queue full, under `extra_args`'
         `max_num_queued_reqs`) are raised, not returned; they become the ErrorResponse with the
-        status vLLM's server would give them. Anything else (a dead engine included) is a failure,
-        logged with the request's id by the ingress."""
+        status vLLM's server would give them. Anything else is a failure, logged with the request's
+        id by the ingress; a dead engine's the model's runner tells as a 503 to retry."""
         from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
         from vllm.exceptions import GracefulHTTPError, VLLMClientError
 
