@@ -151,6 +151,7 @@ def _serve(args: argparse.Namespace) -> int:
     if split is not None:
         runtime.pin(split)
         print(f"engine on cores {','.join(map(str, split.engine))}, Ray's processes on core {split.ray}", flush=True)
+    runtime.take_stop_signals()
     serve = str(Path(sys.executable).parent / "serve")
     os.execv(serve, [serve, "run", args.file])
 

@@ -7,6 +7,7 @@ to run before `ray start` on every node."""
 import os
 import re
 import shutil
+import signal
 import subprocess
 from contextlib import suppress
 from dataclasses import dataclass
@@ -68,6 +69,21 @@ def pin(split: CoreSplit) -> None:
     whatever this process starts (Ray, `serve run`, a load generator) inherits both."""
     os.environ["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(map(str, split.engine))
     os.sched_setaffinity(0, {split.ray})
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def take_stop_signals() -> None:
+    """Ctrl-C and SIGTERM stop the server however it was started. A shell without job control (a
+    script, `make serve &`, many CI runners) starts its background jobs with SIGINT ignored; `exec`
+    keeps an ignored or blocked signal, and Python installs its KeyboardInterrupt only over the
+    default, so `serve run` would ignore every Ctrl-C for good. Servers take their stop signals
+    whatever they inherited (uvicorn and vLLM's own server install handlers); this gives `serve
+    run` the defaults, on which it installs its own."""
+    for stop in STOP_SIGNALS:
+        signal.signal(stop, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
 
 def engine_cores() -> set[int] | None:

@@ -5,6 +5,7 @@ import hashlib
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +15,8 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from cluster import render
+from cluster import __main__ as cli
+from cluster import render, runtime
 from cluster.load import ConfigError, load
 from cluster.runtime import NODE_ENV, engine_cores, schedulers_to_engine_cores
 from cluster.schema import ApiKey, ClusterConfig
@@ -320,6 +322,36 @@ def test_node_env_is_read_by_serve():
 
     ours, serves_own = serve_constants(defaults | env), serve_constants(defaults)
     assert {name: ours[name] != serves_own[name] for name in serve_names} == dict.fromkeys(serve_names, True)
+
+
+def test_serve_run_takes_ctrl_c_and_sigterm_even_when_they_were_ignored_and_blocked(monkeypatch):
+    """A script's background job starts with SIGINT ignored, and `exec` would hand that on: the
+    `serve run` that `python -m cluster serve` becomes gets both stop signals at their defaults,
+    unblocked, so that its Python raises KeyboardInterrupt on a Ctrl-C."""
+    started = {}
+
+    def execv(path: str, argv: list[str]) -> None:
+        started["argv"] = argv[1:]
+        started["handlers"] = {stop: signal.getsignal(stop) for stop in runtime.STOP_SIGNALS}
+        started["blocked"] = signal.pthread_sigmask(signal.SIG_BLOCK, []) & set(runtime.STOP_SIGNALS)
+
+    for name, value in NODE_ENV.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(runtime, "core_split", lambda: None)
+    monkeypatch.setattr(os, "execv", execv)
+    handlers = {stop: signal.signal(stop, signal.SIG_IGN) for stop in runtime.STOP_SIGNALS}
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, runtime.STOP_SIGNALS)
+    try:
+        cli.main(["serve", str(ROOT / "configs" / "local.yaml")])
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        for stop, handler in handlers.items():
+            signal.signal(stop, handler)
+    assert started == {
+        "argv": ["run", str(ROOT / "configs" / "local.yaml")],
+        "handlers": dict.fromkeys(runtime.STOP_SIGNALS, signal.SIG_DFL),
+        "blocked": set(),
+    }
 
 
 @pytest.mark.parametrize(

@@ -54,14 +54,17 @@ def _config(folder: Path, port: int) -> Path:
 
 
 def _start(folder: Path, marker: str, key: str) -> tuple[subprocess.Popen, int]:
-    """`python -m cluster serve` in a session of its own, as a terminal runs `make serve`, with a
-    Ray cluster of its own: no address of this session's cluster, and its own temp dir (sockets,
+    """`python -m cluster serve` in a session of its own, as `make serve &` in a script starts it:
+    with SIGINT ignored, as a shell without job control starts a background job, and as `exec`
+    would hand it on to `serve run` (a terminal's start, with the default, is the easier case). Its
+    Ray cluster is its own: no address of this session's cluster, and its own temp dir (sockets,
     logs, the file by which `ray.init` finds a running cluster)."""
     port = free_port()
     env = {name: value for name, value in os.environ.items() if not name.startswith("RAY_")}
     env |= {MARKER: marker, "LLM_API_KEY": key, "RAY_TMPDIR": str(folder), "PYTHONUNBUFFERED": "1"}
+    serve = [sys.executable, "-m", "cluster", "serve", str(_config(folder, port))]
     server = subprocess.Popen(
-        [sys.executable, "-m", "cluster", "serve", str(_config(folder, port))],
+        ["bash", "-c", 'trap "" INT && exec "$@"', "bash", *serve],
         cwd=ROOT,
         env=env,
         stdout=(folder / "serve.log").open("w"),
@@ -156,6 +159,15 @@ def _stacks(server: subprocess.Popen) -> str:
     return "\n".join(dumps)
 
 
+def _signals(pid: int) -> str:
+    """How a process takes signals, for a Ctrl-C that stops nothing: the kernel's masks for it
+    (pending, blocked in the main thread, ignored, caught), by /proc/<pid>/status."""
+    with suppress(OSError):
+        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+        return " ".join(line for line in lines if line.startswith(("SigPnd", "ShdPnd", "SigBlk", "SigIgn", "SigCgt")))
+    return f"(pid {pid} is gone)"
+
+
 def _internals(text: str) -> list[str]:
     return [word for word in INTERNALS if word in text.lower()]
 
@@ -228,7 +240,10 @@ def test_a_killed_engine_fails_its_streams_cleanly_and_a_stop_leaves_no_process_
         try:
             server.wait(timeout=120)
         except subprocess.TimeoutExpired:
-            pytest.fail(f"the server did not stop within 120 s of Ctrl-C; where it waits:\n{_stacks(server)}")
+            pytest.fail(
+                f"the server did not stop within 120 s of Ctrl-C; how it takes signals:\n{_signals(server.pid)}\n"
+                f"where it waits:\n{_stacks(server)}"
+            )
         print(f"stopped by Ctrl-C in {time.monotonic() - stopping:.1f} s")
         try:
             until(lambda: not _left(seen, marker), 30, "every process of the server to exit")
