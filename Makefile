@@ -21,7 +21,8 @@ $(TOKEN_FILE):
 
 # `python -m cluster serve` checks the config, sets the Serve settings Ray reads from the
 # environment (cluster/runtime.py) and, on a host without a GPU, keeps a core for Ray's processes
-# and the rest for the engine, then runs `serve run`.
+# and the rest for the engine, then runs `serve run`, with Ctrl-C and SIGTERM taken however it was
+# started (a script's background job inherits SIGINT ignored).
 serve: $(STAMP) $(TOKEN_FILE)
 	@export LLM_API_KEY="$${LLM_API_KEY:-$$(cat $(TOKEN_FILE))}"; \
 	echo "API key: $$LLM_API_KEY  (from \$$LLM_API_KEY, else $(TOKEN_FILE))"; \

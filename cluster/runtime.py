@@ -78,9 +78,9 @@ def take_stop_signals() -> None:
     """Ctrl-C and SIGTERM stop the server however it was started. A shell without job control (a
     script, `make serve &` in one) starts its background jobs with SIGINT ignored; `exec` keeps an
     ignored or blocked signal, and Python installs its KeyboardInterrupt only over the default, so
-    `serve run` would ignore every Ctrl-C for good. Servers take their stop signals whatever they
-    inherited (uvicorn and vLLM's own server install handlers); this gives `serve run` the
-    defaults, over which its Python and Ray install their handlers."""
+    `serve run` would ignore every Ctrl-C for good. A server takes its stop signals, ignored or
+    not, as uvicorn and `vllm serve` do (they set their handlers): so the script's Ctrl-C stops
+    this server too, which is how an operator stops it."""
     for stop in STOP_SIGNALS:
         signal.signal(stop, signal.SIG_DFL)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)

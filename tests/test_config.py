@@ -335,6 +335,7 @@ def test_serve_run_takes_ctrl_c_and_sigterm_even_when_they_were_ignored_and_bloc
         started["handlers"] = {stop: signal.getsignal(stop) for stop in runtime.STOP_SIGNALS}
         started["blocked"] = signal.pthread_sigmask(signal.SIG_BLOCK, []) & set(runtime.STOP_SIGNALS)
 
+    # Set here so that the test's end takes back what the command adds to the environment.
     for name, value in NODE_ENV.items():
         monkeypatch.setenv(name, value)
     monkeypatch.setattr(runtime, "core_split", lambda: None)
@@ -344,9 +345,9 @@ def test_serve_run_takes_ctrl_c_and_sigterm_even_when_they_were_ignored_and_bloc
     try:
         cli.main(["serve", str(ROOT / "configs" / "local.yaml")])
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         for stop, handler in handlers.items():
             signal.signal(stop, handler)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
     assert started == {
         "argv": ["run", str(ROOT / "configs" / "local.yaml")],
         "handlers": dict.fromkeys(runtime.STOP_SIGNALS, signal.SIG_DFL),

@@ -55,8 +55,8 @@ def _config(folder: Path, port: int) -> Path:
 
 def _start(folder: Path, marker: str, key: str) -> tuple[subprocess.Popen, int]:
     """`python -m cluster serve` in a session of its own, as `make serve &` in a script starts it:
-    with SIGINT ignored, as a shell without job control starts a background job, and as `exec`
-    would hand it on to `serve run` (a terminal's start, with the default, is the easier case). Its
+    with SIGINT ignored on entry (as a shell without job control starts a background job), which
+    it must undo for `serve run`; a terminal's start, with the default, is the easier case. Its
     Ray cluster is its own: no address of this session's cluster, and its own temp dir (sockets,
     logs, the file by which `ray.init` finds a running cluster)."""
     port = free_port()
@@ -160,7 +160,7 @@ def _stacks(server: subprocess.Popen) -> str:
 
 
 def _signals(pid: int) -> str:
-    """How a process takes signals, for a Ctrl-C that stops nothing: the kernel's masks for it
+    """How a process takes signals, for a stop that hangs: the kernel's masks for it
     (pending, blocked in the main thread, ignored, caught), by /proc/<pid>/status."""
     with suppress(OSError):
         lines = Path(f"/proc/{pid}/status").read_text().splitlines()
