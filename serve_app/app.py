@@ -19,6 +19,11 @@ from serve_app.tenancy.key_registry import KeyRegistry, registry_options
 from serve_app.tenancy.ledger import UsageLedger, ledger_options
 from serve_app.tenancy.limiter import LIMITER_OPTIONS, RateLimiter
 
+DRAIN_CHECK_S = 0.2
+"""How often a stopping replica asks whether its requests are done. Serve sleeps this long before
+it first asks, so its default (2 s) is the least any replica takes to stop, an idle one included:
+every redeploy, scale-down and `serve shutdown` waited it out."""
+
 
 def build_app(args: ClusterConfig) -> Application:
     for model in args.models:
@@ -32,7 +37,7 @@ def build_graph(config: ClusterConfig, engine_factory: EngineFactory) -> Applica
     it is off, the key registry where keys are made at runtime, and the ingress holding a handle
     to each; or, colocated, the ingress holding the one model's engine, deployed under the model's
     name and settings."""
-    logging_config = config.logging.serve_logging_config()
+    common = {"logging_config": config.logging.serve_logging_config(), "graceful_shutdown_wait_loop_s": DRAIN_CHECK_S}
     models = (
         {}
         if config.ingress.colocate
@@ -41,7 +46,7 @@ def build_graph(config: ClusterConfig, engine_factory: EngineFactory) -> Applica
                 ModelServer,
                 **deployment_options(model),
                 **request_router_options(model),
-                logging_config=logging_config,
+                **common,
             ).bind(model, engine_factory)
             for model in config.models
         }
@@ -50,30 +55,24 @@ def build_graph(config: ClusterConfig, engine_factory: EngineFactory) -> Applica
     holders = (*config.auth.keys, *config.auth.tenants)
     if config.auth.store_enabled or any(holder.limits.any for holder in holders):
         ledger_database = config.usage.database if config.usage.enabled else None
-        limiter = serve.deployment(RateLimiter, **LIMITER_OPTIONS, logging_config=logging_config).bind(
-            ledger_database, config.currency
-        )
+        limiter = serve.deployment(RateLimiter, **LIMITER_OPTIONS, **common).bind(ledger_database, config.currency)
     registry = None
     if config.auth.store_enabled:
         options = registry_options(single_writer_actor_options(config.usage.database))
-        registry = serve.deployment(KeyRegistry, **options, logging_config=logging_config).bind(
+        registry = serve.deployment(KeyRegistry, **options, **common).bind(
             config.usage.database,
             [key.name for key in config.auth.keys],
             [tenant.name for tenant in config.auth.tenants],
         )
     ledger = None
     if config.usage.enabled:
-        ledger = serve.deployment(UsageLedger, **ledger_options(config.usage), logging_config=logging_config).bind(
-            config.usage.database
-        )
+        ledger = serve.deployment(UsageLedger, **ledger_options(config.usage), **common).bind(config.usage.database)
     if config.ingress.colocate:
         options = colocated_options(config.models[0])
-        return Ingress.options(**options, logging_config=logging_config).bind(
+        return Ingress.options(**options, **common).bind(
             config, {}, limiter, ledger, registry, colocated_engine=engine_factory
         )
-    return Ingress.options(**ingress_options(config), logging_config=logging_config).bind(
-        config, models, limiter, ledger, registry
-    )
+    return Ingress.options(**ingress_options(config), **common).bind(config, models, limiter, ledger, registry)
 
 
 def ingress_options(config: ClusterConfig) -> dict[str, Any]:

@@ -14,15 +14,18 @@ import psutil
 import pytest
 import yaml
 from pydantic import ValidationError
+from ray.serve._private.build_app import build_app as build_serve_app
 
 from cluster import __main__ as cli
 from cluster import render, runtime
 from cluster.load import ConfigError, load
 from cluster.runtime import NODE_ENV, engine_cores, schedulers_to_engine_cores
 from cluster.schema import ApiKey, ClusterConfig
-from serve_app.app import ingress_options
+from serve_app.app import DRAIN_CHECK_S, build_graph, ingress_options
 from serve_app.models.deployment import deployment_options
 from serve_app.models.engine import vllm_namespace
+from serve_app.tenancy import key_registry
+from tests.fake_engine import fake_engine
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -163,6 +166,24 @@ def test_the_ingress_lets_the_longest_streams_finish_when_replaced():
     assert options["ray_actor_options"] == {"num_cpus": 1}
     assert (options["autoscaling_config"]["min_replicas"], options["autoscaling_config"]["max_replicas"]) == (2, 8)
     assert "num_replicas" not in options
+
+
+@pytest.mark.parametrize("colocate", [False, True], ids=["apart", "colocated"])
+def test_every_replica_stops_as_soon_as_its_requests_are_done(tmp_path, colocate):
+    """Serve's 2 s first wait, which every stop took, is not ours; nor is the key registry's wait
+    for the polls that the ingress replicas keep open on it."""
+    raw = {
+        "usage": {"database": f"sqlite:///{tmp_path / 'usage.sqlite'}"},
+        "auth": {"keys": [{"name": "k", "sha256": "0" * 64, "limits": {"requests_per_minute": 1}}]},
+        "ingress": {"colocate": colocate},
+        "models": [_model()],
+    }
+    built = build_serve_app(build_graph(ClusterConfig.model_validate(raw), fake_engine), name="llm")
+    stops = {d.name: d._deployment_config for d in built.deployments}
+    expected = {"ingress" if not colocate else "model-m", "rate-limiter", "usage-ledger", "key-registry"}
+    assert expected <= set(stops) and len(stops) == 4 + (not colocate)
+    assert {config.graceful_shutdown_wait_loop_s for config in stops.values()} == {DRAIN_CHECK_S}
+    assert stops["key-registry"].graceful_shutdown_timeout_s == key_registry.STOP_S < key_registry.CHANGES_TIMEOUT_S
 
 
 def test_an_ingress_apart_autoscales_on_its_streams_unless_given_a_count():

@@ -12,11 +12,13 @@ from typing import Any
 
 import pytest
 from pydantic import ValidationError
+from ray.exceptions import ActorDiedError
 from starlette.requests import Request
 
 from cluster.schema import ApiKey, AuthConfig, KeyLimits
 from serve_app.apis.admin_registry import RegistryCalls
 from serve_app.errors import BadRequest, Conflict, Forbidden, NotFound, Unauthorized
+from serve_app.tenancy import key_registry
 from serve_app.tenancy.budgets import Ask, Subject
 from serve_app.tenancy.key_registry import KeyRegistry, KeyWatch, Refusal
 from serve_app.tenancy.key_store import KeySnapshot, KeyStore, StoredKey
@@ -212,6 +214,44 @@ async def test_a_key_made_elsewhere_authenticates_once_the_poll_brings_it(watche
     assert caller.key.limits == KeyLimits(requests_per_minute=7, concurrent_requests=2)
     with pytest.raises(Forbidden):
         caller.require("admin")
+
+
+class _StoppingRegistry(InProcessHandle):
+    """A registry replaced under the ingress: the poll open at its stop fails as a handle's call to
+    a stopped replica does, then the successor (the same registry here) answers."""
+
+    def __init__(self, registry: KeyRegistry) -> None:
+        super().__init__(registry)
+        self.cut = False
+
+    def __getattr__(self, name: str) -> _Method:
+        if name == "changes" and self.polls == 1 and not self.cut:
+            self.cut = True
+
+            async def stopped(*args: Any):
+                raise ActorDiedError()
+
+            return _Method(stopped)
+        return super().__getattr__(name)
+
+
+async def test_a_poll_cut_by_the_registrys_stop_is_asked_again_with_a_line_not_a_traceback(
+    registry, monkeypatch, caplog
+):
+    monkeypatch.setattr(key_registry, "RETRY_S", 0.01)
+    handle = _StoppingRegistry(registry)
+    ring = KeyRing(_auth())
+    watch = KeyWatch(handle, ring)
+    await watch.start()  # the first call: the keys loaded
+    try:
+        await _until(lambda: handle.cut, what="the poll to be cut")
+        await registry.create(_stored("alice", "sk-alice"), "ops")
+        await _until(lambda: ring.revision >= 1)
+        assert ring.authenticate("Bearer sk-alice").key_name == "alice"
+    finally:
+        watch.stop()
+    [cut] = [record for record in caplog.records if "stopped" in record.getMessage()]
+    assert cut.levelname == "WARNING" and cut.exc_info is None
 
 
 async def test_revoked_and_suspended_keys_are_refused(watched):

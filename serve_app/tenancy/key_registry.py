@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from ray.exceptions import RayActorError
 from ray.serve.handle import DeploymentHandle
 
 from serve_app.tenancy.key_store import KeyExists, KeySnapshot, KeyStore, NoSuchKey, Stored, StoredKey, TenantInUse
@@ -126,9 +127,21 @@ class KeyRegistry:
         return self._snapshot
 
 
+STOP_S = 1.0
+"""How long a stopping registry waits for its requests: they are the ingress replicas' polls, each
+open up to CHANGES_TIMEOUT_S and which a stop would otherwise wait out, and writes, which take
+milliseconds. A poll cut by the stop is asked again of the registry that follows."""
+
+
 def registry_options(actor_options: dict[str, Any]) -> dict[str, Any]:
     """One replica; every ingress replica keeps one poll open on it at all times."""
-    return {"name": "key-registry", "num_replicas": 1, "max_ongoing_requests": 4096, "ray_actor_options": actor_options}
+    return {
+        "name": "key-registry",
+        "num_replicas": 1,
+        "max_ongoing_requests": 4096,
+        "graceful_shutdown_timeout_s": STOP_S,
+        "ray_actor_options": actor_options,
+    }
 
 
 class KeyWatch:
@@ -178,6 +191,9 @@ class KeyWatch:
                     self.apply(snapshot)
             except asyncio.CancelledError:
                 raise
+            except RayActorError:
+                logger.warning("the key registry's replica stopped; asking its successor in %.1f s", RETRY_S)
+                await asyncio.sleep(RETRY_S)
             except Exception:
                 logger.exception("following the key registry failed; asking again in %.1f s", RETRY_S)
                 await asyncio.sleep(RETRY_S)
