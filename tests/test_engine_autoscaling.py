@@ -21,7 +21,7 @@ from serve_app.models.autoscaling import (
 )
 from serve_app.models.deployment import deployment_options
 
-LIMITS = Thresholds(max_wait_s=5, max_kv_cache_usage=0.9)
+LIMITS = Thresholds(max_wait_s=5, max_kv_cache_usage=0.9, look_back_s=10)
 BUSY = ReplicaSignals(waiting=0, kv_cache_usage=0.3, idle=False)
 IDLE = ReplicaSignals(waiting=0, kv_cache_usage=0.0, idle=True)
 
@@ -31,10 +31,11 @@ def waiting(count: float) -> ReplicaSignals:
 
 
 def run(ticks: list[tuple[float, int, list[ReplicaSignals], float]], ongoing: float = 1) -> list[int]:
-    """The wish at each (time, current replicas, reports, queued at handles), state carried over."""
+    """The wish at each (time, current replicas, reports, queued at handles), state carried over;
+    the model settled while every replica reports."""
     pressure, wishes = Pressure(), []
     for now, current, replicas, queued in ticks:
-        wish, pressure = decide(current, replicas, queued, ongoing, now, pressure, LIMITS)
+        wish, pressure = decide(current, replicas, queued, ongoing, now, pressure, LIMITS, len(replicas) == current)
         wishes.append(wish)
     return wishes
 
@@ -44,8 +45,28 @@ def test_requests_waiting_in_an_engine_want_a_replica_once_they_have_waited_max_
     assert run(ticks) == [1, 1, 1, 2, 2]
 
 
-def test_requests_queued_at_serves_handles_count_as_waiting():
-    assert run([(0, 2, [BUSY, BUSY], 4), (6, 2, [BUSY, BUSY], 4)]) == [2, 3]
+def test_requests_queued_at_serves_handles_count_as_waiting_once_a_window_has_passed_settled():
+    assert run([(t, 2, [BUSY, BUSY], 4) for t in (0, 6, 10, 14.9, 15)]) == [2, 2, 2, 2, 3]
+
+
+def test_the_requests_that_waited_for_a_start_from_zero_do_not_start_a_second_replica():
+    """Serve's queue still holds them in its mean when the first replica is up: one more replica
+    would start for nothing. Requests waiting in its engine do ask for one at once."""
+    cold = [(0, 0, [], 1), (40, 1, [], 1), (41, 1, [BUSY], 1), (46, 1, [BUSY], 1), (50.9, 1, [BUSY], 1)]
+    assert run(cold) == [1, 1, 1, 1, 1]
+    # A window after the replica came, requests still queued at the handles: from then on they wait.
+    assert run([*cold, (51, 1, [BUSY], 1), (55.9, 1, [BUSY], 1), (56, 1, [BUSY], 1)])[-3:] == [1, 1, 2]
+    assert run([*cold[:3], (44, 1, [waiting(2)], 1), (49, 1, [waiting(2)], 1)])[-2:] == [1, 2]
+
+
+def test_while_a_replica_starts_only_the_engines_queues_count():
+    pressure = Pressure()
+    for now in (0, 20, 40):
+        wish, pressure = decide(1, [BUSY], 3, 1, now, pressure, LIMITS, settled=False)
+        assert (wish, pressure.waiting_since, pressure.settled_since) == (1, None, None)
+    wish, pressure = decide(1, [waiting(1)], 3, 1, 50, pressure, LIMITS, settled=False)
+    assert (wish, pressure.waiting_since) == (1, 50)
+    assert decide(1, [waiting(1)], 3, 1, 55, pressure, LIMITS, settled=False)[0] == 2
 
 
 def test_a_moment_in_serves_queue_is_no_wait():
@@ -131,27 +152,28 @@ def _context(
 
 
 def test_the_policy_reads_the_latest_report_for_pressure_and_the_window_for_idleness():
-    policy = EngineSignalPolicy(max_wait_s=5, max_kv_cache_usage=0.9)
+    policy = EngineSignalPolicy(max_wait_s=5, max_kv_cache_usage=0.9, look_back_s=10)
     # r0's engine emptied at its last sample but held requests in the window: not idle.
     reports = {
         "r0": {WAITING: [2, 2, 0], RUNNING: [4, 4, 4], KV_CACHE_USAGE: [0.5, 0.5, 0.5]},
         "r1": {WAITING: [0, 0, 0], RUNNING: [0, 0, 0], KV_CACHE_USAGE: [0, 0, 0]},
     }
-    assert policy(_context(2, reports, ongoing=4)) == (1, {"waiting_since": None, "kv_full_since": None})
+    unpressed = {"waiting_since": None, "kv_full_since": None, "settled_since": 1000.0}
+    assert policy(_context(2, reports, ongoing=4)) == (1, unpressed)
     reports["r1"][RUNNING] = [0, 1, 0]
-    assert policy(_context(2, reports, ongoing=4)) == (2, {"waiting_since": None, "kv_full_since": None})
+    assert policy(_context(2, reports, ongoing=4)) == (2, unpressed)
 
 
 def test_the_policy_keeps_its_pressure_in_serves_policy_state():
-    policy = EngineSignalPolicy(max_wait_s=5, max_kv_cache_usage=0.9)
+    policy = EngineSignalPolicy(max_wait_s=5, max_kv_cache_usage=0.9, look_back_s=10)
     reports = {"r0": {WAITING: [1, 3], RUNNING: [8, 8], KV_CACHE_USAGE: [0.4, 0.4]}}
     first = policy(_context(1, reports, ongoing=11))
-    assert first == (1, {"waiting_since": 1000.0, "kv_full_since": None})
+    assert first == (1, {"waiting_since": 1000.0, "kv_full_since": None, "settled_since": 1000.0})
     assert policy(_context(1, reports, ongoing=11, waiting_since=994.0))[0] == 2
 
 
 def test_under_serves_wrapper_a_model_at_zero_starts_at_once_and_an_idle_one_goes_to_zero():
-    wrapped = _apply_autoscaling_config(EngineSignalPolicy(max_wait_s=5, max_kv_cache_usage=0.9))
+    wrapped = _apply_autoscaling_config(EngineSignalPolicy(max_wait_s=5, max_kv_cache_usage=0.9, look_back_s=10))
     assert wrapped(_context(0, {}, ongoing=1))[0] == 1
     idle = {"r0": {WAITING: [0, 0], RUNNING: [0, 0], KV_CACHE_USAGE: [0, 0]}}
     assert wrapped(_context(1, idle, ongoing=0))[0] == 0
@@ -167,7 +189,7 @@ def test_the_deployment_options_install_the_policy_with_the_thresholds():
     options = deployment_options(_model({"max_replicas": 4, "engine_signals": {"max_wait_s": 2}}))
     config = AutoscalingConfig(**options["autoscaling_config"])
     assert config.policy.policy_function == "serve_app.models.autoscaling.EngineSignalPolicy"
-    assert config.policy.policy_kwargs == {"max_wait_s": 2, "max_kv_cache_usage": 0.9}
+    assert config.policy.policy_kwargs == {"max_wait_s": 2, "max_kv_cache_usage": 0.9, "look_back_s": 30}
     assert config.policy.get_policy().__name__ == "EngineSignalPolicy"
     assert (config.max_replicas, config.look_back_period_s) == (4, 30)
 

@@ -49,17 +49,21 @@ class ReplicaSignals:
 
 @dataclass(frozen=True)
 class Pressure:
-    """Since when (the controller's clock) requests have been waiting, and the KV cache above its
-    threshold; None while not. The policy's state from one tick to the next."""
+    """Since when (the controller's clock) requests have been waiting, the KV cache above its
+    threshold, and every replica of the model up and reporting; None while not. The policy's
+    state from one tick to the next."""
 
     waiting_since: float | None = None
     kv_full_since: float | None = None
+    settled_since: float | None = None
 
 
 @dataclass(frozen=True)
 class Thresholds:
     max_wait_s: float
     max_kv_cache_usage: float
+    look_back_s: float
+    """Serve's look-back window, over which it averages the requests queued at the handles."""
 
 
 def decide(
@@ -70,6 +74,7 @@ def decide(
     now: float,
     pressure: Pressure,
     thresholds: Thresholds,
+    settled: bool,
 ) -> tuple[int, Pressure]:
     """The number of replicas the model wants, and the pressure to remember.
 
@@ -84,12 +89,19 @@ def decide(
 
     `queued` is Serve's mean over its look-back window, so a request queued for a moment keeps
     it above 0 for the whole window: only a mean of one or more (a request waiting all along, or
-    several for part of it) counts as waiting."""
-    waiting = (queued if queued >= 1 else 0.0) + sum(replica.waiting for replica in replicas)
+    several for part of it) counts as waiting. And it counts only once a whole window has passed
+    with the model `settled` (every replica it is to have running and reporting): before that,
+    the mean holds the requests that waited for a replica to start (after a start from zero, every
+    request), which one more replica would not have served sooner; it would start for nothing,
+    and be stopped again."""
+    settled_since = _since(pressure.settled_since, now, settled)
+    queue_counts = queued >= 1 and _lasted(settled_since, now, thresholds.look_back_s)
+    waiting = (queued if queue_counts else 0.0) + sum(replica.waiting for replica in replicas)
     kv_usage = sum(replica.kv_cache_usage for replica in replicas) / len(replicas) if replicas else 0.0
     pressure = Pressure(
         waiting_since=_since(pressure.waiting_since, now, waiting > 0),
         kv_full_since=_since(pressure.kv_full_since, now, kv_usage > thresholds.max_kv_cache_usage),
+        settled_since=settled_since,
     )
     if current == 0:
         return (1 if ongoing > 0 or waiting > 0 else 0), pressure
@@ -118,19 +130,22 @@ class EngineSignalPolicy:
     """Serve's controller makes one per deployment, with the config's `engine_signals` as
     `policy_kwargs`, and calls it at every tick."""
 
-    def __init__(self, max_wait_s: float, max_kv_cache_usage: float) -> None:
-        self._thresholds = Thresholds(max_wait_s, max_kv_cache_usage)
+    def __init__(self, max_wait_s: float, max_kv_cache_usage: float, look_back_s: float) -> None:
+        self._thresholds = Thresholds(max_wait_s, max_kv_cache_usage, look_back_s)
 
     def __call__(self, ctx: AutoscalingContext) -> tuple[int, dict[str, Any]]:
         state = ctx.policy_state
+        replicas = replica_signals(ctx)
+        current = ctx.current_num_replicas
         desired, pressure = decide(
-            ctx.current_num_replicas,
-            replica_signals(ctx),
+            current,
+            replicas,
             ctx.total_queued_requests or 0.0,
             ctx.total_num_requests,
             time.time() if ctx.current_time is None else ctx.current_time,
-            Pressure(state.get("waiting_since"), state.get("kv_full_since")),
+            Pressure(state.get("waiting_since"), state.get("kv_full_since"), state.get("settled_since")),
             self._thresholds,
+            settled=ctx.target_num_replicas == current and len(replicas) == current,
         )
         return desired, dataclasses.asdict(pressure)
 

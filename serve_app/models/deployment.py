@@ -154,6 +154,7 @@ def autoscaling_config(autoscaling: Autoscaling) -> dict[str, Any]:
     config = autoscaling.model_dump(exclude={"engine_signals"})
     if autoscaling.engine_signals is not None:
         config["policy"] = AutoscalingPolicy(
-            policy_function=EngineSignalPolicy, policy_kwargs=autoscaling.engine_signals.model_dump()
+            policy_function=EngineSignalPolicy,
+            policy_kwargs=autoscaling.engine_signals.model_dump() | {"look_back_s": autoscaling.look_back_period_s},
         )
     return config
