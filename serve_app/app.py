@@ -19,7 +19,7 @@ from serve_app.tenancy.key_registry import KeyRegistry, registry_options
 from serve_app.tenancy.ledger import UsageLedger, ledger_options
 from serve_app.tenancy.limiter import LIMITER_OPTIONS, RateLimiter
 
-DRAIN_CHECK_S = 0.2
+DRAIN_CHECK_S = 0.5
 """How often a stopping replica asks whether its requests are done. Serve sleeps this long before
 it first asks, so its default (2 s) is the least any replica takes to stop, an idle one included:
 every redeploy, scale-down and `serve shutdown` waited it out."""

@@ -31,11 +31,11 @@ def waiting(count: float) -> ReplicaSignals:
 
 
 def run(ticks: list[tuple[float, int, list[ReplicaSignals], float]], ongoing: float = 1) -> list[int]:
-    """The wish at each (time, current replicas, reports, queued at handles), state carried over;
-    the model settled while every replica reports."""
+    """The wish at each (time, replicas running and wanted, reports, queued at handles), state
+    carried over."""
     pressure, wishes = Pressure(), []
     for now, current, replicas, queued in ticks:
-        wish, pressure = decide(current, replicas, queued, ongoing, now, pressure, LIMITS, len(replicas) == current)
+        wish, pressure = decide(current, current, replicas, queued, ongoing, now, pressure, LIMITS)
         wishes.append(wish)
     return wishes
 
@@ -59,14 +59,17 @@ def test_the_requests_that_waited_for_a_start_from_zero_do_not_start_a_second_re
     assert run([*cold[:3], (44, 1, [waiting(2)], 1), (49, 1, [waiting(2)], 1)])[-2:] == [1, 2]
 
 
-def test_while_a_replica_starts_only_the_engines_queues_count():
+def test_a_replica_still_starting_is_kept_and_only_the_engines_queues_count_meanwhile():
+    """Serve's queue holds the requests the new replica was started for, and is not counted until
+    it is up: the wish stays at the target, neither dropping the replica nor adding another."""
     pressure = Pressure()
-    for now in (0, 20, 40):
-        wish, pressure = decide(1, [BUSY], 3, 1, now, pressure, LIMITS, settled=False)
-        assert (wish, pressure.waiting_since, pressure.settled_since) == (1, None, None)
-    wish, pressure = decide(1, [waiting(1)], 3, 1, 50, pressure, LIMITS, settled=False)
-    assert (wish, pressure.waiting_since) == (1, 50)
-    assert decide(1, [waiting(1)], 3, 1, 55, pressure, LIMITS, settled=False)[0] == 2
+    for now in (0, 20, 400):
+        wish, pressure = decide(1, 2, [BUSY], 3, 1, now, pressure, LIMITS)
+        assert (wish, pressure.waiting_since, pressure.settled_since) == (2, None, None)
+    wish, pressure = decide(1, 2, [waiting(1)], 3, 1, 450, pressure, LIMITS)
+    assert (wish, pressure.waiting_since) == (2, 450)
+    assert decide(1, 2, [waiting(1)], 3, 1, 455, pressure, LIMITS)[0] == 2
+    assert decide(1, 3, [waiting(1)], 3, 1, 455, pressure, LIMITS)[0] == 3
 
 
 def test_a_moment_in_serves_queue_is_no_wait():
@@ -116,7 +119,13 @@ def test_a_model_at_zero_wants_one_replica_when_anything_is_asked_of_it():
 
 
 def _context(
-    current: int, reports: dict[str, dict[str, list[float]]], *, ongoing: float, queued: float = 0, **state
+    current: int,
+    reports: dict[str, dict[str, list[float]]],
+    *,
+    ongoing: float,
+    queued: float = 0,
+    target: int | None = None,
+    **state,
 ) -> AutoscalingContext:
     """Serve's context for `current` running replicas, each reporting `reports[replica][metric]`
     (its samples, a second apart; the aggregated value is their mean, as Serve's for a series of
@@ -135,7 +144,7 @@ def _context(
         deployment_name=deployment.name,
         app_name=deployment.app_name,
         current_num_replicas=current,
-        target_num_replicas=current,
+        target_num_replicas=current if target is None else target,
         running_replicas=replicas,
         total_num_requests=ongoing,
         total_queued_requests=queued,
@@ -170,6 +179,19 @@ def test_the_policy_keeps_its_pressure_in_serves_policy_state():
     first = policy(_context(1, reports, ongoing=11))
     assert first == (1, {"waiting_since": 1000.0, "kv_full_since": None, "settled_since": 1000.0})
     assert policy(_context(1, reports, ongoing=11, waiting_since=994.0))[0] == 2
+
+
+def test_the_policy_counts_serves_queue_only_a_window_after_its_target_runs_and_reports():
+    policy = EngineSignalPolicy(max_wait_s=5, max_kv_cache_usage=0.9, look_back_s=10)
+    busy = {"r0": {WAITING: [0, 0], RUNNING: [8, 8], KV_CACHE_USAGE: [0.4, 0.4]}}
+    # A second replica starting: kept, and the queue it was started for not counted.
+    assert policy(_context(1, busy, ongoing=12, queued=4, target=2)) == (
+        2,
+        {"waiting_since": None, "kv_full_since": None, "settled_since": None},
+    )
+    # Its target up: the window starts; once it has passed, the queue waits.
+    assert policy(_context(1, busy, ongoing=12, queued=4))[1]["settled_since"] == 1000.0
+    assert policy(_context(1, busy, ongoing=12, queued=4, settled_since=990.0))[1]["waiting_since"] == 1000.0
 
 
 def test_under_serves_wrapper_a_model_at_zero_starts_at_once_and_an_idle_one_goes_to_zero():

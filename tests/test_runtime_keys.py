@@ -250,7 +250,7 @@ async def test_a_poll_cut_by_the_registrys_stop_is_asked_again_with_a_line_not_a
         assert ring.authenticate("Bearer sk-alice").key_name == "alice"
     finally:
         watch.stop()
-    [cut] = [record for record in caplog.records if "stopped" in record.getMessage()]
+    [cut] = [record for record in caplog.records if "is gone" in record.getMessage()]
     assert cut.levelname == "WARNING" and cut.exc_info is None
 
 

@@ -68,33 +68,34 @@ class Thresholds:
 
 def decide(
     current: int,
+    target: int,
     replicas: Sequence[ReplicaSignals],
     queued: float,
     ongoing: float,
     now: float,
     pressure: Pressure,
     thresholds: Thresholds,
-    settled: bool,
 ) -> tuple[int, Pressure]:
     """The number of replicas the model wants, and the pressure to remember.
 
-    `replicas` are those that have reported (a replica just started may not have); `queued` is
+    `current` replicas run, of the `target` Serve is bringing the model to; `replicas` are the
+    running ones that have reported (a replica just started may not have); `queued` is
     Serve's count of requests waiting at the callers' handles for a replica with room, `ongoing`
     its count of requests in flight, queued ones included. One more replica once requests have
     waited (in an engine's queue or in Serve's) for `max_wait_s`, or the mean KV-cache usage has
     stayed above `max_kv_cache_usage` for as long, unless a replica is idle: an idle replica has
     room, and requests waiting elsewhere were sent before it came, so another would sit idle too.
     One fewer when nothing waits and a replica is idle; none (Serve keeps `min_replicas`) when
-    every replica is idle and nothing is in flight.
+    every replica is idle and nothing is in flight. Otherwise the target stands: a replica still
+    starting is kept.
 
     `queued` is Serve's mean over its look-back window, so a request queued for a moment keeps
     it above 0 for the whole window: only a mean of one or more (a request waiting all along, or
     several for part of it) counts as waiting. And it counts only once a whole window has passed
-    with the model `settled` (every replica it is to have running and reporting): before that,
-    the mean holds the requests that waited for a replica to start (after a start from zero, every
-    request), which one more replica would not have served sooner; it would start for nothing,
-    and be stopped again."""
-    settled_since = _since(pressure.settled_since, now, settled)
+    with the model settled (its target running, every replica reporting): before that, the mean
+    holds the requests that waited for a replica to start (after a start from zero, every
+    request), which one more replica would not have served sooner."""
+    settled_since = _since(pressure.settled_since, now, 0 < current == target == len(replicas))
     queue_counts = queued >= 1 and _lasted(settled_since, now, thresholds.look_back_s)
     waiting = (queued if queue_counts else 0.0) + sum(replica.waiting for replica in replicas)
     kv_usage = sum(replica.kv_cache_usage for replica in replicas) / len(replicas) if replicas else 0.0
@@ -110,10 +111,10 @@ def decide(
         pressure.kv_full_since, now, thresholds.max_wait_s
     )
     if pressed and idle == 0:
-        return current + 1, pressure
+        return max(current + 1, target), pressure
     if waiting == 0 and idle:
         return (0 if idle == current and ongoing == 0 else current - 1), pressure
-    return current, pressure
+    return target, pressure
 
 
 def _since(since: float | None, now: float, pressing: bool) -> float | None:
@@ -135,17 +136,15 @@ class EngineSignalPolicy:
 
     def __call__(self, ctx: AutoscalingContext) -> tuple[int, dict[str, Any]]:
         state = ctx.policy_state
-        replicas = replica_signals(ctx)
-        current = ctx.current_num_replicas
         desired, pressure = decide(
-            current,
-            replicas,
+            ctx.current_num_replicas,
+            ctx.target_num_replicas,
+            replica_signals(ctx),
             ctx.total_queued_requests or 0.0,
             ctx.total_num_requests,
             time.time() if ctx.current_time is None else ctx.current_time,
             Pressure(state.get("waiting_since"), state.get("kv_full_since"), state.get("settled_since")),
             self._thresholds,
-            settled=ctx.target_num_replicas == current and len(replicas) == current,
         )
         return desired, dataclasses.asdict(pressure)
 

@@ -24,8 +24,9 @@ from serve_app.tenancy.keys import KeyRing
 logger = logging.getLogger("ray.serve")
 
 _NOUNS = {"key": "API key", "tenant": "tenant"}
-CHANGES_TIMEOUT_S = 20.0
-"""How long a replica's poll waits for a change before it is answered empty and asked again."""
+CHANGES_TIMEOUT_S = 5.0
+"""How long a replica's poll waits for a change before it is answered empty and asked again:
+short enough that a stopping registry sees its polls end by themselves (STOP_S)."""
 RETRY_S = 0.5
 FIRST_LOAD_TIMEOUT_S = 30.0
 
@@ -127,10 +128,11 @@ class KeyRegistry:
         return self._snapshot
 
 
-STOP_S = 1.0
-"""How long a stopping registry waits for its requests: they are the ingress replicas' polls, each
-open up to CHANGES_TIMEOUT_S and which a stop would otherwise wait out, and writes, which take
-milliseconds. A poll cut by the stop is asked again of the registry that follows."""
+STOP_S = 6.0
+"""How long a stopping registry waits for its requests (Serve's default is 20 s): the ingress
+replicas' polls, each answered within CHANGES_TIMEOUT_S, and writes, each done or refused within
+the store's lock timeout (5 s, serve_app/tenancy/database.py), so that a stop cuts neither. A poll
+cut all the same (the registry's replica died) is asked again of the one that follows."""
 
 
 def registry_options(actor_options: dict[str, Any]) -> dict[str, Any]:
@@ -192,7 +194,7 @@ class KeyWatch:
             except asyncio.CancelledError:
                 raise
             except RayActorError:
-                logger.warning("the key registry's replica stopped; asking its successor in %.1f s", RETRY_S)
+                logger.warning("the key registry's replica is gone; asking its successor in %.1f s", RETRY_S)
                 await asyncio.sleep(RETRY_S)
             except Exception:
                 logger.exception("following the key registry failed; asking again in %.1f s", RETRY_S)
