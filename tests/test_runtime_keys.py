@@ -17,7 +17,7 @@ from starlette.requests import Request
 
 from cluster.schema import ApiKey, AuthConfig, KeyLimits
 from serve_app.apis.admin_registry import RegistryCalls
-from serve_app.errors import BadRequest, Conflict, Forbidden, NotFound, Unauthorized
+from serve_app.errors import BadRequest, Conflict, Forbidden, NotFound, Overloaded, Unauthorized
 from serve_app.tenancy import key_registry
 from serve_app.tenancy.budgets import Ask, Subject
 from serve_app.tenancy.key_registry import KeyRegistry, KeyWatch, Refusal
@@ -252,6 +252,26 @@ async def test_a_poll_cut_by_the_registrys_stop_is_asked_again_with_a_line_not_a
         watch.stop()
     [cut] = [record for record in caplog.records if "is gone" in record.getMessage()]
     assert cut.levelname == "WARNING" and cut.exc_info is None
+
+
+class _DyingRegistry(InProcessHandle):
+    """A registry whose replica dies with every call on it (before or after its store commits)."""
+
+    def __getattr__(self, name: str) -> _Method:
+        async def died(*args: Any):
+            raise ActorDiedError()
+
+        return _Method(died)
+
+
+async def test_a_call_on_a_registry_that_dies_is_a_503_to_retry_and_a_change_says_to_read_it_back(registry):
+    calls = RegistryCalls(KeyWatch(_DyingRegistry(registry), KeyRing(_auth())))
+    with pytest.raises(Overloaded) as cut:
+        await calls.change("create", _stored("alice", "sk-alice"), "ops")
+    assert cut.value.status == 503 and cut.value.headers["Retry-After"] == "1"
+    assert "may or may not have been made: read it back" in cut.value.message
+    with pytest.raises(Overloaded, match="restarting; retry shortly"):
+        await calls.current()
 
 
 async def test_revoked_and_suspended_keys_are_refused(watched):

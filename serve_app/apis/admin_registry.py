@@ -6,9 +6,10 @@ from typing import Any
 
 from fastapi import Request
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+from ray.exceptions import RayActorError
 
 from cluster.schema import KeyLimits
-from serve_app.errors import BadRequest, NotFound, for_status, from_validation
+from serve_app.errors import BadRequest, NotFound, Overloaded, for_status, from_validation
 from serve_app.tenancy.key_registry import KeyWatch, Refusal
 from serve_app.tenancy.key_store import KeySnapshot
 
@@ -74,10 +75,20 @@ class RegistryCalls:
         return self._watch
 
     async def current(self) -> KeySnapshot:
-        return await self.watch().call("changes", -1, 0)
+        try:
+            return await self.watch().call("changes", -1, 0)
+        except RayActorError:
+            raise Overloaded("the key registry is restarting; retry shortly") from None
 
     async def change(self, method: str, *args: Any) -> KeySnapshot:
-        result = await self.watch().call(method, *args)
+        try:
+            result = await self.watch().call(method, *args)
+        except RayActorError:
+            # Its replica died with the call on it, before or after the store committed.
+            raise Overloaded(
+                "the key registry restarted during the change, which may or may not have been made: "
+                "read it back before you retry"
+            ) from None
         if isinstance(result, Refusal):
             raise for_status(result.status, result.message)
         return result
