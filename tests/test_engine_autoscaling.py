@@ -59,9 +59,10 @@ def test_the_requests_that_waited_for_a_start_from_zero_do_not_start_a_second_re
     assert run([*cold[:3], (44, 1, [waiting(2)], 1), (49, 1, [waiting(2)], 1)])[-2:] == [1, 2]
 
 
-def test_a_replica_still_starting_is_kept_and_only_the_engines_queues_count_meanwhile():
+def test_a_replica_still_starting_is_kept_while_requests_queue_and_only_the_engines_queues_count():
     """Serve's queue holds the requests the new replica was started for, and is not counted until
-    it is up: the wish stays at the target, neither dropping the replica nor adding another."""
+    it is up: the wish stays at the target, neither dropping the replica nor adding another. With
+    nothing queued it falls back to the running count: a replica that never starts is dropped."""
     pressure = Pressure()
     for now in (0, 20, 400):
         wish, pressure = decide(1, 2, [BUSY], 3, 1, now, pressure, LIMITS)
@@ -70,6 +71,7 @@ def test_a_replica_still_starting_is_kept_and_only_the_engines_queues_count_mean
     assert (wish, pressure.waiting_since) == (2, 450)
     assert decide(1, 2, [waiting(1)], 3, 1, 455, pressure, LIMITS)[0] == 2
     assert decide(1, 3, [waiting(1)], 3, 1, 455, pressure, LIMITS)[0] == 3
+    assert decide(1, 2, [BUSY], 0, 1, 500, Pressure(), LIMITS)[0] == 1
 
 
 def test_a_moment_in_serves_queue_is_no_wait():

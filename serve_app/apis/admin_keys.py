@@ -129,7 +129,7 @@ class AdminKeys:
             raise BadRequest("limit: must be a whole number") from None
         if limit < 1:
             raise BadRequest("limit: must be at least 1")
-        return {"object": "list", "data": await self._registry.watch().call("audit", min(limit, 1000))}
+        return {"object": "list", "data": await self._registry.read("audit", min(limit, 1000))}
 
     def _check_models(self, patterns: list[str]) -> None:
         """As the config's keys are checked: a pattern must match, and a plain name be, a model."""

@@ -75,10 +75,13 @@ class RegistryCalls:
         return self._watch
 
     async def current(self) -> KeySnapshot:
+        return await self.read("changes", -1, 0)
+
+    async def read(self, method: str, *args: Any) -> Any:
         try:
-            return await self.watch().call("changes", -1, 0)
+            return await self.watch().call(method, *args)
         except RayActorError:
-            raise Overloaded("the key registry is restarting; retry shortly") from None
+            raise Overloaded("the key registry is unavailable; retry shortly") from None
 
     async def change(self, method: str, *args: Any) -> KeySnapshot:
         try:
@@ -86,8 +89,8 @@ class RegistryCalls:
         except RayActorError:
             # Its replica died with the call on it, before or after the store committed.
             raise Overloaded(
-                "the key registry restarted during the change, which may or may not have been made: "
-                "read it back before you retry"
+                "the key registry was lost during the change, which may or may not have been made: "
+                "read it back before you retry (a key made or rotated so has lost its new secret: rotate it)"
             ) from None
         if isinstance(result, Refusal):
             raise for_status(result.status, result.message)

@@ -86,8 +86,9 @@ def decide(
     stayed above `max_kv_cache_usage` for as long, unless a replica is idle: an idle replica has
     room, and requests waiting elsewhere were sent before it came, so another would sit idle too.
     One fewer when nothing waits and a replica is idle; none (Serve keeps `min_replicas`) when
-    every replica is idle and nothing is in flight. Otherwise the target stands: a replica still
-    starting is kept.
+    every replica is idle and nothing is in flight. Otherwise a replica still starting is kept
+    while requests queue at the handles (those it was started for; they do not count as waiting
+    until it is up), and dropped after Serve's downscale delay once none do.
 
     `queued` is Serve's mean over its look-back window, so a request queued for a moment keeps
     it above 0 for the whole window: only a mean of one or more (a request waiting all along, or
@@ -114,7 +115,7 @@ def decide(
         return max(current + 1, target), pressure
     if waiting == 0 and idle:
         return (0 if idle == current and ongoing == 0 else current - 1), pressure
-    return target, pressure
+    return (target if queued >= 1 else current), pressure
 
 
 def _since(since: float | None, now: float, pressing: bool) -> float | None:
