@@ -216,6 +216,10 @@ async def test_a_key_made_elsewhere_authenticates_once_the_poll_brings_it(watche
         caller.require("admin")
 
 
+async def _replica_died(*args: Any):
+    raise ActorDiedError()
+
+
 class _StoppingRegistry(InProcessHandle):
     """A registry replaced under the ingress: the poll open at its stop fails as a handle's call to
     a stopped replica does, then the successor (the same registry here) answers."""
@@ -227,11 +231,7 @@ class _StoppingRegistry(InProcessHandle):
     def __getattr__(self, name: str) -> _Method:
         if name == "changes" and self.polls == 1 and not self.cut:
             self.cut = True
-
-            async def stopped(*args: Any):
-                raise ActorDiedError()
-
-            return _Method(stopped)
+            return _Method(_replica_died)
         return super().__getattr__(name)
 
 
@@ -258,10 +258,7 @@ class _DyingRegistry(InProcessHandle):
     """A registry whose replica dies with every call on it (before or after its store commits)."""
 
     def __getattr__(self, name: str) -> _Method:
-        async def died(*args: Any):
-            raise ActorDiedError()
-
-        return _Method(died)
+        return _Method(_replica_died)
 
 
 async def test_a_call_on_a_registry_that_dies_is_a_503_to_retry_and_a_change_says_to_read_it_back(registry):

@@ -78,20 +78,22 @@ class RegistryCalls:
         return await self.read("changes", -1, 0)
 
     async def read(self, method: str, *args: Any) -> Any:
-        try:
-            return await self.watch().call(method, *args)
-        except RayActorError:
-            raise Overloaded("the key registry is unavailable; retry shortly") from None
+        return await self._call("the key registry is unavailable; retry shortly", method, *args)
 
     async def change(self, method: str, *args: Any) -> KeySnapshot:
-        try:
-            result = await self.watch().call(method, *args)
-        except RayActorError:
-            # Its replica died with the call on it, before or after the store committed.
-            raise Overloaded(
-                "the key registry was lost during the change, which may or may not have been made: "
-                "read it back before you retry (a key made or rotated so has lost its new secret: rotate it)"
-            ) from None
+        # A replica that dies with the call on it may have died before or after the store committed.
+        lost = (
+            "the key registry was lost during the change, which may or may not have been made: "
+            "read it back before you retry (a key made or rotated so has lost its new secret: rotate it)"
+        )
+        result = await self._call(lost, method, *args)
         if isinstance(result, Refusal):
             raise for_status(result.status, result.message)
         return result
+
+    async def _call(self, lost: str, method: str, *args: Any) -> Any:
+        """The registry's answer; a 503 saying `lost` if its replica is gone."""
+        try:
+            return await self.watch().call(method, *args)
+        except RayActorError:
+            raise Overloaded(lost) from None

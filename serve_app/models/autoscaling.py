@@ -97,7 +97,8 @@ def decide(
     holds the requests that waited for a replica to start (after a start from zero, every
     request), which one more replica would not have served sooner."""
     settled_since = _since(pressure.settled_since, now, 0 < current == target == len(replicas))
-    queue_counts = queued >= 1 and _lasted(settled_since, now, thresholds.look_back_s)
+    queueing = queued >= 1
+    queue_counts = queueing and _lasted(settled_since, now, thresholds.look_back_s)
     waiting = (queued if queue_counts else 0.0) + sum(replica.waiting for replica in replicas)
     kv_usage = sum(replica.kv_cache_usage for replica in replicas) / len(replicas) if replicas else 0.0
     pressure = Pressure(
@@ -115,7 +116,7 @@ def decide(
         return max(current + 1, target), pressure
     if waiting == 0 and idle:
         return (0 if idle == current and ongoing == 0 else current - 1), pressure
-    return (target if queued >= 1 else current), pressure
+    return (target if queueing else current), pressure
 
 
 def _since(since: float | None, now: float, pressing: bool) -> float | None:

@@ -132,8 +132,8 @@ STOP_S = 6.0
 """How long a stopping registry waits for its requests (Serve's default is 20 s): the ingress
 replicas' polls, each answered within CHANGES_TIMEOUT_S, and writes, each done or refused within
 the store's lock timeout on SQLite (5 s, serve_app/tenancy/database.py), so that a stop cuts
-neither. A poll
-cut all the same (the registry's replica died) is asked again of the one that follows."""
+neither. A poll cut all the same (the registry's replica died) is asked again of the one that
+follows."""
 
 
 def registry_options(actor_options: dict[str, Any]) -> dict[str, Any]:
